@@ -1,0 +1,119 @@
+"""The one training config: built by the CLI or the dashboard form, saved as the run's config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ARCHITECTURES = ("smallcnn", "resnet18", "densenet121", "efficientnet_b0")
+STRATEGIES = ("frozen", "partial", "full")
+SCHEDULES = ("plateau", "cosine", "none")
+OPTIMIZERS = ("adamw", "adam")
+CLASS_WEIGHTS = ("inverse", "none")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _opt(help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
+    metadata = {"help": help}
+    if choices:
+        metadata["choices"] = choices
+    return field(metadata=metadata, **kw)
+
+
+@dataclass
+class TrainConfig:
+    data: str = _opt("Dataset folder: <root>/{train,val,test}/<CLASS>/* or <root>/<CLASS>/*.", default="")
+    runs_dir: str = _opt("Folder that holds run directories.", default="checkpoints")
+    name: str = _opt("Optional label appended to the run directory name.", default="")
+    arch: str = _opt("Architecture.", ARCHITECTURES, default="resnet18")
+    pretrained: bool = _opt("Start from ImageNet weights (torchvision; needs internet once, "
+                            "cached under TORCH_HOME). Ignored for smallcnn.", default=True)
+    weights_file: str = _opt("Local ImageNet weights (.pth state dict or .safetensors) to use instead "
+                             "of downloading.", default="")
+    strategy: str = _opt("Fine-tuning: frozen backbone (head only), partial (last stage + head), full.",
+                         STRATEGIES, default="full")
+    image_size: int = _opt("Images are resized to this square size (pixels).", default=224)
+    epochs: int = _opt("Maximum number of epochs.", default=10)
+    batch_size: int = _opt("Images per training step.", default=32)
+    lr: float = _opt("Learning rate.", default=3e-4)
+    optimizer: str = _opt("Optimizer.", OPTIMIZERS, default="adamw")
+    weight_decay: float = _opt("Weight decay.", default=1e-4)
+    schedule: str = _opt("Learning-rate schedule: ReduceLROnPlateau on val AUC, cosine, or none.",
+                         SCHEDULES, default="cosine")
+    patience: int = _opt("Early stopping: epochs without a better validation AUC before stopping "
+                         "(0 = never stop early).", default=5)
+    class_weights: str = _opt("Cross-entropy class weights: inverse class frequency, or none.",
+                              CLASS_WEIGHTS, default="inverse")
+    augment: bool = _opt("Augment training batches (never applied at evaluation).", default=True)
+    aug_flip: float = _opt("Probability of a horizontal flip.", default=0.5)
+    aug_rotation: float = _opt("Maximum rotation in degrees.", default=10.0)
+    aug_scale: float = _opt("Maximum relative zoom in or out.", default=0.1)
+    aug_shift: float = _opt("Maximum shift as a fraction of the image size.", default=0.08)
+    aug_brightness: float = _opt("Maximum relative brightness change.", default=0.15)
+    aug_contrast: float = _opt("Maximum relative contrast change.", default=0.15)
+    dropout: float = _opt("Dropout before the classification head.", default=0.0)
+    val_fraction: float = _opt("Share of the training pool held out for validation, grouped by patient.",
+                               default=0.15)
+    test_fraction: float = _opt("Share held out for test when the folder has no test split.",
+                                default=0.15)
+    positive_class: str = _opt("Positive class folder (default PNEUMONIA when present).", default="")
+    seed: int = _opt("Random seed for splits, initialisation, shuffling and augmentation.", default=0)
+    device: str = _opt("cpu, cuda, cuda:N, mps, or auto.", default="auto")
+    precision: str = _opt("auto = bf16 autocast on CUDA, fp32 elsewhere.", PRECISIONS, default="auto")
+    max_steps_per_epoch: int = _opt("Cap on training steps per epoch (0 = whole training set).",
+                                    default=0)
+    decode_workers: int = _opt("Processes decoding images (0 = one per CPU core).", default=0)
+    cache_dir: str = _opt("Decoded-image cache (default ~/.cache/cxr-workbench or $CXR_CACHE_DIR).",
+                          default="")
+
+    def validate(self) -> None:
+        for name in ("arch", "strategy", "schedule", "optimizer", "class_weights", "precision"):
+            choices = next(f for f in dataclasses.fields(self) if f.name == name).metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, not '{getattr(self, name)}'.")
+        if self.arch == "smallcnn" and self.strategy != "full":
+            raise ValueError("smallcnn trains from scratch: use strategy 'full'.")
+        if not 32 <= self.image_size <= 1024:
+            raise ValueError("image_size must be between 32 and 1024 pixels.")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs and batch_size must be at least 1 and lr positive.")
+        if not 0 < self.val_fraction < 0.5 or not 0 <= self.test_fraction < 0.5:
+            raise ValueError("val_fraction must be in (0, 0.5) and test_fraction in [0, 0.5).")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# Presets: starting points a user adjusts. "cpu" is sized to reach test AUC >= 0.95 on Kermany in
+# under 15 minutes on two CPU cores, from scratch (no downloads).
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": dict(arch="smallcnn", pretrained=False, strategy="full", image_size=128, epochs=12,
+                batch_size=64, lr=2e-3, schedule="cosine", patience=0),
+    "cpu-transfer": dict(arch="resnet18", pretrained=True, strategy="frozen", image_size=224,
+                         epochs=20, batch_size=64, lr=1e-3, schedule="cosine", patience=5),
+    "gpu": dict(arch="resnet18", pretrained=True, strategy="full", image_size=224, epochs=15,
+                batch_size=64, lr=3e-4, schedule="cosine", patience=5),
+    "tiny": dict(arch="smallcnn", pretrained=False, strategy="full", image_size=64, epochs=2,
+                 batch_size=32, lr=2e-3, schedule="none", patience=0, max_steps_per_epoch=5),
+}
+
+
+def config_from_preset(preset: str, **overrides: Any) -> TrainConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset '{preset}'; choose from {', '.join(PRESETS)}.")
+    return TrainConfig.from_dict({**PRESETS[preset], **overrides})

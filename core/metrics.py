@@ -1,0 +1,93 @@
+"""Binary-classification metrics and decision thresholds (scikit-learn underneath)."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import auc, precision_recall_curve, roc_auc_score, roc_curve
+
+THRESHOLD_TARGETS = ("youden", "best_f1", "recall", "specificity")
+
+
+def safe_auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """ROC AUC, NaN when only one class is present (a tiny validation batch, say)."""
+    labels = np.asarray(labels)
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    return float(roc_auc_score(labels, probs))
+
+
+def metrics_at_threshold(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
+    """Confusion matrix and the rates clinicians read, predicting positive when prob >= threshold."""
+    labels = np.asarray(labels).astype(int)
+    pred = (np.asarray(probs) >= threshold).astype(int)
+    tp = int(((pred == 1) & (labels == 1)).sum())
+    tn = int(((pred == 0) & (labels == 0)).sum())
+    fp = int(((pred == 1) & (labels == 0)).sum())
+    fn = int(((pred == 0) & (labels == 1)).sum())
+
+    def ratio(a: int, b: int) -> float:
+        return a / b if b else float("nan")
+
+    precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
+    return {
+        "threshold": float(threshold), "tp": tp, "tn": tn, "fp": fp, "fn": fn,
+        "accuracy": ratio(tp + tn, len(labels)), "sensitivity": recall, "specificity": ratio(tn, tn + fp),
+        "precision": precision, "npv": ratio(tn, tn + fn),
+        "f1": ratio(2 * tp, 2 * tp + fp + fn),
+        "auc": safe_auc(labels, probs),
+    }
+
+
+def roc_points(labels: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]:
+    fpr, tpr, thresholds = roc_curve(labels, probs)
+    return {"fpr": fpr, "tpr": tpr, "threshold": np.clip(thresholds, 0, 1)}
+
+
+def pr_points(labels: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]:
+    precision, recall, thresholds = precision_recall_curve(labels, probs)
+    # sklearn returns one more precision/recall point than thresholds (recall 0 at threshold > max).
+    return {"precision": precision, "recall": recall, "threshold": np.append(thresholds, 1.0),
+            "auc": float(auc(recall, precision))}
+
+
+def threshold_for_recall(labels: np.ndarray, probs: np.ndarray, target: float) -> float:
+    """Highest threshold whose sensitivity is at least `target` (fewest false positives)."""
+    pts = roc_points(labels, probs)
+    ok = np.nonzero(pts["tpr"] >= target)[0]
+    return float(pts["threshold"][ok[0]]) if len(ok) else 0.0
+
+
+def threshold_for_specificity(labels: np.ndarray, probs: np.ndarray, target: float) -> float:
+    """Lowest threshold whose specificity is at least `target` (most sensitivity)."""
+    pts = roc_points(labels, probs)
+    ok = np.nonzero(1 - pts["fpr"] >= target)[0]
+    return float(pts["threshold"][ok[-1]]) if len(ok) else 1.0
+
+
+def threshold_youden(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Threshold maximising sensitivity + specificity - 1."""
+    pts = roc_points(labels, probs)
+    return float(pts["threshold"][int(np.argmax(pts["tpr"] - pts["fpr"]))])
+
+
+def threshold_best_f1(labels: np.ndarray, probs: np.ndarray) -> float:
+    pts = pr_points(labels, probs)
+    p, r = pts["precision"][:-1], pts["recall"][:-1]
+    f1 = np.divide(2 * p * r, p + r, out=np.zeros_like(p), where=(p + r) > 0)
+    return float(pts["threshold"][int(np.argmax(f1))])
+
+
+def choose_threshold(labels: np.ndarray, probs: np.ndarray, target: str = "youden",
+                     value: float | None = None) -> float:
+    """One entry point for the threshold targets offered to users."""
+    if len(np.unique(labels)) < 2:
+        return 0.5
+    if target == "youden":
+        return threshold_youden(labels, probs)
+    if target == "best_f1":
+        return threshold_best_f1(labels, probs)
+    if target == "recall":
+        return threshold_for_recall(labels, probs, 0.95 if value is None else value)
+    if target == "specificity":
+        return threshold_for_specificity(labels, probs, 0.90 if value is None else value)
+    raise ValueError(f"Unknown threshold target '{target}'; choose from {', '.join(THRESHOLD_TARGETS)}.")

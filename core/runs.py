@@ -1,0 +1,205 @@
+"""Run directories: the trainer writes them, everything else (CLI, dashboard) reads them.
+
+A run directory holds:
+  config.json        the TrainConfig
+  environment.json   library versions, device, command
+  split.csv          every image with its split, label and patient
+  data_report.json   counts, skipped files, leakage
+  status.json        state (queued, running, finished, failed, stopped), progress, error
+  metrics.jsonl      one JSON object per line, kind "step" or "epoch", appended as training goes
+  log.txt            human-readable log
+  best.safetensors   best weights (by validation AUC) with the metadata prediction needs
+  last.pt            resumable state (weights, optimizer, scheduler, RNG), loaded with weights_only
+  predictions_{val,test}.csv   path, patient, label, prob (calibrated probability of the positive class)
+  report.json        final metrics at the threshold chosen on validation
+  threshold.json     the operating threshold chosen by the user (overrides the checkpoint's)
+  STOP               present when another process asked training to stop
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+ACTIVE_STATES = ("queued", "running")
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)  # readers never see a half-written file
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited child not yet reaped by its parent) still answers kill(0).
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def write_status(run_dir: Path, **fields: Any) -> dict:
+    status = read_json(run_dir / "status.json", {}) or {}
+    status.update(fields, updated=time.time())
+    _write_json_atomic(run_dir / "status.json", status)
+    return status
+
+
+def read_status(run_dir: Path) -> dict:
+    """status.json, with state 'killed' when it says running but its process is gone."""
+    status = read_json(Path(run_dir) / "status.json", None)
+    if not isinstance(status, dict):
+        return {"state": "unknown", "error": "status.json is missing or unreadable"}
+    if status.get("state") in ACTIVE_STATES and not pid_alive(status.get("pid")):
+        status["state"] = "killed"
+        status.setdefault("error", "The training process ended without reporting (killed?). "
+                                   "Resume continues from the last epoch checkpoint.")
+    return status
+
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: Path) -> pd.DataFrame:
+    """All metric records; a half-written last line (run still writing) is skipped."""
+    rows = []
+    try:
+        with open(Path(run_dir) / "metrics.jsonl") as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+    except OSError:
+        pass
+    return pd.DataFrame(rows)
+
+
+def epoch_metrics(run_dir: Path) -> pd.DataFrame:
+    """One row per epoch; after a resume, the latest record of each epoch wins."""
+    df = read_metrics(run_dir)
+    if df.empty or "kind" not in df:
+        return pd.DataFrame()
+    ep = df[df["kind"] == "epoch"].dropna(axis=1, how="all")
+    return ep.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
+
+
+def step_metrics(run_dir: Path) -> pd.DataFrame:
+    df = read_metrics(run_dir)
+    if df.empty or "kind" not in df:
+        return pd.DataFrame()
+    st = df[df["kind"] == "step"].dropna(axis=1, how="all")
+    return st.drop_duplicates("global_step", keep="last").sort_values("global_step").reset_index(drop=True)
+
+
+def log(run_dir: Path, message: str) -> None:
+    with open(run_dir / "log.txt", "a") as f:
+        f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + message + "\n")
+
+
+def log_tail(run_dir: Path, lines: int = 30) -> str:
+    try:
+        return "".join(Path(run_dir, "log.txt").read_text(errors="replace").splitlines(True)[-lines:])
+    except OSError:
+        return ""
+
+
+def request_stop(run_dir: Path) -> None:
+    (Path(run_dir) / "STOP").write_text(str(time.time()))
+
+
+def stop_requested(run_dir: Path) -> bool:
+    return (Path(run_dir) / "STOP").exists()
+
+
+def clear_stop(run_dir: Path) -> None:
+    (Path(run_dir) / "STOP").unlink(missing_ok=True)
+
+
+def read_predictions(run_dir: Path, split: str) -> pd.DataFrame:
+    """Per-image predictions; raises FileNotFoundError/ValueError with the file named when unusable."""
+    path = Path(run_dir) / f"predictions_{split}.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"No {split} predictions in {run_dir} (the run has not finished "
+                                f"evaluating, or the {split} split is empty).")
+    try:
+        df = pd.read_csv(path)
+    except Exception as e:  # pandas raises several parser error types
+        raise ValueError(f"{path} is unreadable: {e}") from e
+    missing = {"path", "label", "prob"} - set(df.columns)
+    if missing:
+        raise ValueError(f"{path} lacks the columns {sorted(missing)}.")
+    return df
+
+
+def read_config(run_dir: Path) -> dict:
+    return read_json(Path(run_dir) / "config.json", {}) or {}
+
+
+def read_report(run_dir: Path) -> dict:
+    return read_json(Path(run_dir) / "report.json", {}) or {}
+
+
+def save_threshold(run_dir: Path, threshold: float, chosen_on: str, target: str) -> None:
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError("A threshold is a probability between 0 and 1.")
+    _write_json_atomic(Path(run_dir) / "threshold.json",
+                       {"threshold": float(threshold), "chosen_on": chosen_on, "target": target,
+                        "saved": time.time()})
+
+
+def operating_threshold(run_dir: Path) -> float:
+    """The user's saved threshold, else the one chosen on validation at the end of training, else 0.5."""
+    saved = read_json(Path(run_dir) / "threshold.json", {}) or {}
+    if isinstance(saved.get("threshold"), (int, float)):
+        return float(saved["threshold"])
+    report = read_report(run_dir)
+    return float(report.get("threshold", 0.5))
+
+
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / "config.json").exists()
+
+
+def list_runs(runs_dir: str | os.PathLike = "checkpoints") -> list[dict]:
+    """One summary per run directory, newest first."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for d in sorted((p for p in root.iterdir() if p.is_dir() and is_run_dir(p)),
+                    key=lambda p: p.stat().st_mtime, reverse=True):
+        cfg, status, report = read_config(d), read_status(d), read_report(d)
+        out.append({
+            "run": d.name, "path": str(d), "state": status.get("state"), "arch": cfg.get("arch"),
+            "strategy": cfg.get("strategy"), "pretrained": cfg.get("pretrained"),
+            "epoch": status.get("epoch"), "epochs": cfg.get("epochs"),
+            "best_val_auc": status.get("best_val_auc"),
+            "test_auc": (report.get("test") or {}).get("auc"),
+            "test_sensitivity": (report.get("test") or {}).get("sensitivity"),
+            "test_specificity": (report.get("test") or {}).get("specificity"),
+            "error": status.get("error") if status.get("state") in ("failed", "killed") else None,
+        })
+    return out

@@ -1,0 +1,586 @@
+"""Training: data preparation, the training loop, checkpoints, stop/resume, and the final report.
+
+The trainer owns the run directory (see core.runs). Everything another process needs to follow the
+run is written there as it happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from . import runs
+from .augment import AugmentParams, augment_batch
+from .config import TrainConfig
+from .dataset import (DatasetIndex, assign_splits, decode_images, leakage_report, scan_dataset)
+from .metrics import choose_threshold, metrics_at_threshold, safe_auc
+from .model import Classifier, apply_strategy, build_model, count_parameters, normalization, set_train_mode
+
+EVAL_SPLITS = ("val", "test")
+
+
+class StopRequested(Exception):
+    """Raised inside the loop when a STOP file appears; the run is saved and marked stopped."""
+
+
+# ---------------------------------------------------------------- device and precision
+
+def select_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"Device '{spec}' asked for, but PyTorch sees no CUDA GPU here.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise RuntimeError(f"Device '{spec}' asked for, but only {torch.cuda.device_count()} GPU(s) exist.")
+    return device
+
+
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """auto: bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX), where oneDNN runs
+    convolutions about 2.5x faster than fp32; fp32 elsewhere."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def autocast(device: torch.device, bf16: bool):
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def available_devices() -> list[str]:
+    """Device choices for forms: auto, cpu, and every GPU found."""
+    out = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        out.append("mps")
+    return out
+
+
+def device_names() -> dict[str, str]:
+    names = {"cpu": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            names[f"cuda:{i}"] = torch.cuda.get_device_name(i)
+    return names
+
+
+# ---------------------------------------------------------------- data
+
+@dataclass
+class SplitTensors:
+    images: torch.Tensor  # (N, 1, S, S) uint8
+    labels: torch.Tensor  # (N,) int64
+    table: pd.DataFrame  # path, patient, label, class_name for these rows
+
+
+@dataclass
+class PreparedData:
+    index: DatasetIndex
+    split_table: pd.DataFrame  # every file found: path, split (or "skipped"), label, class_name, patient
+    splits: dict[str, SplitTensors]
+    report: dict
+
+
+def prepare_data(config: TrainConfig, progress=None) -> PreparedData:
+    """Scan, split by patient, decode (cached) and report: counts, skipped files, leakage."""
+    index = scan_dataset(config.data, config.positive_class or None)
+    split_names = assign_splits(index, config.val_fraction, config.test_fraction, config.seed)
+    paths = [r.path for r in index.records]
+    decoded = decode_images(paths, config.image_size, config.cache_dir or None,
+                            config.decode_workers or None, progress=progress, root=index.root)
+    table = pd.DataFrame({
+        "path": paths, "split": split_names, "label": [r.label for r in index.records],
+        "class_name": [r.class_name for r in index.records], "patient": [r.patient for r in index.records],
+        "official_split": [r.official_split or "" for r in index.records],
+    })
+    ok = np.zeros(len(paths), bool)
+    ok[decoded.ok_indices] = True
+    row_of = np.full(len(paths), -1)
+    row_of[decoded.ok_indices] = np.arange(len(decoded.ok_indices))
+    table.loc[~ok, "split"] = "skipped"
+
+    splits: dict[str, SplitTensors] = {}
+    for name in ("train", "val", "test"):
+        mask = (table["split"] == name).to_numpy()
+        rows = row_of[mask]
+        sub = table[mask].reset_index(drop=True)
+        splits[name] = SplitTensors(torch.from_numpy(decoded.images[rows]).unsqueeze(1),
+                                    torch.tensor(sub["label"].to_numpy(), dtype=torch.long), sub)
+    if len(splits["train"].labels) == 0 or len(splits["val"].labels) == 0:
+        raise ValueError(f"No readable training or validation images in {index.root}.")
+    used = table["split"] != "skipped"
+    counts = {s: {c: int(((table["split"] == s) & (table["class_name"] == c)).sum()) for c in index.classes}
+              for s in ("train", "val", "test")}
+    official = index.counts() if index.has_official_splits else {}
+    report = {
+        "root": index.root, "classes": index.classes, "positive_class": index.positive_class,
+        "image_size": config.image_size, "counts": counts, "official_counts": official,
+        "skipped": [{"path": p, "reason": r} for p, r in decoded.failed.items()],
+        "ignored_non_image_files": index.ignored_files,
+        "decoded_now": decoded.decoded_now, "from_cache": len(paths) - decoded.decoded_now,
+        "leakage": leakage_report([r for r, u in zip(index.records, used) if u],
+                                  list(table.loc[used, "split"]),
+                                  [h for h, u in zip(decoded.sha256, used) if u]),
+    }
+    if index.has_official_splits:
+        report["leakage_official_splits"] = leakage_report(
+            index.records, [r.official_split or "" for r in index.records], decoded.sha256)
+    return PreparedData(index, table, splits, report)
+
+
+def _to_input(batch_u8: torch.Tensor, device: torch.device, mean: float, std: float,
+              aug: AugmentParams | None, generator: torch.Generator | None) -> torch.Tensor:
+    x = batch_u8.to(device, non_blocking=True).float().div_(255.0)
+    if aug is not None and generator is not None:
+        x = augment_batch(x, aug, generator)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def compute_logits(model: Classifier, images: torch.Tensor, device: torch.device, mean: float,
+                   std: float, bf16: bool, batch_size: int = 128, features_only: bool = False) -> torch.Tensor:
+    """Logits (or backbone features) for uint8 images, in eval mode, as float32 on the CPU."""
+    model.eval()
+    out = []
+    net = model.backbone if features_only else model
+    for i in range(0, len(images), batch_size):
+        x = _to_input(images[i:i + batch_size], device, mean, std, None, None)
+        with autocast(device, bf16):
+            out.append(net(x).float().cpu())
+    dim = model.feature_dim if features_only else 2
+    return torch.cat(out) if out else torch.zeros(0, dim)
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Temperature scaling (Guo et al. 2017) on validation logits: calibrated probabilities without
+    changing the ranking, so AUC and the threshold's meaning are kept."""
+    if len(labels) < 2 or len(labels.unique()) < 2:
+        return 1.0
+    log_t = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(log_t.detach().exp())
+    return t if math.isfinite(t) and 0.05 < t < 20 else 1.0
+
+
+def positive_probs(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
+    return torch.softmax(logits / temperature, dim=1)[:, 1].numpy()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def checkpoint_metadata(config: TrainConfig, classes: list[str], temperature: float = 1.0,
+                        threshold: float = 0.5, epoch: int = 0) -> dict[str, str]:
+    mean, std = normalization(config.arch)
+    return {"arch": config.arch, "classes": json.dumps(classes), "positive_class": classes[-1],
+            "image_size": str(config.image_size), "mean": str(mean), "std": str(std),
+            "temperature": str(temperature), "threshold": str(threshold), "epoch": str(epoch),
+            "dropout": str(config.dropout), "strategy": config.strategy, "format": "cxr-workbench/1"}
+
+
+def save_weights(model: Classifier, path: Path, metadata: dict[str, str]) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _save_resume_state(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill during the write leaves the previous checkpoint intact
+
+
+def load_resume_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------- run directory
+
+def environment_info(device: torch.device, bf16: bool) -> dict:
+    import PIL
+    import safetensors
+    import sklearn
+    import torchvision
+
+    info = {
+        "python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
+        "torchvision": torchvision.__version__, "numpy": np.__version__, "scikit_learn": sklearn.__version__,
+        "pillow": PIL.__version__, "safetensors": safetensors.__version__, "pandas": pd.__version__,
+        "device": str(device), "device_name": device_names().get(
+            f"cuda:{device.index or 0}" if device.type == "cuda" else device.type, device.type),
+        "bf16_autocast": bf16, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda, "argv": sys.argv,
+    }
+    with contextlib.suppress(Exception):
+        import subprocess
+
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                            cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    return info
+
+
+def new_run_dir(config: TrainConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = f"{stamp}-{config.arch}-{config.strategy}" + (f"-{config.name}" if config.name else "")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in base)
+    root = Path(config.runs_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for suffix in [""] + [f"-{i}" for i in range(2, 100)]:
+        d = root / (safe + suffix)
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"Could not create a run directory under {root}")
+
+
+def create_run(config: TrainConfig) -> Path:
+    """Validate the config and create the run directory with its config and a 'queued' status."""
+    config.validate()
+    run_dir = new_run_dir(config)
+    config.save(run_dir / "config.json")
+    runs.write_status(run_dir, state="queued", pid=os.getpid(), created=time.time())
+    return run_dir
+
+
+@contextlib.contextmanager
+def training_slot(runs_dir: Path) -> Iterator[None]:
+    """One training at a time per runs folder: later launches wait here (state 'queued'). The OS
+    drops the lock when a process dies, so a killed run never blocks the queue."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    with open(runs_dir / ".training.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------- training
+
+class _Progress:
+    """tqdm on terminals, silent otherwise."""
+
+    def __init__(self, enabled: bool, total: int, initial: int, desc: str):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+
+    def update(self, **postfix) -> None:
+        if self.bar:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
+def train(config: TrainConfig | None = None, run_dir: Path | None = None, resume: bool = False,
+          show_progress: bool = False) -> Path:
+    """Train (or resume) a run and return its directory. Errors are recorded in status.json
+    ('failed' with the message) and re-raised; a STOP request ends the run as 'stopped'."""
+    if run_dir is None:
+        assert config is not None, "train() needs a config or an existing run directory"
+        run_dir = create_run(config)
+    run_dir = Path(run_dir)
+    config = TrainConfig.load(run_dir / "config.json")
+    if resume:
+        runs.clear_stop(run_dir)
+    runs.write_status(run_dir, state="queued", pid=os.getpid(), error=None)
+    try:
+        with training_slot(run_dir.parent):
+            if runs.stop_requested(run_dir):
+                raise StopRequested()
+            _train(config, run_dir, resume, show_progress)
+    except StopRequested:
+        runs.log(run_dir, "Stopped on request; resume continues from the saved checkpoint.")
+        runs.write_status(run_dir, state="stopped")
+    except KeyboardInterrupt:
+        runs.log(run_dir, "Interrupted; resume continues from the last epoch checkpoint.")
+        runs.write_status(run_dir, state="stopped")
+        raise
+    except BaseException as e:
+        runs.log(run_dir, "FAILED\n" + traceback.format_exc())
+        runs.write_status(run_dir, state="failed", error=f"{type(e).__name__}: {e}")
+        raise
+    return run_dir
+
+
+def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool) -> None:
+    started = time.time()
+    device = select_device(config.device)
+    bf16 = uses_bf16(device, config.precision)
+    (run_dir / "environment.json").write_text(json.dumps(environment_info(device, bf16), indent=2))
+    runs.write_status(run_dir, state="running", pid=os.getpid(), started=started, phase="preparing data",
+                      device=str(device))
+    runs.log(run_dir, f"{'Resuming' if resume else 'Starting'} on {device} (bf16 autocast: {bf16}); "
+                      f"data {config.data}")
+
+    def decode_progress(done: int, total: int) -> None:
+        runs.write_status(run_dir, phase=f"decoding images {done}/{total}")
+
+    data = prepare_data(config, progress=decode_progress)
+    data.split_table.to_csv(run_dir / "split.csv", index=False)
+    (run_dir / "data_report.json").write_text(json.dumps(data.report, indent=2))
+    counts = data.report["counts"]
+    runs.log(run_dir, f"Images per split and class: {counts}; decoded now {data.report['decoded_now']}, "
+                      f"from cache {data.report['from_cache']}; skipped {len(data.report['skipped'])}")
+    for item in data.report["skipped"]:
+        runs.log(run_dir, f"Skipped unreadable file {item['path']}: {item['reason']}")
+
+    torch.manual_seed(config.seed)
+    model = build_model(config.arch, config.pretrained, config.weights_file, config.dropout)
+    params = apply_strategy(model, config.strategy)
+    model.to(device).to(memory_format=torch.channels_last)
+    trainable, total = count_parameters(model)
+    runs.log(run_dir, f"{config.arch} ({'ImageNet' if config.pretrained and config.arch != 'smallcnn' else 'random'}"
+                      f" init), strategy {config.strategy}: {trainable:,} of {total:,} parameters train")
+    mean, std = normalization(config.arch)
+    classes = data.index.classes
+
+    train_labels = data.splits["train"].labels
+    class_counts = torch.bincount(train_labels, minlength=2).float()
+    if (class_counts == 0).any():
+        raise ValueError(f"The training split has no images of class "
+                         f"{classes[int((class_counts == 0).nonzero()[0])]}.")
+    weights = (class_counts.sum() / (2 * class_counts)) if config.class_weights == "inverse" else torch.ones(2)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weights.to(device))
+
+    frozen = config.strategy == "frozen"
+    if frozen:
+        # The backbone cannot change: compute its features once and train the head on them.
+        runs.write_status(run_dir, phase="computing backbone features")
+        t0 = time.time()
+        inputs = {s: compute_logits(model, data.splits[s].images, device, mean, std, bf16,
+                                    features_only=True) for s in ("train", "val")}
+        runs.log(run_dir, f"Backbone features for {sum(len(v) for v in inputs.values())} images in "
+                          f"{time.time() - t0:.1f}s")
+        net: torch.nn.Module = model.head
+    else:
+        inputs = {s: data.splits[s].images for s in ("train", "val")}
+        net = model
+
+    n_train = len(train_labels)
+    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    if config.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    total_steps = steps_per_epoch * config.epochs
+
+    opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+    elif config.schedule == "plateau":
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=1)
+    else:
+        scheduler = None
+    aug = AugmentParams(config.aug_flip, config.aug_rotation, config.aug_scale, config.aug_shift,
+                        config.aug_brightness, config.aug_contrast) if config.augment and not frozen else None
+    aug_gen = torch.Generator().manual_seed(config.seed + 1)
+
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_auc": -1.0, "best_epoch": 0,
+             "stale_epochs": 0, "elapsed": 0.0, "loss_sum": 0.0, "correct": 0, "seen": 0}
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.safetensors"
+    if resume and last_path.exists():
+        saved = load_resume_state(last_path)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None and saved.get("scheduler"):
+            scheduler.load_state_dict(saved["scheduler"])
+        aug_gen.set_state(saved["aug_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        state.update(saved["progress"])
+        runs.log(run_dir, f"Resumed after epoch {state['epoch']}, step {state['step_in_epoch']}")
+
+    def save_last() -> None:
+        _save_resume_state(last_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else {},
+            "aug_rng": aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "progress": {**state, "elapsed": state["elapsed"] + time.time() - session_start},
+        })
+
+    session_start = time.time()
+    bar = _Progress(show_progress, total_steps, state["global_step"], "training")
+    runs.write_status(run_dir, state="running", phase="training", epochs=config.epochs,
+                      steps_per_epoch=steps_per_epoch, epoch=state["epoch"], best_val_auc=None)
+    try:
+        while state["epoch"] < config.epochs:
+            epoch = state["epoch"]
+            perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+            if frozen:
+                model.head.train()
+            else:
+                set_train_mode(model, config.strategy)
+            epoch_start, epoch_images = time.time(), 0
+            for step in range(state["step_in_epoch"], steps_per_epoch):
+                if runs.stop_requested(run_dir):
+                    state["step_in_epoch"] = step
+                    save_last()
+                    raise StopRequested()
+                idx = perm[step * config.batch_size:(step + 1) * config.batch_size]
+                t_step = time.time()
+                y = train_labels[idx].to(device, non_blocking=True)
+                if frozen:
+                    x = inputs["train"][idx].to(device)
+                else:
+                    x = _to_input(inputs["train"][idx], device, mean, std, aug, aug_gen)
+                with autocast(device, bf16):
+                    logits = net(x)
+                loss = loss_fn(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+                    scheduler.step()
+                loss_value = float(loss.detach())
+                correct = int((logits.argmax(1) == y).sum())
+                state["loss_sum"] += loss_value * len(idx)
+                state["correct"] += correct
+                state["seen"] += len(idx)
+                state["global_step"] += 1
+                state["step_in_epoch"] = step + 1
+                epoch_images += len(idx)
+                ips = len(idx) / max(time.time() - t_step, 1e-9)
+                lr = optimizer.param_groups[0]["lr"]
+                runs.append_metrics(run_dir, {
+                    "kind": "step", "epoch": epoch + 1, "step": step + 1, "global_step": state["global_step"],
+                    "loss": loss_value, "accuracy": correct / len(idx), "lr": lr, "images_per_s": ips,
+                    "time": time.time()})
+                bar.update(epoch=epoch + 1, loss=f"{loss_value:.3f}")
+                if step % 5 == 0 or step + 1 == steps_per_epoch:
+                    runs.write_status(run_dir, epoch=epoch + 1, step=step + 1, global_step=state["global_step"],
+                                      total_steps=total_steps, images_per_s=ips,
+                                      elapsed=state["elapsed"] + time.time() - session_start)
+            train_seconds = time.time() - epoch_start
+
+            # Validation.
+            if frozen:
+                val_logits = model.head.eval()(inputs["val"].to(device)).float().cpu()
+            else:
+                val_logits = compute_logits(model, inputs["val"], device, mean, std, bf16)
+            val_labels = data.splits["val"].labels
+            val_loss = float(F.cross_entropy(val_logits, val_labels, weight=weights))
+            val_prob = positive_probs(val_logits)
+            val_auc = safe_auc(val_labels.numpy(), val_prob)
+            val_acc = float((val_logits.argmax(1) == val_labels).float().mean())
+            score = val_auc if math.isfinite(val_auc) else -val_loss
+            improved = score > state["best_auc"]
+            if improved:
+                state["best_auc"], state["best_epoch"], state["stale_epochs"] = score, epoch + 1, 0
+                save_weights(model, best_path, checkpoint_metadata(config, classes, epoch=epoch + 1))
+            else:
+                state["stale_epochs"] += 1
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(score)
+            elapsed = state["elapsed"] + time.time() - session_start
+            record = {
+                "kind": "epoch", "epoch": epoch + 1, "global_step": state["global_step"],
+                "train_loss": state["loss_sum"] / max(state["seen"], 1),
+                "train_accuracy": state["correct"] / max(state["seen"], 1),
+                "val_loss": val_loss, "val_accuracy": val_acc, "val_auc": val_auc,
+                "lr": optimizer.param_groups[0]["lr"], "images_per_s": epoch_images / max(train_seconds, 1e-9),
+                "epoch_seconds": train_seconds, "elapsed": elapsed, "best": improved, "time": time.time()}
+            runs.append_metrics(run_dir, record)
+            runs.log(run_dir, f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f} "
+                              f"acc {record['train_accuracy']:.3f} | val loss {val_loss:.4f} acc {val_acc:.3f} "
+                              f"AUC {val_auc:.4f}{' (best)' if improved else ''} | "
+                              f"{record['images_per_s']:.0f} img/s, {train_seconds:.1f}s")
+            state.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0, correct=0, seen=0)
+            save_last()
+            runs.write_status(run_dir, epoch=epoch + 1, best_val_auc=state["best_auc"],
+                              best_epoch=state["best_epoch"], elapsed=elapsed)
+            if config.patience and state["stale_epochs"] >= config.patience:
+                runs.log(run_dir, f"Early stopping: no better validation AUC for {config.patience} epochs")
+                break
+    finally:
+        bar.close()
+
+    runs.write_status(run_dir, phase="final evaluation")
+    report = finalize_run(run_dir, config, model, data, device, bf16)
+    runs.write_status(run_dir, state="finished", phase="done", finished=time.time(),
+                      elapsed=state["elapsed"] + time.time() - session_start)
+    test = report.get("test") or {}
+    runs.log(run_dir, f"Finished. Threshold {report['threshold']:.3f} chosen on validation (Youden). "
+                      f"Test AUC {test.get('auc', float('nan')):.4f}, sensitivity {test.get('sensitivity', float('nan')):.3f}, "
+                      f"specificity {test.get('specificity', float('nan')):.3f}")
+
+
+def load_weights_into(model: Classifier, path: Path) -> dict[str, str]:
+    """Load a best.safetensors into `model`; returns its metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    model.load_state_dict(load_file(str(path)))
+    return metadata
+
+
+def finalize_run(run_dir: Path, config: TrainConfig, model: Classifier, data: PreparedData,
+                 device: torch.device, bf16: bool) -> dict:
+    """Best weights -> calibrated val/test predictions, threshold chosen on validation, report."""
+    best_path = run_dir / "best.safetensors"
+    meta = load_weights_into(model, best_path)
+    model.to(device)
+    mean, std = normalization(config.arch)
+    logits = {s: compute_logits(model, data.splits[s].images, device, mean, std, bf16) for s in EVAL_SPLITS}
+    temperature = fit_temperature(logits["val"], data.splits["val"].labels)
+    report: dict = {"best_epoch": int(meta.get("epoch", 0)), "temperature": temperature,
+                    "threshold_rule": "youden on validation"}
+    probs = {s: positive_probs(logits[s], temperature) for s in EVAL_SPLITS}
+    val_labels = data.splits["val"].labels.numpy()
+    threshold = choose_threshold(val_labels, probs["val"], "youden")
+    report["threshold"] = threshold
+    for s in EVAL_SPLITS:
+        table = data.splits[s].table
+        if len(table) == 0:
+            continue
+        out = table[["path", "patient", "label", "class_name"]].copy()
+        out["prob"] = probs[s]
+        out.to_csv(run_dir / f"predictions_{s}.csv", index=False)
+        report[s] = metrics_at_threshold(table["label"].to_numpy(), probs[s], threshold)
+    save_weights(model, best_path, checkpoint_metadata(config, data.index.classes, temperature, threshold,
+                                                       epoch=report["best_epoch"]))
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    return report
