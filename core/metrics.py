@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from sklearn.metrics import auc, precision_recall_curve, roc_auc_score, roc_curve
 
 THRESHOLD_TARGETS = ("youden", "best_f1", "recall", "specificity")
@@ -91,3 +92,17 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, target: str = "youde
     if target == "specificity":
         return threshold_for_specificity(labels, probs, 0.90 if value is None else value)
     raise ValueError(f"Unknown threshold target '{target}'; choose from {', '.join(THRESHOLD_TARGETS)}.")
+
+
+def mistakes(predictions: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """False negatives and false positives at `threshold`, most confident mistakes first.
+
+    `predictions` has columns label (1 = positive) and prob; the result adds `kind`
+    ("false negative" / "false positive") and `confidence`, the probability the model gave to the
+    wrong class.
+    """
+    pred = predictions["prob"] >= threshold
+    wrong = predictions[pred != (predictions["label"] == 1)].copy()
+    wrong["kind"] = np.where(wrong["label"] == 1, "false negative", "false positive")
+    wrong["confidence"] = np.where(wrong["label"] == 1, 1 - wrong["prob"], wrong["prob"])
+    return wrong.sort_values("confidence", ascending=False).reset_index(drop=True)

@@ -1,0 +1,98 @@
+"""Shared pieces of the dashboard pages: settings remembered between sessions, run pickers, and
+cached loaders (models once per checkpoint, tables once per file version). Views only: all logic
+lives in core/."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from core import runs
+from core.predict import LoadedModel, load_run_model
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+SETTINGS_FILE = Path(os.environ.get("CXR_SETTINGS", Path.home() / ".config" / "cxr-workbench" / "settings.json"))
+
+
+def runs_dir() -> Path:
+    """Where runs live: $CXR_RUNS_DIR, else checkpoints/ in the project."""
+    return Path(os.environ.get("CXR_RUNS_DIR", PROJECT_ROOT / "checkpoints"))
+
+
+def load_settings() -> dict:
+    try:
+        return json.loads(SETTINGS_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def save_setting(key: str, value) -> None:
+    settings = load_settings()
+    settings[key] = value
+    try:
+        SETTINGS_FILE.parent.mkdir(parents=True, exist_ok=True)
+        SETTINGS_FILE.write_text(json.dumps(settings, indent=2))
+    except OSError:
+        pass  # remembering is a convenience; a read-only home must not break the page
+
+
+def data_folder() -> str:
+    """The dataset folder chosen on the home page (this session, else remembered, else empty)."""
+    if "data_folder" not in st.session_state:
+        st.session_state["data_folder"] = load_settings().get("data_folder", "")
+    return st.session_state["data_folder"]
+
+
+def set_data_folder(path: str) -> None:
+    st.session_state["data_folder"] = path
+    save_setting("data_folder", path)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+@st.cache_resource(show_spinner="Loading model…", max_entries=8)
+def _cached_model(run_dir: str, _checkpoint_mtime: float, _threshold_mtime: float) -> LoadedModel:
+    return load_run_model(run_dir)
+
+
+def cached_model(run_dir: Path) -> LoadedModel:
+    """The run's model, loaded once per checkpoint (and reloaded when it or the threshold changes)."""
+    return _cached_model(str(run_dir), _mtime(run_dir / "best.safetensors"), _mtime(run_dir / "threshold.json"))
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _cached_predictions(run_dir: str, split: str, _mtime_key: float) -> pd.DataFrame:
+    return runs.read_predictions(Path(run_dir), split)
+
+
+def cached_predictions(run_dir: Path, split: str) -> pd.DataFrame:
+    return _cached_predictions(str(run_dir), split, _mtime(run_dir / f"predictions_{split}.csv"))
+
+
+def finished_runs() -> list[dict]:
+    return [r for r in runs.list_runs(runs_dir()) if r["state"] == "finished"]
+
+
+def run_picker(label: str = "Run", key: str = "run", only_finished: bool = True) -> Path | None:
+    """A selectbox of runs (newest first) that remembers the choice across pages; None with a hint
+    when there are none."""
+    rows = finished_runs() if only_finished else runs.list_runs(runs_dir())
+    if not rows:
+        st.info("No finished runs yet. Start one on the **Train** page (or `python -m core train`); "
+                f"runs are read from `{runs_dir()}`.")
+        return None
+    names = [r["run"] for r in rows]
+    remembered = st.session_state.get("selected_run")
+    index = names.index(remembered) if remembered in names else 0
+    choice = st.selectbox(label, names, index=index, key=key)
+    st.session_state["selected_run"] = choice
+    return runs_dir() / choice
