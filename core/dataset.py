@@ -253,7 +253,7 @@ def to_grayscale_uint8(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float32)
         lo, hi = float(arr.min()), float(arr.max())
         scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+        return Image.fromarray(scaled.round().astype(np.uint8))
     if img.mode == "L":
         return img
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):

@@ -40,7 +40,7 @@ def metrics_at_threshold(labels: np.ndarray, probs: np.ndarray, threshold: float
 
 
 def roc_points(labels: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]:
-    fpr, tpr, thresholds = roc_curve(labels, probs)
+    fpr, tpr, thresholds = roc_curve(labels, probs, drop_intermediate=False)  # every candidate threshold
     return {"fpr": fpr, "tpr": tpr, "threshold": np.clip(thresholds, 0, 1)}
 
 

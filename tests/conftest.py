@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny generated datasets for unit tests, and the real X-rays in ../shared/data."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Decoded-image cache and dashboard settings in a per-session temp folder, never the user's."""
+    root = tmp_path_factory.getbasetemp()
+    monkeypatch.setenv("CXR_CACHE_DIR", str(root / "image-cache"))
+    monkeypatch.setenv("CXR_SETTINGS", str(root / "settings.json"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "kermany_224").is_dir():
+        pytest.skip(f"real X-rays not found at {SHARED_DATA} (expected ../shared/data beside the repo)")
+    return SHARED_DATA
+
+
+def make_xray(size: int = 48, label: int = 0, seed: int = 0) -> Image.Image:
+    """A synthetic grayscale 'X-ray': positive images carry a bright blob, so a model can learn them."""
+    rng = np.random.default_rng(seed)
+    arr = rng.normal(90, 20, (size, size))
+    if label:
+        y, x = rng.integers(size // 4, 3 * size // 4, 2)
+        yy, xx = np.mgrid[:size, :size]
+        arr += 120 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * (size / 8) ** 2))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def write_dataset(root: Path, per_class: dict[str, int], splits: tuple[str, ...] | None = ("train", "test"),
+                  size: int = 48, patients_per_class: int | None = None) -> Path:
+    """Kermany-style names (person<N>_bacteria_<k> / IM-<N>-<k>) so patient grouping is exercised."""
+    for split in splits or (None,):
+        base = root / split if split else root
+        for cls, n in per_class.items():
+            d = base / cls
+            d.mkdir(parents=True, exist_ok=True)
+            label = int(cls == "PNEUMONIA")
+            for i in range(n):
+                patient = i // 2 if patients_per_class is None else i % patients_per_class
+                offset = 0 if split in (None, "train") else 10_000
+                name = (f"person{patient + offset}_bacteria_{i}.jpeg" if label
+                        else f"IM-{patient + offset:04d}-{i:04d}.jpeg")
+                make_xray(size, label, seed=zlib.crc32(f"{split}{cls}{i}".encode())).save(d / name)
+    return root
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path) -> Path:
+    return write_dataset(tmp_path / "xrays", {"NORMAL": 24, "PNEUMONIA": 40})

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import torch
+
+from core.augment import AugmentParams, augment_batch
+
+
+def test_augmentation_keeps_shape_and_range_and_is_reproducible():
+    x = torch.rand(8, 1, 32, 32)
+    a = augment_batch(x, AugmentParams(), torch.Generator().manual_seed(1))
+    b = augment_batch(x, AugmentParams(), torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, x, atol=1e-3)
+
+
+def test_flip_only_mirrors_the_image():
+    x = torch.rand(4, 1, 16, 16)
+    params = AugmentParams(flip=1.0, rotation=0, scale=0, shift=0, brightness=0, contrast=0)
+    out = augment_batch(x, params, torch.Generator().manual_seed(0))
+    assert torch.allclose(out, x.flip(-1), atol=1e-5)
+
+
+def test_no_op_parameters_leave_the_batch_unchanged():
+    x = torch.rand(4, 1, 16, 16)
+    params = AugmentParams(flip=0.0, rotation=0, scale=0, shift=0, brightness=0, contrast=0)
+    assert torch.allclose(augment_batch(x, params, torch.Generator().manual_seed(0)), x, atol=1e-5)

@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_xray, write_dataset
+from core.dataset import (DatasetError, assign_splits, decode_images, leakage_report, load_grayscale,
+                          patient_id, scan_dataset)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("person1_bacteria_1.jpeg", "person1"),
+    ("person1000_virus_1681.jpeg", "person1000"),
+    ("IM-0115-0001.jpeg", "IM-0115"),
+    ("NORMAL2-IM-0095-0001.jpeg", "NORMAL2-IM-0095"),
+    ("scan_42.png", "scan_42"),
+])
+def test_patient_id_from_kermany_names(name, expected):
+    assert patient_id(name) == expected
+
+
+def test_scan_split_layout_classes_and_positive(tiny_dataset):
+    index = scan_dataset(tiny_dataset)
+    assert index.has_official_splits
+    assert index.classes == ["NORMAL", "PNEUMONIA"] and index.positive_class == "PNEUMONIA"
+    assert index.counts() == {"train": {"NORMAL": 24, "PNEUMONIA": 40}, "test": {"NORMAL": 24, "PNEUMONIA": 40}}
+    assert all(r.label == (r.class_name == "PNEUMONIA") for r in index.records)
+
+
+def test_scan_tree_without_splits_and_configurable_positive(tmp_path):
+    root = write_dataset(tmp_path / "d", {"NORMAL": 4, "PNEUMONIA": 4}, splits=None)
+    index = scan_dataset(root, positive_class="NORMAL")
+    assert not index.has_official_splits
+    assert index.classes == ["PNEUMONIA", "NORMAL"]
+    assert {r.label for r in index.records if r.class_name == "NORMAL"} == {1}
+
+
+def test_scan_descends_into_kaggle_wrapper_folders(tmp_path):
+    write_dataset(tmp_path / "download" / "chest_xray", {"NORMAL": 2, "PNEUMONIA": 2})
+    (tmp_path / "download" / "__MACOSX").mkdir()
+    assert scan_dataset(tmp_path / "download").root.endswith("chest_xray")
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: None, "not found"),
+    (lambda p: p.mkdir(), "No class folders"),
+    (lambda p: (p / "NORMAL").mkdir(parents=True) or make_xray().save(p / "NORMAL" / "a.png"), "only the class"),
+    (lambda p: [(p / c).mkdir(parents=True) for c in ("NORMAL", "PNEUMONIA")]
+     and make_xray().save(p / "NORMAL" / "a.png"), "holds no images"),
+])
+def test_bad_layouts_give_clear_errors_naming_the_path(tmp_path, setup, message):
+    root = tmp_path / "data"
+    setup(root)
+    with pytest.raises(DatasetError, match=message) as err:
+        scan_dataset(root)
+    assert str(tmp_path) in str(err.value)
+
+
+def test_validation_is_grouped_by_patient_stratified_and_seeded(tmp_path):
+    root = write_dataset(tmp_path / "d", {"NORMAL": 60, "PNEUMONIA": 120}, splits=("train", "test"))
+    index = scan_dataset(root)
+    splits = assign_splits(index, val_fraction=0.2, seed=3)
+    assert splits == assign_splits(index, val_fraction=0.2, seed=3)
+    assert splits != assign_splits(index, val_fraction=0.2, seed=4)
+    by_patient: dict[str, set[str]] = {}
+    for r, s in zip(index.records, splits):
+        by_patient.setdefault(r.patient, set()).add(s)
+        if r.official_split == "test":
+            assert s == "test"  # the official test split stays the benchmark
+    assert all(len(s) == 1 for s in by_patient.values())
+    val = [r for r, s in zip(index.records, splits) if s == "val"]
+    assert 0.12 < len(val) / 180 < 0.28
+    assert 0.2 < sum(r.label == 0 for r in val) / len(val) < 0.45  # stratified: ~1/3 normal
+
+
+def test_tree_without_splits_gets_patient_grouped_test_split(tmp_path):
+    root = write_dataset(tmp_path / "d", {"NORMAL": 40, "PNEUMONIA": 60}, splits=None)
+    splits = assign_splits(scan_dataset(root), 0.15, 0.2, seed=0)
+    assert {"train", "val", "test"} == set(splits)
+
+
+def test_leakage_report_counts_shared_patients_and_identical_files(tmp_path):
+    index = scan_dataset(write_dataset(tmp_path / "d", {"NORMAL": 4, "PNEUMONIA": 4}, splits=None))
+    records = index.records
+    splits = ["train"] * 4 + ["test"] * 4
+    hashes = ["a", "b", "c", "d", "a", "f", "g", "g"]
+    report = leakage_report(records, splits, hashes)
+    assert report["identical_file_groups"] == 2
+    assert report["identical_files_across_splits"] == 1
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "LA", "I;16", "CMYK"])
+def test_any_mode_decodes_to_single_channel_uint8(tmp_path, mode):
+    base = make_xray(64, 1)
+    if mode == "I;16":
+        arr = (np.asarray(base, dtype=np.uint16) * 257)
+        img = Image.fromarray(arr)  # uint16 array: a 16-bit image
+    else:
+        img = base.convert(mode)
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    img.save(path)
+    out = load_grayscale(path, 32)
+    assert out.shape == (32, 32) and out.dtype == np.uint8
+    assert out.max() > 150  # the bright blob survives every conversion, 16-bit rescaled included
+
+
+def test_huge_image_is_resized(tmp_path):
+    path = tmp_path / "big.jpeg"
+    make_xray(64).resize((5000, 4000)).save(path, quality=80)
+    assert load_grayscale(path, 128).shape == (128, 128)
+
+
+def test_corrupt_and_fake_images_are_skipped_and_reported_and_cache_avoids_second_decode(tmp_path):
+    root = write_dataset(tmp_path / "d", {"NORMAL": 6, "PNEUMONIA": 6}, splits=None)
+    good = sorted((root / "NORMAL").glob("*.jpeg"))
+    (root / "NORMAL" / "notes.jpeg").write_text("this is not an image")
+    truncated = root / "PNEUMONIA" / "truncated.jpeg"
+    truncated.write_bytes(good[0].read_bytes()[:200])
+    paths = [str(p) for p in sorted(root.rglob("*.jpeg"))]
+    cache = tmp_path / "cache"
+
+    first = decode_images(paths, 32, cache, workers=1)
+    assert set(first.failed) == {str(root / "NORMAL" / "notes.jpeg"), str(truncated)}
+    assert len(first.ok_indices) == 12 and first.images.shape == (12, 32, 32)
+    assert first.decoded_now == 14
+
+    second = decode_images(paths, 32, cache, workers=1)
+    assert second.decoded_now == 0
+    assert np.array_equal(first.images, second.images) and second.failed == first.failed
+
+    make_xray(48, 1, seed=99).save(good[1])  # a changed file is decoded again, on its own
+    third = decode_images(paths, 32, cache, workers=1)
+    assert third.decoded_now == 1
+    assert not np.array_equal(third.images[1], first.images[1])
+
+
+def test_parallel_decode_matches_serial(tmp_path):
+    root = write_dataset(tmp_path / "d", {"NORMAL": 20, "PNEUMONIA": 20}, splits=None)
+    paths = [str(p) for p in sorted(root.rglob("*.jpeg"))]
+    serial = decode_images(paths, 24, tmp_path / "c1", workers=1)
+    parallel = decode_images(paths, 24, tmp_path / "c2", workers=2)
+    assert np.array_equal(serial.images, parallel.images)

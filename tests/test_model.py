@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+from core.model import (WeightsUnavailableError, apply_strategy, build_model, count_parameters,
+                        set_train_mode)
+
+
+@pytest.mark.parametrize("arch", ["smallcnn", "resnet18", "densenet121", "efficientnet_b0"])
+def test_every_architecture_takes_one_channel_and_gives_two_logits(arch):
+    model = build_model(arch).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 64, 64)).shape == (2, 2)
+        assert model.cam_layer is not None
+
+
+def test_single_channel_conv1_equals_grayscale_replicated_to_rgb():
+    torch.manual_seed(0)
+    rgb = torchvision.models.resnet18(weights=None).eval()
+    gray = build_model("resnet18").eval()
+    gray.backbone.load_state_dict({k: (v.sum(1, keepdim=True) if k == "conv1.weight" else v)
+                                   for k, v in rgb.state_dict().items() if not k.startswith("fc.")})
+    x = torch.rand(1, 1, 64, 64)
+    rgb.fc = torch.nn.Identity()
+    with torch.no_grad():
+        assert torch.allclose(gray.backbone(x), rgb(x.expand(-1, 3, -1, -1)), atol=1e-4)
+
+
+def test_local_weights_file_is_loaded(tmp_path):
+    reference = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_model("resnet18", pretrained=True, weights_file=str(path))
+    assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight.sum(1, keepdim=True))
+    assert torch.equal(model.backbone.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+
+
+def test_local_safetensors_weights_file_is_loaded(tmp_path):
+    from safetensors.torch import save_file
+
+    reference = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.safetensors"
+    save_file(reference.state_dict(), str(path))
+    model = build_model("resnet18", pretrained=True, weights_file=str(path))
+    assert torch.equal(model.backbone.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
+
+
+def test_missing_or_bad_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(WeightsUnavailableError, match="not found"):
+        build_model("resnet18", pretrained=True, weights_file=str(tmp_path / "nope.pth"))
+    bad = tmp_path / "bad.pth"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(WeightsUnavailableError, match="Could not read"):
+        build_model("resnet18", pretrained=True, weights_file=str(bad))
+
+
+def test_offline_download_says_how_to_pass_a_local_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(WeightsUnavailableError) as err:
+        build_model("resnet18", pretrained=True)
+    message = str(err.value)
+    assert "--weights-file" in message and "resnet18" in message and "internet" in message
+
+
+def test_frozen_partial_full_strategies():
+    model = build_model("resnet18")
+    frozen = apply_strategy(model, "frozen")
+    assert {id(p) for p in frozen} == {id(p) for p in model.head.parameters()}
+    partial = apply_strategy(model, "partial")
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("backbone.layer4") for n in names)
+    assert not any(n.startswith("backbone.layer3") or n.startswith("backbone.conv1") for n in names)
+    assert len(partial) == len(names)
+    apply_strategy(model, "full")
+    trainable, total = count_parameters(model)
+    assert trainable == total
+
+
+def test_frozen_backbone_stays_in_eval_mode_while_head_trains():
+    model = build_model("resnet18")
+    apply_strategy(model, "frozen")
+    set_train_mode(model, "frozen")
+    assert not model.backbone.training and model.head.training
+    set_train_mode(model, "partial")
+    assert model.backbone.layer4.training and not model.backbone.layer1.training
