@@ -60,7 +60,8 @@ def _mtime(path: Path) -> float:
 
 
 @st.cache_resource(show_spinner="Loading model…", max_entries=8)
-def _cached_model(run_dir: str, _checkpoint_mtime: float, _threshold_mtime: float) -> LoadedModel:
+def _cached_model(run_dir: str, checkpoint_mtime: float, threshold_mtime: float) -> LoadedModel:
+    # The mtimes are part of the cache key (Streamlit ignores only parameters starting with "_").
     return load_run_model(run_dir)
 
 
@@ -70,7 +71,7 @@ def cached_model(run_dir: Path) -> LoadedModel:
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def _cached_predictions(run_dir: str, split: str, _mtime_key: float) -> pd.DataFrame:
+def _cached_predictions(run_dir: str, split: str, file_mtime: float) -> pd.DataFrame:
     return runs.read_predictions(Path(run_dir), split)
 
 

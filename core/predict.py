@@ -74,7 +74,8 @@ def read_image(source: str | Path | bytes | BinaryIO, size: int) -> np.ndarray:
     try:
         return load_grayscale(source, size)
     except ValueError as e:
-        raise ValueError(f"Not a readable image (JPEG or PNG expected): {e}") from None
+        reason = "" if "cannot identify image file" in str(e) else f" ({e})"
+        raise ValueError(f"Not a readable image: JPEG or PNG expected{reason}.") from None
 
 
 def _input_tensor(loaded: LoadedModel, pixels: np.ndarray) -> torch.Tensor:
@@ -140,3 +141,16 @@ def overlay(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.n
     colour = cv2.applyColorMap(np.uint8(255 * np.clip(heatmap, 0, 1)), cv2.COLORMAP_JET)[..., ::-1]
     gray = np.repeat(pixels[..., None], 3, axis=2).astype(np.float32)
     return np.uint8(np.clip((1 - alpha) * gray + alpha * colour, 0, 255))
+
+
+def gradcam_display(loaded: LoadedModel, source: str | Path | bytes, width: int = 320) -> tuple[np.ndarray, np.ndarray]:
+    """(image, Grad-CAM overlay) at display `width` with the file's own aspect ratio: the map is computed
+    on the model's square input and stretched back. Raises ValueError for unreadable files."""
+    import cv2
+
+    pixels = read_image(source, loaded.image_size)
+    heat = gradcam(loaded, pixels)
+    full = load_grayscale(source if not isinstance(source, Path) else str(source))
+    height = max(1, round(full.shape[0] * width / full.shape[1]))
+    shown = cv2.resize(full, (width, height), interpolation=cv2.INTER_AREA)
+    return shown, overlay(shown, cv2.resize(heat, (width, height), interpolation=cv2.INTER_LINEAR))

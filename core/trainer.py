@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from . import runs
 from .augment import AugmentParams, augment_batch
 from .config import TrainConfig
-from .dataset import (DatasetIndex, assign_splits, decode_images, leakage_report, scan_dataset)
+from .dataset import DatasetIndex, assign_splits, decode_images, leakage_report, scan_dataset
 from .metrics import choose_threshold, metrics_at_threshold, safe_auc
 from .model import Classifier, apply_strategy, build_model, count_parameters, normalization, set_train_mode
 
@@ -497,7 +497,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
 
             # Validation.
             if frozen:
-                val_logits = model.head.eval()(inputs["val"].to(device)).float().cpu()
+                with torch.no_grad():
+                    val_logits = model.head.eval()(inputs["val"].to(device)).float().cpu()
             else:
                 val_logits = compute_logits(model, inputs["val"], device, mean, std, bf16)
             val_labels = data.splits["val"].labels

@@ -1,0 +1,239 @@
+"""Train: a form over TrainConfig that launches training in a background process, and a live monitor
+of any run (status, progress, curves, log, stop and resume)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+import ui
+from core import runs
+from core.config import ARCHITECTURES, CLASS_WEIGHTS, PRESETS, SCHEDULES, STRATEGIES, config_from_preset
+from core.dataset import scan_dataset
+from core.launch import launch_resume, launch_training
+from core.trainer import available_devices, device_names
+
+REFRESH_SECONDS = 3
+RESUMABLE_STATES = ("stopped", "failed", "killed")
+# Config fields the form edits; a preset fills them, the rest keep TrainConfig's defaults.
+FORM_FIELDS = ("arch", "pretrained", "weights_file", "strategy", "epochs", "batch_size", "lr", "schedule",
+               "image_size", "augment", "class_weights", "device", "seed", "max_steps_per_epoch", "patience")
+
+st.set_page_config(page_title="Train · CXR workbench", page_icon="🫁", layout="wide")
+
+
+def default_preset() -> str:
+    return "gpu" if any(d.startswith("cuda") for d in available_devices()) else "cpu"
+
+
+def apply_preset() -> None:
+    """Fill the form's widgets from the chosen preset (a callback: runs before the widgets exist)."""
+    config = config_from_preset(st.session_state["train_preset"])
+    for name in FORM_FIELDS:
+        st.session_state[f"train_{name}"] = getattr(config, name)
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "–"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def training_form() -> None:
+    if "train_preset" not in st.session_state:
+        st.session_state["train_preset"] = default_preset()
+    if "train_arch" not in st.session_state:
+        apply_preset()
+    if "train_data" not in st.session_state:
+        st.session_state["train_data"] = ui.data_folder()
+
+    st.selectbox("Preset", list(PRESETS), key="train_preset", on_change=apply_preset,
+                 help="Fills the form with a starting point: 'cpu' trains a small CNN from scratch (about 15 "
+                      "minutes on 2 cores), 'gpu' and 'cpu-transfer' fine-tune an ImageNet ResNet-18, "
+                      "'tiny' is a smoke test.")
+    devices = available_devices()
+    names = device_names()
+    with st.form("train_form"):
+        st.text_input("Dataset folder", key="train_data", help="Defaults to the folder chosen on the Data page.")
+        model_col, optim_col, data_col = st.columns(3)
+        with model_col:
+            st.selectbox("Architecture", ARCHITECTURES, key="train_arch")
+            st.checkbox("ImageNet weights (pretrained)", key="train_pretrained",
+                        help="Downloaded once by torchvision (needs internet) unless a weights file is given. "
+                             "Ignored for smallcnn.")
+            st.text_input("Weights file (optional)", key="train_weights_file",
+                          help="Local ImageNet weights (.pth state dict or .safetensors), for offline machines.")
+            st.selectbox("Fine-tuning strategy", STRATEGIES, key="train_strategy",
+                         help="frozen: head only; partial: last stage + head; full: every layer. "
+                              "smallcnn needs 'full'.")
+            st.selectbox("Device", devices, key="train_device",
+                         format_func=lambda d: f"{d} ({names[d]})" if d in names else d)
+        with optim_col:
+            st.number_input("Epochs", min_value=1, max_value=500, step=1, key="train_epochs")
+            st.number_input("Batch size (images)", min_value=1, max_value=1024, step=8, key="train_batch_size")
+            st.number_input("Learning rate", min_value=1e-6, max_value=1.0, step=1e-4, format="%g", key="train_lr")
+            st.selectbox("Learning-rate schedule", SCHEDULES, key="train_schedule")
+            st.number_input("Early-stopping patience (epochs, 0 = off)", min_value=0, max_value=100, step=1,
+                            key="train_patience")
+        with data_col:
+            st.number_input("Image size (pixels, square)", min_value=32, max_value=1024, step=16,
+                            key="train_image_size")
+            st.checkbox("Augmentation (flip, rotation, zoom, shift, brightness, contrast)", key="train_augment")
+            st.selectbox("Class weights", CLASS_WEIGHTS, key="train_class_weights",
+                         help="inverse: weight the loss by inverse class frequency against the imbalance.")
+            st.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key="train_seed")
+            st.number_input("Max steps per epoch (0 = whole training set)", min_value=0, max_value=100_000,
+                            step=1, key="train_max_steps_per_epoch")
+        st.text_input("Run name (optional)", key="train_name", help="Appended to the run folder's name.")
+        submitted = st.form_submit_button("Launch training", type="primary")
+
+    if submitted:
+        launch_from_form()
+
+
+def launch_from_form() -> None:
+    values = {name: st.session_state[f"train_{name}"] for name in FORM_FIELDS}
+    data = st.session_state["train_data"].strip()
+    if not data:
+        st.error("Choose a dataset folder first (type it above, or pick it on the Data page).")
+        return
+    try:
+        config = config_from_preset(st.session_state["train_preset"], **values, data=data,
+                                    runs_dir=str(ui.runs_dir()), name=st.session_state.get("train_name", "").strip())
+        config.validate()
+        scan_dataset(config.data)  # a bad folder is reported here rather than as a failed run
+        run_dir = launch_training(config)
+    except (ValueError, OSError) as e:  # ValueError covers DatasetError and TrainConfig.validate
+        st.error(str(e))
+        return
+    # Set before the monitor's selectbox is created further down this run.
+    st.session_state["train_monitor_run"] = run_dir.name
+    st.success(f"Launched **{run_dir.name}**. It trains in a background process (it keeps going if you close "
+               "the browser); runs launched while another trains wait in the queue.")
+
+
+def loss_figure(epochs: pd.DataFrame, steps: pd.DataFrame, steps_per_epoch: int | None) -> go.Figure:
+    fig = go.Figure()
+    if not steps.empty and "loss" in steps:
+        per_epoch = steps_per_epoch or int(steps["step"].max())
+        fig.add_trace(go.Scatter(x=steps["global_step"] / per_epoch, y=steps["loss"], mode="lines",
+                                 name="train (per step)", line=dict(width=1), opacity=0.45))
+    for column, name in (("train_loss", "train (epoch mean)"), ("val_loss", "validation")):
+        if not epochs.empty and column in epochs:
+            fig.add_trace(go.Scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
+    fig.update_layout(title="Loss", xaxis_title="Epoch", yaxis_title="Cross-entropy loss (weighted)",
+                      margin=dict(t=50, b=10), legend=dict(orientation="h"))
+    return fig
+
+
+def score_figure(epochs: pd.DataFrame) -> go.Figure:
+    fig = go.Figure()
+    for column, name in (("train_accuracy", "train accuracy"), ("val_accuracy", "validation accuracy"),
+                         ("val_auc", "validation AUC")):
+        if not epochs.empty and column in epochs:
+            fig.add_trace(go.Scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
+    fig.update_layout(title="Accuracy and AUC", xaxis_title="Epoch", yaxis_title="Score (0–1)",
+                      margin=dict(t=50, b=10), legend=dict(orientation="h"))
+    return fig
+
+
+def render_monitor(run_dir: Path, live: bool) -> None:
+    status = runs.read_status(run_dir)
+    state = status.get("state", "unknown")
+    if (state in runs.ACTIVE_STATES) != live:
+        st.rerun()  # the run started or ended: redraw the page so polling starts or stops
+
+    epochs_total, steps_per_epoch = status.get("epochs"), status.get("steps_per_epoch")
+    done, total_steps = status.get("global_step") or 0, status.get("total_steps")
+    elapsed = status.get("elapsed")
+    if state == "running" and elapsed is None and status.get("started"):
+        elapsed = time.time() - status["started"]
+    time_left = elapsed * (total_steps - done) / done if state == "running" and done and total_steps else None
+
+    cols = st.columns(7)
+    cols[0].metric("State", state)
+    cols[1].metric("Phase", status.get("phase") or "–")
+    cols[2].metric("Epoch", f"{status.get('epoch') or 0}/{epochs_total}" if epochs_total else "–")
+    cols[3].metric("Step in epoch", f"{status.get('step') or 0}/{steps_per_epoch}" if steps_per_epoch else "–")
+    cols[4].metric("Images/s", f"{status['images_per_s']:.0f}" if status.get("images_per_s") else "–")
+    cols[5].metric("Elapsed (training)", format_duration(elapsed))
+    cols[6].metric("Time left (est.)", format_duration(time_left))
+    fraction = 1.0 if state == "finished" else min(done / total_steps, 1.0) if total_steps else 0.0
+    st.progress(fraction, text=f"{fraction:.0%} of training steps")
+
+    if state in ("failed", "killed") and status.get("error"):
+        st.error(f"This run {state}: {status['error']}")
+        if "WeightsUnavailable" in status["error"] or "ImageNet weights" in status["error"]:
+            st.info("ImageNet weights could not be fetched (no internet?). Launch again with a local weights "
+                    "file, or untick 'ImageNet weights', or choose smallcnn.")
+    if state == "finished":
+        test = runs.read_report(run_dir).get("test") or {}
+        if test:
+            st.success(f"Finished. Test AUC {test.get('auc', float('nan')):.4f}, sensitivity "
+                       f"{test.get('sensitivity', float('nan')):.3f}, specificity "
+                       f"{test.get('specificity', float('nan')):.3f} at the threshold chosen on validation. "
+                       "See **Compare**, **Thresholds** and **Mistakes**.")
+
+    stop_col, resume_col, _ = st.columns([1, 1, 4])
+    if state in runs.ACTIVE_STATES:
+        if not runs.stop_requested(run_dir) and stop_col.button("Stop", key="train_stop"):
+            runs.request_stop(run_dir)
+        if runs.stop_requested(run_dir):
+            stop_col.caption("Stop requested: the run saves a checkpoint at its next step and stops.")
+    if state in RESUMABLE_STATES and resume_col.button("Resume", key="train_resume",
+                                                       help="Continue from the last saved checkpoint."):
+        try:
+            launch_resume(run_dir)
+        except (ValueError, OSError) as e:
+            st.error(str(e))
+        else:
+            st.rerun()  # full rerun: the run is active again, so live polling starts
+
+    epochs, steps = runs.epoch_metrics(run_dir), runs.step_metrics(run_dir)
+    if epochs.empty and steps.empty:
+        st.caption("No metrics yet: curves appear after the first training steps.")
+    else:
+        loss_col, score_col = st.columns(2)
+        loss_col.plotly_chart(loss_figure(epochs, steps, steps_per_epoch), key="train_loss_chart")
+        score_col.plotly_chart(score_figure(epochs), key="train_score_chart")
+    st.markdown("**Log** (last 30 lines)")
+    st.code(runs.log_tail(run_dir, 30) or "(no log yet)", language="text")
+    if live:
+        st.caption(f"Updates every {REFRESH_SECONDS} s while the run is queued or running.")
+
+
+# Two fragments over one view: only an active run polls, so finished runs cost nothing.
+@st.fragment(run_every=REFRESH_SECONDS)
+def live_monitor(run_dir: Path) -> None:
+    render_monitor(run_dir, live=True)
+
+
+@st.fragment
+def still_monitor(run_dir: Path) -> None:
+    render_monitor(run_dir, live=False)
+
+
+st.title("Train")
+training_form()
+
+st.header("Monitor")
+all_runs = runs.list_runs(ui.runs_dir())
+if not all_runs:
+    st.info(f"No runs yet in `{ui.runs_dir()}`: launch one above (or `python -m core train --preset cpu "
+            "--data DIR`).")
+    st.stop()
+states = {r["run"]: r["state"] for r in all_runs}
+if st.session_state.get("train_monitor_run") not in states:
+    st.session_state["train_monitor_run"] = all_runs[0]["run"]  # newest first
+chosen = st.selectbox("Run", list(states), key="train_monitor_run", format_func=lambda n: f"{n} ({states[n]})")
+chosen_dir = ui.runs_dir() / chosen
+if runs.read_status(chosen_dir).get("state") in runs.ACTIVE_STATES:
+    live_monitor(chosen_dir)
+else:
+    still_monitor(chosen_dir)

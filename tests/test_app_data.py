@@ -1,0 +1,95 @@
+"""The Home / Data page (streamlit_app.py) under AppTest: empty state, bad folders, the real
+Kermany tree, and the Kaggle download button when offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from app_fixtures import KERMANY_224, page, require_data
+
+import ui
+from core.dataset import DatasetError, scan_dataset
+
+pytest_plugins = ("app_fixtures",)  # app_env
+
+
+def dataset_error(folder: Path) -> str:
+    with pytest.raises(DatasetError) as caught:
+        scan_dataset(folder)
+    return str(caught.value)
+
+
+def test_empty_state_says_what_to_do(app_env):
+    at = page("streamlit_app.py").run()
+    assert not at.exception
+    assert at.text_input(key="data_folder_input").value == ""
+    assert "Type the folder" in at.info[0].value
+    assert any("PNEUMONIA" in m.value for m in at.markdown)  # the expected layout
+
+
+def test_not_a_dataset_shows_core_message(app_env, tmp_path):
+    not_data = tmp_path / "documents"
+    not_data.mkdir()
+    (not_data / "notes.txt").write_text("no images here")
+    at = page("streamlit_app.py").run()
+    at.text_input(key="data_folder_input").input(str(not_data)).run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [dataset_error(not_data)]
+
+    missing = tmp_path / "nowhere"
+    at.text_input(key="data_folder_input").input(str(missing)).run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [dataset_error(missing)]
+
+
+def test_kermany_overview(app_env):
+    data = require_data(KERMANY_224)
+    at = page("streamlit_app.py").run()
+    at.text_input(key="data_folder_input").input(str(data)).run()
+    assert not at.exception
+    assert not at.error
+    assert "5,856 images" in at.success[0].value
+    official, planned = at.dataframe[0].value, at.dataframe[1].value
+    assert official.loc["train", "total"] == 5216
+    assert official.loc["val"].tolist() == [8, 8, 16]
+    assert official.loc["test"].tolist() == [234, 390, 624]
+    assert planned.loc["total", "total"] == 5856
+    assert planned.loc["test", "total"] == 624  # the official test split is kept as the benchmark
+    assert planned.loc["val", "total"] > 16  # validation carved out of train, not the 16 official images
+    assert any("2.89 : 1" in m.value for m in at.markdown)  # train imbalance, 3,875 / 1,341
+    assert any("170 patient" in w.value for w in at.warning)  # person ids shared by train and test
+    assert len(at.get("plotly_chart")) == 2
+    assert len(at.get("image")) == 12  # 6 samples per class
+    assert [m.value for m in at.markdown].count("none") == 2  # no unreadable, no ignored files
+    assert ui.load_settings()["data_folder"] == str(data)  # remembered for the next session
+
+
+def test_kaggle_download_offline_is_a_message(app_env, monkeypatch):
+    import kagglehub
+
+    def offline(handle: str) -> str:
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(kagglehub, "dataset_download", offline)
+    at = page("streamlit_app.py").run()
+    at.button[0].click().run()
+    assert not at.exception
+    assert "Download failed: ConnectionError" in at.error[0].value
+    assert at.text_input(key="data_folder_input").value == ""
+
+
+def test_kaggle_download_sets_the_folder(app_env, monkeypatch, tmp_path):
+    import kagglehub
+
+    data = require_data(KERMANY_224)
+    download = tmp_path / "kaggle" / "versions" / "2"
+    download.mkdir(parents=True)
+    (download / "chest_xray").symlink_to(data, target_is_directory=True)
+    monkeypatch.setattr(kagglehub, "dataset_download", lambda handle: str(download))
+    at = page("streamlit_app.py").run()
+    at.button[0].click().run()
+    assert not at.exception
+    assert at.text_input(key="data_folder_input").value == str(download / "chest_xray")
+    assert ui.load_settings()["data_folder"] == str(download / "chest_xray")
+    assert "5,856 images" in at.success[0].value

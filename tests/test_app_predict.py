@@ -1,0 +1,68 @@
+"""Predict page (AppTest): renders with and without runs; full-size uploads are scored with Grad-CAM,
+non-images and oversized files give an error per file, and a newly saved threshold applies at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from run_fixtures import ORIGINALS, empty_runs_dir, finished_run, run_copy  # noqa: F401  (pytest fixtures)
+from streamlit.testing.v1 import AppTest
+
+from core import runs
+from core.predict import MAX_UPLOAD_BYTES, load_run_model, predict_files
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "5_Predict.py")
+TIMEOUT = 120
+
+
+def original(cls: str = "PNEUMONIA") -> Path:
+    """The largest full-size original of a class: the hardest honest upload."""
+    return max((ORIGINALS / cls).glob("*.jpeg"), key=lambda p: p.stat().st_size)
+
+
+def test_no_runs_shows_hint(empty_runs_dir):  # noqa: F811
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert "No finished runs" in at.info[0].value
+
+
+def test_upload_scores_full_size_originals_and_rejects_a_text_file(run_copy):  # noqa: F811
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    uploader = at.file_uploader[0]
+    assert uploader.accept_multiple_files and {"jpg", "jpeg", "png"} <= {t.lstrip(".") for t in uploader.allowed_type}
+    assert any(f"{MAX_UPLOAD_BYTES // 2**20} MB" in c.value for c in at.caption)
+
+    files = [original("PNEUMONIA"), original("NORMAL")]
+    uploader.set_value([(p.name, p.read_bytes(), "image/jpeg") for p in files]
+                       + [("notes.jpeg", b"not an image, just text\n" * 10, "image/jpeg")]).run()
+    assert not at.exception, at.exception
+    assert len(at.error) == 1 and at.error[0].value.startswith("notes.jpeg: Not a readable image")
+
+    expected = predict_files(load_run_model(run_copy), files)
+    probs = [m.value for m in at.metric if m.label == "Probability of PNEUMONIA"]
+    assert probs == [f"{r['prob']:.3f}" for r in expected]
+    captions = [c for img in at.image for c in img.captions]
+    assert captions == ["Original", "Grad-CAM: evidence for PNEUMONIA"] * 2
+    summary = at.dataframe[0].value
+    assert list(summary["file"]) == [p.name for p in files] + ["notes.jpeg"]
+    assert list(summary["decision"][:2]) == [r["predicted"] for r in expected]
+
+
+def test_oversized_upload_is_refused(run_copy):  # noqa: F811
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    at.file_uploader[0].set_value(("huge.png", b"\0" * (MAX_UPLOAD_BYTES + 1), "image/png")).run()
+    assert not at.exception
+    assert at.error[0].value.startswith("huge.png: The file is larger than")
+    assert not at.image
+
+
+def test_saved_threshold_applies_without_reloading_the_model(run_copy):  # noqa: F811
+    upload = original()
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    at.file_uploader[0].set_value((upload.name, upload.read_bytes(), "image/jpeg")).run()
+    runs.save_threshold(run_copy, 1.0, chosen_on="val", target="manual")
+    at.run()
+    assert not at.exception
+    decision = next(m.value for m in at.markdown if m.value.startswith("Decision"))
+    assert "threshold 1.000" in decision

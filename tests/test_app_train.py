@@ -1,0 +1,130 @@
+"""The Train page under AppTest: empty state, config errors, launching a real tiny run through the
+form, stopping and resuming it, and monitoring a finished run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from app_fixtures import ORIGINAL_SUBSET, kill_active, page, require_data, run_dirs_in, wait_until_settled
+
+from core import runs
+
+pytest_plugins = ("app_fixtures",)  # app_env, tiny_finished_run
+TRAIN_PAGE = "pages/1_Train.py"
+
+
+def metric(at, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def wait_until_running(run_dir: Path, timeout_s: float = 60) -> bool:
+    """core's background process starts with `core resume`, which clears a STOP request made before
+    it got going; the test therefore stops a run that is already running, as a user would."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if runs.read_status(run_dir).get("state") == "running":
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_empty_state(app_env):
+    at = page(TRAIN_PAGE).run()
+    assert not at.exception
+    assert at.selectbox(key="train_preset").value in ("cpu", "gpu")
+    assert "No runs yet" in at.info[0].value
+
+
+def test_preset_fills_the_form(app_env):
+    at = page(TRAIN_PAGE).run()
+    at.selectbox(key="train_preset").select("tiny").run()
+    assert not at.exception
+    assert at.number_input(key="train_epochs").value == 2
+    assert at.number_input(key="train_image_size").value == 64
+    assert at.number_input(key="train_max_steps_per_epoch").value == 5
+    assert at.selectbox(key="train_arch").value == "smallcnn"
+
+
+def test_invalid_settings_are_errors_not_runs(app_env, tmp_path):
+    at = page(TRAIN_PAGE).run()
+    at.button(key="FormSubmitter:train_form-Launch training").click().run()
+    assert not at.exception
+    assert "Choose a dataset folder" in at.error[0].value
+
+    at.text_input(key="train_data").input(str(tmp_path / "nowhere"))
+    at.button(key="FormSubmitter:train_form-Launch training").click().run()
+    assert "Dataset folder not found" in at.error[0].value
+
+    at.text_input(key="train_data").input(str(tmp_path))
+    at.selectbox(key="train_arch").select("smallcnn")
+    at.selectbox(key="train_strategy").select("frozen")
+    at.button(key="FormSubmitter:train_form-Launch training").click().run()
+    assert not at.exception
+    assert "smallcnn trains from scratch" in at.error[0].value
+    assert run_dirs_in(app_env) == []
+
+
+def test_launch_stop_resume_finish(app_env):
+    data = require_data(ORIGINAL_SUBSET)
+    at = page(TRAIN_PAGE).run()
+    at.selectbox(key="train_preset").select("tiny").run()
+    at.text_input(key="train_data").input(str(data))
+    at.button(key="FormSubmitter:train_form-Launch training").click().run()
+    assert not at.exception
+    assert not at.error
+    assert "Launched" in at.success[0].value
+    (run_dir,) = run_dirs_in(app_env)
+    try:
+        assert at.selectbox(key="train_monitor_run").value == run_dir.name
+        assert metric(at, "State") in runs.ACTIVE_STATES
+
+        # Stop once the background process runs; a STOP written before it starts is lost (see
+        # wait_until_running).
+        assert wait_until_running(run_dir)
+        at.run()
+        at.button(key="train_stop").click().run()
+        assert not at.exception
+        assert runs.stop_requested(run_dir)
+        assert wait_until_settled([run_dir])[run_dir.name] == "stopped"
+
+        at.run()
+        assert metric(at, "State") == "stopped"
+        at.button(key="train_resume").click().run()
+        assert not at.exception
+        assert wait_until_settled([run_dir])[run_dir.name] == "finished", runs.log_tail(run_dir)
+    finally:
+        kill_active([run_dir])
+
+    at.run()
+    assert not at.exception
+    assert metric(at, "State") == "finished"
+    assert metric(at, "Epoch") == "2/2"
+    assert "Test AUC" in at.success[0].value
+    assert len(at.get("plotly_chart")) == 2
+    assert "Finished" in at.code[0].value  # the log tail
+
+
+def test_finished_and_failed_runs(app_env, tiny_finished_run):
+    shutil.copytree(tiny_finished_run, app_env / tiny_finished_run.name)
+    failed = app_env / "20000101-000000-resnet18-full"
+    failed.mkdir()
+    shutil.copy(tiny_finished_run / "config.json", failed / "config.json")
+    error = "WeightsUnavailableError: Could not download the ImageNet weights for resnet18"
+    (failed / "status.json").write_text(json.dumps({"state": "failed", "error": error}))
+
+    at = page(TRAIN_PAGE).run()
+    at.selectbox(key="train_monitor_run").select(tiny_finished_run.name).run()
+    assert not at.exception
+    assert metric(at, "State") == "finished"
+    assert len(at.get("plotly_chart")) == 2
+    assert "train_resume" not in [b.key for b in at.button]
+
+    at.selectbox(key="train_monitor_run").select(failed.name).run()
+    assert not at.exception
+    assert metric(at, "State") == "failed"
+    assert error in at.error[0].value
+    assert "weights file" in at.info[0].value
+    assert "train_resume" in [b.key for b in at.button]

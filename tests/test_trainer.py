@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import write_dataset
+from core import runs
+from core.config import TrainConfig, config_from_preset
+from core.launch import launch_training
+from core.trainer import fit_temperature, load_resume_state, train
+
+
+def tiny_config(data: Path, runs_dir: Path, **overrides) -> TrainConfig:
+    values = dict(data=str(data), runs_dir=str(runs_dir), image_size=32, batch_size=8, epochs=2,
+                  max_steps_per_epoch=0, lr=3e-3, decode_workers=1)
+    return config_from_preset("tiny", **{**values, **overrides})
+
+
+def wait_for(predicate, timeout: float = 120, interval: float = 0.05):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(interval)
+    raise AssertionError("timed out")
+
+
+def test_run_directory_holds_everything_a_reader_needs(tiny_dataset, tmp_path):
+    run_dir = train(tiny_config(tiny_dataset, tmp_path / "runs", epochs=3))
+    for name in ("config.json", "environment.json", "split.csv", "data_report.json", "status.json",
+                 "metrics.jsonl", "log.txt", "best.safetensors", "last.pt", "predictions_val.csv",
+                 "predictions_test.csv", "report.json"):
+        assert (run_dir / name).exists(), name
+    assert runs.read_status(run_dir)["state"] == "finished"
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["torch"] == torch.__version__ and "numpy" in env and env["device"] == "cpu"
+    assert TrainConfig.load(run_dir / "config.json").seed == 0
+    epochs = runs.epoch_metrics(run_dir)
+    assert list(epochs["epoch"]) == [1, 2, 3]
+    assert {"train_loss", "val_loss", "train_accuracy", "val_accuracy", "val_auc", "lr", "images_per_s"} <= set(epochs)
+    assert len(runs.step_metrics(run_dir)) == 3 * runs.read_status(run_dir)["steps_per_epoch"]
+    preds = pd.read_csv(run_dir / "predictions_test.csv")
+    assert list(preds.columns[:4]) == ["path", "patient", "label", "class_name"] and len(preds) == 64
+    assert preds["prob"].between(0, 1).all()
+    report = runs.read_report(run_dir)
+    assert {"sensitivity", "specificity", "auc"} <= set(report["test"]) and 0 <= report["threshold"] <= 1
+    split = pd.read_csv(run_dir / "split.csv")
+    train_patients = set(split[split.split == "train"].patient)
+    assert not train_patients & set(split[split.split == "val"].patient)
+    # The best checkpoint loads without unpickling: safetensors, and last.pt under weights_only.
+    assert "model" in load_resume_state(run_dir / "last.pt")
+
+
+def test_synthetic_signal_is_learned(tiny_dataset, tmp_path):
+    run_dir = train(tiny_config(tiny_dataset, tmp_path / "runs", epochs=6, augment=False))
+    assert runs.read_report(run_dir)["test"]["auc"] > 0.9
+
+
+def test_same_seed_same_result(tiny_dataset, tmp_path):
+    a = train(tiny_config(tiny_dataset, tmp_path / "runs", name="a"))
+    b = train(tiny_config(tiny_dataset, tmp_path / "runs", name="b"))
+    pa, pb = pd.read_csv(a / "predictions_test.csv"), pd.read_csv(b / "predictions_test.csv")
+    assert (pa["prob"] - pb["prob"]).abs().max() < 1e-5
+
+
+def test_frozen_strategy_trains_the_head_on_cached_features(tiny_dataset, tmp_path):
+    cfg = tiny_config(tiny_dataset, tmp_path / "runs", arch="resnet18", pretrained=False, strategy="frozen",
+                      epochs=3)
+    run_dir = train(cfg)
+    assert runs.read_status(run_dir)["state"] == "finished"
+    assert "Backbone features" in runs.log_tail(run_dir, 50)
+
+
+def test_corrupt_and_text_files_are_skipped_and_reported(tiny_dataset, tmp_path):
+    (tiny_dataset / "train" / "NORMAL" / "notes.jpeg").write_text("not an image")
+    good = next((tiny_dataset / "train" / "PNEUMONIA").glob("*.jpeg"))
+    (tiny_dataset / "train" / "PNEUMONIA" / "broken.jpeg").write_bytes(good.read_bytes()[:150])
+    run_dir = train(tiny_config(tiny_dataset, tmp_path / "runs"))
+    assert runs.read_status(run_dir)["state"] == "finished"
+    skipped = {Path(s["path"]).name for s in json.loads((run_dir / "data_report.json").read_text())["skipped"]}
+    assert skipped == {"notes.jpeg", "broken.jpeg"}
+    assert "Skipped unreadable file" in runs.log_tail(run_dir, 100)
+
+
+def test_second_run_decodes_nothing(tiny_dataset, tmp_path):
+    first = train(tiny_config(tiny_dataset, tmp_path / "runs", name="first"))
+    second = train(tiny_config(tiny_dataset, tmp_path / "runs", name="second"))
+    assert json.loads((first / "data_report.json").read_text())["decoded_now"] == 128
+    assert json.loads((second / "data_report.json").read_text())["decoded_now"] == 0
+
+
+def test_failure_is_recorded_with_the_error(tmp_path):
+    bad = tiny_config(tmp_path / "missing", tmp_path / "runs")
+    with pytest.raises(Exception, match="not found"):
+        train(bad)
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    status = runs.read_status(run_dir)
+    assert status["state"] == "failed" and "not found" in status["error"]
+
+
+def test_stop_from_another_process_then_resume_loses_nothing(tmp_path):
+    data = write_dataset(tmp_path / "xrays", {"NORMAL": 40, "PNEUMONIA": 60})
+    run_dir = launch_training(tiny_config(data, tmp_path / "runs", epochs=12, batch_size=4))
+    wait_for(lambda: len(runs.step_metrics(run_dir)) >= 5)
+    runs.request_stop(run_dir)
+    wait_for(lambda: runs.read_status(run_dir)["state"] == "stopped")
+    saved = load_resume_state(run_dir / "last.pt")["progress"]
+    stopped_at = saved["global_step"]
+    assert stopped_at >= 5
+    steps_per_epoch = runs.read_status(run_dir)["steps_per_epoch"]
+    assert saved["epoch"] < 12
+
+    train(run_dir=run_dir, resume=True)
+    assert runs.read_status(run_dir)["state"] == "finished"
+    steps = runs.step_metrics(run_dir)
+    assert list(steps["global_step"]) == list(range(1, 12 * steps_per_epoch + 1))
+    assert list(runs.epoch_metrics(run_dir)["epoch"]) == list(range(1, 13))
+
+
+def test_killed_run_resumes_losing_at_most_one_epoch(tmp_path):
+    data = write_dataset(tmp_path / "xrays", {"NORMAL": 40, "PNEUMONIA": 60})
+    run_dir = launch_training(tiny_config(data, tmp_path / "runs", epochs=12, batch_size=4))
+    wait_for(lambda: len(runs.epoch_metrics(run_dir)) >= 2)
+    pid = runs.read_status(run_dir)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: runs.read_status(run_dir)["state"] == "killed", timeout=10)
+    done_before = int(runs.epoch_metrics(run_dir)["epoch"].max())
+    saved_epoch = load_resume_state(run_dir / "last.pt")["progress"]["epoch"]
+    assert saved_epoch >= done_before - 1
+
+    train(run_dir=run_dir, resume=True)
+    assert runs.read_status(run_dir)["state"] == "finished"
+    assert list(runs.epoch_metrics(run_dir)["epoch"]) == list(range(1, 13))
+
+
+def test_queued_runs_wait_for_the_running_one(tmp_path):
+    data = write_dataset(tmp_path / "xrays", {"NORMAL": 20, "PNEUMONIA": 30})
+    first = launch_training(tiny_config(data, tmp_path / "runs", epochs=15, name="first"))
+    second = launch_training(tiny_config(data, tmp_path / "runs", epochs=2, name="second"))
+    wait_for(lambda: runs.read_status(first)["state"] == "running")
+    assert runs.read_status(second)["state"] == "queued"
+    wait_for(lambda: runs.read_status(second)["state"] == "finished", timeout=180)
+    assert runs.read_status(first)["finished"] < runs.read_status(second)["finished"]
+
+
+def test_temperature_scaling_recovers_a_known_temperature():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 2, (4000,))
+    true_logits = torch.stack([torch.zeros(4000), (labels * 2 - 1) * 1.0 + torch.randn(4000)], 1)
+    sampled = torch.bernoulli(torch.sigmoid(true_logits[:, 1] - true_logits[:, 0])).long()
+    assert fit_temperature(true_logits * 3, sampled) == pytest.approx(3, rel=0.15)
