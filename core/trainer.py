@@ -354,7 +354,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
     (run_dir / "environment.json").write_text(json.dumps(environment_info(device, bf16), indent=2))
     runs.write_status(run_dir, state="running", pid=os.getpid(), started=started, phase="preparing data",
                       device=str(device))
-    runs.log(run_dir, f"{'Resuming' if resume else 'Starting'} on {device} (bf16 autocast: {bf16}); "
+    resuming = resume and (run_dir / "last.pt").exists()
+    runs.log(run_dir, f"{'Resuming' if resuming else 'Starting'} on {device} (bf16 autocast: {bf16}); "
                       f"data {config.data}")
 
     def decode_progress(done: int, total: int) -> None:
@@ -422,7 +423,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_auc": -1.0, "best_epoch": 0,
              "stale_epochs": 0, "elapsed": 0.0, "loss_sum": 0.0, "correct": 0, "seen": 0}
     last_path, best_path = run_dir / "last.pt", run_dir / "best.safetensors"
-    if resume and last_path.exists():
+    if resuming:
         saved = load_resume_state(last_path)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -543,9 +544,10 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
     runs.write_status(run_dir, state="finished", phase="done", finished=time.time(),
                       elapsed=state["elapsed"] + time.time() - session_start)
     test = report.get("test") or {}
+    nan = float("nan")
     runs.log(run_dir, f"Finished. Threshold {report['threshold']:.3f} chosen on validation (Youden). "
-                      f"Test AUC {test.get('auc', float('nan')):.4f}, sensitivity {test.get('sensitivity', float('nan')):.3f}, "
-                      f"specificity {test.get('specificity', float('nan')):.3f}")
+                      f"Test AUC {test.get('auc', nan):.4f}, sensitivity {test.get('sensitivity', nan):.3f}, "
+                      f"specificity {test.get('specificity', nan):.3f}")
 
 
 def load_weights_into(model: Classifier, path: Path) -> dict[str, str]:

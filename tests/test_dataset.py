@@ -1,15 +1,21 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_xray, write_dataset
 from PIL import Image
 
-from conftest import make_xray, write_dataset
-from core.dataset import (DatasetError, assign_splits, decode_images, leakage_report, load_grayscale,
-                          patient_id, scan_dataset)
+from core.dataset import (
+    DatasetError,
+    assign_splits,
+    decode_images,
+    leakage_report,
+    load_grayscale,
+    patient_id,
+    scan_dataset,
+)
 
 
 @pytest.mark.parametrize("name, expected", [

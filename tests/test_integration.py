@@ -67,8 +67,9 @@ def test_prediction_on_full_size_originals(kermany_run, shared_data):
 
 
 def test_stop_and_resume_on_real_images(shared_data, tmp_path):
-    from core.launch import launch_training
     from test_trainer import wait_for
+
+    from core.launch import launch_training
 
     cfg = config_from_preset("tiny", data=str(shared_data / "kermany_original_train_subset"),
                              runs_dir=str(tmp_path), image_size=64, epochs=3, max_steps_per_epoch=0, batch_size=8)

@@ -5,8 +5,15 @@ import pandas as pd
 import pytest
 from sklearn.metrics import confusion_matrix
 
-from core.metrics import (choose_threshold, metrics_at_threshold, mistakes, pr_points, roc_points,
-                          threshold_for_recall, threshold_for_specificity)
+from core.metrics import (
+    choose_threshold,
+    metrics_at_threshold,
+    mistakes,
+    pr_points,
+    roc_points,
+    threshold_for_recall,
+    threshold_for_specificity,
+)
 
 rng = np.random.default_rng(0)
 LABELS = rng.integers(0, 2, 500)

@@ -6,8 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from core.model import (WeightsUnavailableError, apply_strategy, build_model, count_parameters,
-                        set_train_mode)
+from core.model import WeightsUnavailableError, apply_strategy, build_model, count_parameters, set_train_mode
 
 
 @pytest.mark.parametrize("arch", ["smallcnn", "resnet18", "densenet121", "efficientnet_b0"])

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from conftest import write_dataset
+
 from core import runs
 from core.config import TrainConfig, config_from_preset
 from core.launch import launch_training
