@@ -15,7 +15,11 @@ from core import runs
 from core.predict import LoadedModel, load_run_model
 
 PROJECT_ROOT = Path(__file__).resolve().parent
-SETTINGS_FILE = Path(os.environ.get("CXR_SETTINGS", Path.home() / ".config" / "cxr-workbench" / "settings.json"))
+
+
+def settings_file() -> Path:
+    """Remembered settings: $CXR_SETTINGS, else ~/.config/cxr-workbench/settings.json."""
+    return Path(os.environ.get("CXR_SETTINGS", Path.home() / ".config" / "cxr-workbench" / "settings.json"))
 
 
 def runs_dir() -> Path:
@@ -25,7 +29,7 @@ def runs_dir() -> Path:
 
 def load_settings() -> dict:
     try:
-        return json.loads(SETTINGS_FILE.read_text())
+        return json.loads(settings_file().read_text())
     except (OSError, ValueError):
         return {}
 
@@ -34,8 +38,9 @@ def save_setting(key: str, value) -> None:
     settings = load_settings()
     settings[key] = value
     try:
-        SETTINGS_FILE.parent.mkdir(parents=True, exist_ok=True)
-        SETTINGS_FILE.write_text(json.dumps(settings, indent=2))
+        path = settings_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2))
     except OSError:
         pass  # remembering is a convenience; a read-only home must not break the page
 

@@ -174,7 +174,8 @@ def subset_folder(data: Path, dest: Path, n_pool: int, n_test: int = 32, seed: i
     rng = random.Random(seed)
     train_files = sorted(p for p in (data / "train").glob("*/*") if p.is_file())
     chosen = {"train": rng.sample(train_files, min(n_pool, len(train_files))), "test": []}
-    for cls_dir in sorted(d for d in (data / "test").iterdir() if d.is_dir()):
+    test_root = data / "test"
+    for cls_dir in sorted(d for d in test_root.iterdir() if d.is_dir()) if test_root.is_dir() else []:
         files = sorted(cls_dir.iterdir())
         chosen["test"] += rng.sample(files, min(n_test // 2, len(files)))
     for split, files in chosen.items():

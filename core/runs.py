@@ -102,7 +102,10 @@ def epoch_metrics(run_dir: Path) -> pd.DataFrame:
     df = read_metrics(run_dir)
     if df.empty or "kind" not in df:
         return pd.DataFrame()
-    ep = df[df["kind"] == "epoch"].dropna(axis=1, how="all")
+    ep = df[df["kind"] == "epoch"]
+    if ep.empty:  # first epoch still running: only step records so far
+        return pd.DataFrame()
+    ep = ep.dropna(axis=1, how="all")
     return ep.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
 
 
@@ -110,7 +113,10 @@ def step_metrics(run_dir: Path) -> pd.DataFrame:
     df = read_metrics(run_dir)
     if df.empty or "kind" not in df:
         return pd.DataFrame()
-    st = df[df["kind"] == "step"].dropna(axis=1, how="all")
+    st = df[df["kind"] == "step"]
+    if st.empty:
+        return pd.DataFrame()
+    st = st.dropna(axis=1, how="all")
     return st.drop_duplicates("global_step", keep="last").sort_values("global_step").reset_index(drop=True)
 
 

@@ -325,8 +325,8 @@ def train(config: TrainConfig | None = None, run_dir: Path | None = None, resume
         run_dir = create_run(config)
     run_dir = Path(run_dir)
     config = TrainConfig.load(run_dir / "config.json")
-    if resume:
-        runs.clear_stop(run_dir)
+    if resume and runs.read_status(run_dir).get("state") not in runs.ACTIVE_STATES:
+        runs.clear_stop(run_dir)  # resuming overrides an earlier stop; a just-launched, queued run keeps it
     runs.write_status(run_dir, state="queued", pid=os.getpid(), error=None)
     try:
         with training_slot(run_dir.parent):
@@ -445,7 +445,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
     session_start = time.time()
     bar = _Progress(show_progress, total_steps, state["global_step"], "training")
     runs.write_status(run_dir, state="running", phase="training", epochs=config.epochs,
-                      steps_per_epoch=steps_per_epoch, epoch=state["epoch"], best_val_auc=None)
+                      steps_per_epoch=steps_per_epoch, epoch=state["epoch"],
+                      best_val_auc=state["best_auc"] if state["best_auc"] >= 0 else None)
     try:
         while state["epoch"] < config.epochs:
             epoch = state["epoch"]
@@ -455,6 +456,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
             else:
                 set_train_mode(model, config.strategy)
             epoch_start, epoch_images = time.time(), 0
+            seen_probs: list[torch.Tensor] = []  # for the train AUC (of this session's part of the epoch)
+            seen_labels: list[torch.Tensor] = []
             for step in range(state["step_in_epoch"], steps_per_epoch):
                 if runs.stop_requested(run_dir):
                     state["step_in_epoch"] = step
@@ -476,6 +479,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
                 if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
                     scheduler.step()
                 loss_value = float(loss.detach())
+                seen_probs.append(torch.softmax(logits.detach().float(), 1)[:, 1].cpu())
+                seen_labels.append(y.cpu())
                 correct = int((logits.argmax(1) == y).sum())
                 state["loss_sum"] += loss_value * len(idx)
                 state["correct"] += correct
@@ -521,6 +526,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
                 "kind": "epoch", "epoch": epoch + 1, "global_step": state["global_step"],
                 "train_loss": state["loss_sum"] / max(state["seen"], 1),
                 "train_accuracy": state["correct"] / max(state["seen"], 1),
+                "train_auc": safe_auc(torch.cat(seen_labels).numpy(), torch.cat(seen_probs).numpy())
+                if seen_labels else float("nan"),
                 "val_loss": val_loss, "val_accuracy": val_acc, "val_auc": val_auc,
                 "lr": optimizer.param_groups[0]["lr"], "images_per_s": epoch_images / max(train_seconds, 1e-9),
                 "epoch_seconds": train_seconds, "elapsed": elapsed, "best": improved, "time": time.time()}

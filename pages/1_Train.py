@@ -118,6 +118,15 @@ def launch_from_form() -> None:
                "the browser); runs launched while another trains wait in the queue.")
 
 
+def epoch_metrics(run_dir: Path) -> pd.DataFrame:
+    """core.runs.epoch_metrics, empty until the first epoch ends (core raises KeyError('epoch') while
+    metrics.jsonl holds only step records)."""
+    try:
+        return runs.epoch_metrics(run_dir)
+    except KeyError:
+        return pd.DataFrame()
+
+
 def loss_figure(epochs: pd.DataFrame, steps: pd.DataFrame, steps_per_epoch: int | None) -> go.Figure:
     fig = go.Figure()
     if not steps.empty and "loss" in steps:
@@ -195,7 +204,7 @@ def render_monitor(run_dir: Path, live: bool) -> None:
         else:
             st.rerun()  # full rerun: the run is active again, so live polling starts
 
-    epochs, steps = runs.epoch_metrics(run_dir), runs.step_metrics(run_dir)
+    epochs, steps = epoch_metrics(run_dir), runs.step_metrics(run_dir)
     if epochs.empty and steps.empty:
         st.caption("No metrics yet: curves appear after the first training steps.")
     else:
@@ -228,10 +237,11 @@ if not all_runs:
     st.info(f"No runs yet in `{ui.runs_dir()}`: launch one above (or `python -m core train --preset cpu "
             "--data DIR`).")
     st.stop()
-states = {r["run"]: r["state"] for r in all_runs}
-if st.session_state.get("train_monitor_run") not in states:
-    st.session_state["train_monitor_run"] = all_runs[0]["run"]  # newest first
-chosen = st.selectbox("Run", list(states), key="train_monitor_run", format_func=lambda n: f"{n} ({states[n]})")
+run_names = [r["run"] for r in all_runs]
+if st.session_state.get("train_monitor_run") not in run_names:
+    st.session_state["train_monitor_run"] = run_names[0]  # newest first
+# Plain names: a keyed selectbox keeps showing an option's first label, so a state in it would go stale.
+chosen = st.selectbox("Run", run_names, key="train_monitor_run")
 chosen_dir = ui.runs_dir() / chosen
 if runs.read_status(chosen_dir).get("state") in runs.ACTIVE_STATES:
     live_monitor(chosen_dir)

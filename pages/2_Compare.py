@@ -22,6 +22,15 @@ METRICS = (("auc", "AUC"), ("accuracy", "accuracy"), ("sensitivity", "sensitivit
 st.set_page_config(page_title="Compare · CXR workbench", page_icon="🫁", layout="wide")
 
 
+def epoch_metrics(run_dir: Path) -> pd.DataFrame:
+    """core.runs.epoch_metrics, empty until the first epoch ends (core raises KeyError('epoch') while
+    metrics.jsonl holds only step records)."""
+    try:
+        return runs.epoch_metrics(run_dir)
+    except KeyError:
+        return pd.DataFrame()
+
+
 def comparison_row(run: dict) -> dict:
     run_dir = Path(run["path"])
     status, report = runs.read_status(run_dir), runs.read_report(run_dir)
@@ -97,13 +106,13 @@ if not all_runs:
     st.info(f"No runs yet in `{ui.runs_dir()}`. Start one on **Train**, or launch the strategy study below.")
 else:
     by_name = {r["run"]: r for r in all_runs}
-    chosen = st.multiselect("Runs", list(by_name), default=list(by_name)[:MAX_DEFAULT_RUNS], key="compare_runs",
-                            format_func=lambda n: f"{n} ({by_name[n]['state']})")
+    # Plain names (states are in the table): a keyed widget keeps an option's first label.
+    chosen = st.multiselect("Runs", list(by_name), default=list(by_name)[:MAX_DEFAULT_RUNS], key="compare_runs")
     if not chosen:
         st.info("Pick one or more runs.")
     else:
         selected = [by_name[n] for n in chosen]
-        curves = {r["run"]: runs.epoch_metrics(Path(r["path"])) for r in selected}
+        curves = {r["run"]: epoch_metrics(Path(r["path"])) for r in selected}
         curves = {name: df for name, df in curves.items() if not df.empty}
         if curves:
             auc_col, loss_col = st.columns(2)

@@ -59,3 +59,49 @@ def write_dataset(root: Path, per_class: dict[str, int], splits: tuple[str, ...]
 @pytest.fixture
 def tiny_dataset(tmp_path) -> Path:
     return write_dataset(tmp_path / "xrays", {"NORMAL": 24, "PNEUMONIA": 40})
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    """A real finished run (preset 'tiny': 2 epochs of 5 steps at 64 px) on the 400 full-size originals,
+    trained once per session. Tests that write into a run use `run_copy`."""
+    from core import runs
+    from core.config import config_from_preset
+    from core.trainer import train
+
+    originals = SHARED_DATA / "kermany_original_train_subset"
+    if not originals.is_dir():
+        pytest.skip(f"real X-rays not found at {originals} (expected ../shared/data beside the repo)")
+    base = tmp_path_factory.getbasetemp()
+    # Session fixtures start before the per-test cache isolation above: name the same cache folder.
+    config = config_from_preset("tiny", data=str(originals), runs_dir=str(base / "fixture-runs"),
+                                cache_dir=str(base / "image-cache"), device="cpu", seed=0)
+    run_dir = train(config)
+    state = runs.read_status(run_dir).get("state")
+    assert state == "finished", f"fixture run ended '{state}': {runs.log_tail(run_dir)}"
+    return run_dir
+
+
+@pytest.fixture
+def app_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The dashboard pointed at an empty runs folder and a fresh settings file, never the user's."""
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    monkeypatch.setenv("CXR_RUNS_DIR", str(runs_dir))
+    monkeypatch.setenv("CXR_SETTINGS", str(tmp_path / "settings.json"))
+    return runs_dir
+
+
+@pytest.fixture
+def empty_runs_dir(app_env: Path) -> Path:
+    return app_env
+
+
+@pytest.fixture
+def run_copy(finished_run: Path, app_env: Path) -> Path:
+    """A private copy of the finished run in the dashboard's runs folder."""
+    import shutil
+
+    target = app_env / finished_run.name
+    shutil.copytree(finished_run, target, ignore=shutil.ignore_patterns("last.pt"))
+    return target

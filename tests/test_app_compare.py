@@ -6,11 +6,18 @@ from __future__ import annotations
 import math
 import shutil
 
-from app_fixtures import ORIGINAL_SUBSET, kill_active, page, require_data, run_dirs_in, wait_until_settled
+from app_helpers import (
+    ORIGINAL_SUBSET,
+    first_epoch_run,
+    kill_active,
+    page,
+    require_data,
+    run_dirs_in,
+    wait_until_settled,
+)
 
 from core import runs
 
-pytest_plugins = ("app_fixtures",)  # app_env, tiny_finished_run
 COMPARE_PAGE = "pages/2_Compare.py"
 
 
@@ -21,14 +28,14 @@ def test_empty_state(app_env):
     assert at.text_input(key="study_data").value == ""
 
 
-def test_finished_run_metrics(app_env, tiny_finished_run):
-    shutil.copytree(tiny_finished_run, app_env / tiny_finished_run.name)
+def test_finished_run_metrics(app_env, finished_run):
+    shutil.copytree(finished_run, app_env / finished_run.name)
     at = page(COMPARE_PAGE).run()
     assert not at.exception
-    assert at.multiselect(key="compare_runs").value == [tiny_finished_run.name]
+    assert at.multiselect(key="compare_runs").value == [finished_run.name]
     assert len(at.get("plotly_chart")) == 2
     row = at.dataframe[0].value.iloc[0]
-    report = runs.read_report(tiny_finished_run)
+    report = runs.read_report(finished_run)
     assert row["state"] == "finished"
     assert row["epochs run"] == 2
     assert row["best epoch"] == report["best_epoch"]
@@ -36,7 +43,13 @@ def test_finished_run_metrics(app_env, tiny_finished_run):
     assert math.isclose(row["val sensitivity"], report["val"]["sensitivity"])
     assert row["training time (min)"] > 0
 
-    at.multiselect(key="compare_runs").unselect(tiny_finished_run.name).run()
+    running = first_epoch_run(finished_run, app_env)  # no epoch record yet: no curve, empty metrics
+    at = page(COMPARE_PAGE).run()
+    assert not at.exception
+    assert set(at.multiselect(key="compare_runs").value) == {finished_run.name, running.name}
+    assert at.dataframe[0].value.set_index("run").loc[running.name, "state"] == "running"
+
+    at.multiselect(key="compare_runs").unselect(finished_run.name).unselect(running.name).run()
     assert not at.exception
     assert "Pick one or more runs" in at.info[0].value
 

@@ -6,12 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from app_fixtures import KERMANY_224, page, require_data
+from app_helpers import KERMANY_224, page, require_data
 
 import ui
 from core.dataset import DatasetError, scan_dataset
-
-pytest_plugins = ("app_fixtures",)  # app_env
 
 
 def dataset_error(folder: Path) -> str:

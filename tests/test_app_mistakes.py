@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from run_fixtures import empty_runs_dir, finished_run, run_copy  # noqa: F401  (pytest fixtures)
 from streamlit.testing.v1 import AppTest
 
 from core import runs

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from run_fixtures import ORIGINALS, empty_runs_dir, finished_run, run_copy  # noqa: F401  (pytest fixtures)
+from app_helpers import ORIGINAL_SUBSET as ORIGINALS
 from streamlit.testing.v1 import AppTest
 
 from core import runs

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from run_fixtures import empty_runs_dir, finished_run, run_copy  # noqa: F401  (pytest fixtures)
 from streamlit.testing.v1 import AppTest
 
 from core import runs

@@ -8,11 +8,18 @@ import shutil
 import time
 from pathlib import Path
 
-from app_fixtures import ORIGINAL_SUBSET, kill_active, page, require_data, run_dirs_in, wait_until_settled
+from app_helpers import (
+    ORIGINAL_SUBSET,
+    first_epoch_run,
+    kill_active,
+    page,
+    require_data,
+    run_dirs_in,
+    wait_until_settled,
+)
 
 from core import runs
 
-pytest_plugins = ("app_fixtures",)  # app_env, tiny_finished_run
 TRAIN_PAGE = "pages/1_Train.py"
 
 
@@ -107,16 +114,16 @@ def test_launch_stop_resume_finish(app_env):
     assert "Finished" in at.code[0].value  # the log tail
 
 
-def test_finished_and_failed_runs(app_env, tiny_finished_run):
-    shutil.copytree(tiny_finished_run, app_env / tiny_finished_run.name)
+def test_finished_failed_and_running_runs(app_env, finished_run):
+    shutil.copytree(finished_run, app_env / finished_run.name)
     failed = app_env / "20000101-000000-resnet18-full"
     failed.mkdir()
-    shutil.copy(tiny_finished_run / "config.json", failed / "config.json")
+    shutil.copy(finished_run / "config.json", failed / "config.json")
     error = "WeightsUnavailableError: Could not download the ImageNet weights for resnet18"
     (failed / "status.json").write_text(json.dumps({"state": "failed", "error": error}))
 
     at = page(TRAIN_PAGE).run()
-    at.selectbox(key="train_monitor_run").select(tiny_finished_run.name).run()
+    at.selectbox(key="train_monitor_run").select(finished_run.name).run()
     assert not at.exception
     assert metric(at, "State") == "finished"
     assert len(at.get("plotly_chart")) == 2
@@ -128,3 +135,13 @@ def test_finished_and_failed_runs(app_env, tiny_finished_run):
     assert error in at.error[0].value
     assert "weights file" in at.info[0].value
     assert "train_resume" in [b.key for b in at.button]
+
+    running = first_epoch_run(finished_run, app_env)
+    at.run()  # the run list is read on each run of the page
+    at.selectbox(key="train_monitor_run").select(running.name).run()
+    assert not at.exception
+    assert metric(at, "State") == "running"
+    assert metric(at, "Step in epoch") == "3/5"
+    assert metric(at, "Time left (est.)") == "0:05"  # 2 s for 3 of 10 steps
+    assert len(at.get("plotly_chart")) == 2  # per-step loss; the epoch curves are still empty
+    assert "train_stop" in [b.key for b in at.button]

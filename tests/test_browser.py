@@ -64,6 +64,7 @@ def _page_paths() -> list[tuple[str, str]]:
 
 
 PAGES = _page_paths()
+pytest.importorskip("selenium", reason="the browser test drives Chromium with selenium (pip install selenium)")
 
 
 def _free_port() -> int:

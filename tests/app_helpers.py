@@ -1,13 +1,10 @@
-"""Fixtures and helpers for the dashboard page tests (AppTest): an isolated runs folder and settings
-file per test, a real finished run trained once per session on the shared X-rays, and waiting for
-background runs.
-
-Test modules load the fixtures with `pytest_plugins = ("app_fixtures",)`: registered once as a plugin,
-the session fixture really trains once per session (an imported fixture would train once per module)."""
+"""Helpers for the dashboard page tests (AppTest): where the shared X-rays are, opening a page, and
+waiting for (or ending) background training runs. The fixtures live in conftest.py."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -16,8 +13,6 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import runs
-from core.config import config_from_preset
-from core.trainer import train
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # The repo and ../shared sit side by side (locally /work/main and /work/shared; in CI a fresh clone).
@@ -37,33 +32,6 @@ def require_data(folder: Path) -> Path:
 
 def page(path: str) -> AppTest:
     return AppTest.from_file(str(PROJECT_ROOT / path), default_timeout=PAGE_TIMEOUT_S)
-
-
-@pytest.fixture
-def app_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty runs folder and a fresh settings file, so tests never read or write the user's."""
-    import ui
-
-    runs_dir = tmp_path / "runs"
-    runs_dir.mkdir()
-    settings = tmp_path / "settings.json"
-    monkeypatch.setenv("CXR_RUNS_DIR", str(runs_dir))
-    monkeypatch.setenv("CXR_SETTINGS", str(settings))
-    monkeypatch.setattr(ui, "SETTINGS_FILE", settings)  # ui reads $CXR_SETTINGS once, at import
-    return runs_dir
-
-
-@pytest.fixture(scope="session")
-def tiny_finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real run (preset 'tiny': 2 epochs of 5 steps at 64 px) trained once per test session."""
-    data = require_data(ORIGINAL_SUBSET)
-    runs_dir = tmp_path_factory.mktemp("finished-runs")
-    # Session fixtures start before conftest's per-test cache isolation: name the same cache folder.
-    cache_dir = tmp_path_factory.getbasetemp() / "image-cache"
-    config = config_from_preset("tiny", data=str(data), runs_dir=str(runs_dir), cache_dir=str(cache_dir))
-    run_dir = train(config)
-    assert runs.read_status(run_dir)["state"] == "finished"
-    return run_dir
 
 
 def wait_until_settled(run_dirs: list[Path], timeout_s: float = RUN_TIMEOUT_S) -> dict[str, str]:
@@ -89,3 +57,16 @@ def kill_active(run_dirs: list[Path]) -> None:
 
 def run_dirs_in(runs_dir: Path) -> list[Path]:
     return sorted(d for d in runs_dir.iterdir() if runs.is_run_dir(d))
+
+
+def first_epoch_run(finished_run: Path, runs_dir: Path) -> Path:
+    """A run caught during its first epoch: 'running' (this process's pid, so it counts as alive),
+    step metrics written, no epoch record yet."""
+    run_dir = runs_dir / "20000101-000001-smallcnn-full"
+    run_dir.mkdir()
+    shutil.copy(finished_run / "config.json", run_dir / "config.json")
+    steps = [line for line in (finished_run / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
+    (run_dir / "metrics.jsonl").write_text("\n".join(steps[:3]) + "\n")
+    runs.write_status(run_dir, state="running", pid=os.getpid(), phase="training", epochs=2, steps_per_epoch=5,
+                      epoch=1, step=3, global_step=3, total_steps=10, images_per_s=100.0, elapsed=2.0)
+    return run_dir
