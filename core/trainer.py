@@ -277,17 +277,34 @@ def create_run(config: TrainConfig) -> Path:
     config.validate()
     run_dir = new_run_dir(config)
     config.save(run_dir / "config.json")
-    runs.write_status(run_dir, state="queued", pid=os.getpid(), created=time.time())
+    now = time.time()
+    runs.write_status(run_dir, state="queued", pid=os.getpid(), created=now, queued_at=now)
     return run_dir
 
 
+def _queued_before(run_dir: Path) -> bool:
+    """Whether another live run in the same folder joined the queue earlier (runs start in order)."""
+    mine = runs.read_status(run_dir).get("queued_at", 0.0)
+    for other in run_dir.parent.iterdir():
+        if other == run_dir or not runs.is_run_dir(other):
+            continue
+        status = runs.read_status(other)
+        if status.get("state") == "queued" and status.get("queued_at", float("inf")) < mine:
+            return True
+    return False
+
+
 @contextlib.contextmanager
-def training_slot(runs_dir: Path) -> Iterator[None]:
-    """One training at a time per runs folder: later launches wait here (state 'queued'). The OS
-    drops the lock when a process dies, so a killed run never blocks the queue."""
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    with open(runs_dir / ".training.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+def training_slot(run_dir: Path) -> Iterator[None]:
+    """One training at a time per runs folder, first queued first served; later launches wait here
+    (state 'queued'). The OS drops the lock when a process dies, so a killed run never blocks the queue."""
+    with open(run_dir.parent / ".training.lock", "w") as lock:
+        while True:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not _queued_before(run_dir):
+                break
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            time.sleep(0.5)
         try:
             yield
         finally:
@@ -327,9 +344,12 @@ def train(config: TrainConfig | None = None, run_dir: Path | None = None, resume
     config = TrainConfig.load(run_dir / "config.json")
     if resume and runs.read_status(run_dir).get("state") not in runs.ACTIVE_STATES:
         runs.clear_stop(run_dir)  # resuming overrides an earlier stop; a just-launched, queued run keeps it
-    runs.write_status(run_dir, state="queued", pid=os.getpid(), error=None)
+    previous = runs.read_status(run_dir)
+    # A launched run keeps its place in the queue; a resumed one joins at the back.
+    queued_at = previous.get("queued_at") if previous.get("state") == "queued" else None
+    runs.write_status(run_dir, state="queued", pid=os.getpid(), error=None, queued_at=queued_at or time.time())
     try:
-        with training_slot(run_dir.parent):
+        with training_slot(run_dir):
             if runs.stop_requested(run_dir):
                 raise StopRequested()
             _train(config, run_dir, resume, show_progress)
