@@ -12,12 +12,15 @@ from PIL import Image
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Decoded-image cache and dashboard settings in a per-session temp folder, never the user's."""
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Decoded-image cache and dashboard settings in a per-session temp folder, never the user's
+    (session-scoped so that session and module fixtures use it too)."""
     root = tmp_path_factory.getbasetemp()
-    monkeypatch.setenv("CXR_CACHE_DIR", str(root / "image-cache"))
-    monkeypatch.setenv("CXR_SETTINGS", str(root / "settings.json"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CXR_CACHE_DIR", str(root / "image-cache"))
+        mp.setenv("CXR_SETTINGS", str(root / "settings.json"))
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -72,10 +75,8 @@ def finished_run(tmp_path_factory) -> Path:
     originals = SHARED_DATA / "kermany_original_train_subset"
     if not originals.is_dir():
         pytest.skip(f"real X-rays not found at {originals} (expected ../shared/data beside the repo)")
-    base = tmp_path_factory.getbasetemp()
-    # Session fixtures start before the per-test cache isolation above: name the same cache folder.
-    config = config_from_preset("tiny", data=str(originals), runs_dir=str(base / "fixture-runs"),
-                                cache_dir=str(base / "image-cache"), device="cpu", seed=0)
+    config = config_from_preset("tiny", data=str(originals), device="cpu", seed=0,
+                                runs_dir=str(tmp_path_factory.getbasetemp() / "fixture-runs"))
     run_dir = train(config)
     state = runs.read_status(run_dir).get("state")
     assert state == "finished", f"fixture run ended '{state}': {runs.log_tail(run_dir)}"
