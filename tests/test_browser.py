@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from run_fixtures import SHARED_DATA, finished_run  # noqa: F401  (fixture)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 SCREENSHOTS = PROJECT_ROOT / "test-artifacts" / "screenshots"
 KERMANY_224 = SHARED_DATA / "kermany_224"
 SERVER_START_TIMEOUT_S = 90
@@ -89,7 +89,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(finished_run: Path, tmp_path_factory) -> Iterator[tuple[str, Path]]:  # noqa: F811
+def server(finished_run: Path, tmp_path_factory) -> Iterator[tuple[str, Path]]:
     """The dashboard served from a subprocess, pointed at a runs folder holding one finished run and at
     settings that name the 224 px data folder. Yields (base URL, server log)."""
     if not KERMANY_224.is_dir():
