@@ -145,7 +145,7 @@ if pending_folder is not None:
 elif "data_folder_input" not in st.session_state:
     st.session_state["data_folder_input"] = ui.data_folder()
 
-st.title("🫁 Chest X-ray pneumonia workbench")
+st.title("Chest X-ray pneumonia workbench")
 st.caption("Check the data here, train on **Train**, compare runs on **Compare**, pick an operating "
            "threshold on **Thresholds**, study errors on **Mistakes** and score new images on **Predict**. "
            "A research tool, not a medical device.")

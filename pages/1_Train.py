@@ -118,15 +118,6 @@ def launch_from_form() -> None:
                "the browser); runs launched while another trains wait in the queue.")
 
 
-def epoch_metrics(run_dir: Path) -> pd.DataFrame:
-    """core.runs.epoch_metrics, empty until the first epoch ends (core raises KeyError('epoch') while
-    metrics.jsonl holds only step records)."""
-    try:
-        return runs.epoch_metrics(run_dir)
-    except KeyError:
-        return pd.DataFrame()
-
-
 def loss_figure(epochs: pd.DataFrame, steps: pd.DataFrame, steps_per_epoch: int | None) -> go.Figure:
     fig = go.Figure()
     if not steps.empty and "loss" in steps:
@@ -204,7 +195,7 @@ def render_monitor(run_dir: Path, live: bool) -> None:
         else:
             st.rerun()  # full rerun: the run is active again, so live polling starts
 
-    epochs, steps = epoch_metrics(run_dir), runs.step_metrics(run_dir)
+    epochs, steps = runs.epoch_metrics(run_dir), runs.step_metrics(run_dir)
     if epochs.empty and steps.empty:
         st.caption("No metrics yet: curves appear after the first training steps.")
     else:

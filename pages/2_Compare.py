@@ -22,15 +22,6 @@ METRICS = (("auc", "AUC"), ("accuracy", "accuracy"), ("sensitivity", "sensitivit
 st.set_page_config(page_title="Compare · CXR workbench", page_icon="🫁", layout="wide")
 
 
-def epoch_metrics(run_dir: Path) -> pd.DataFrame:
-    """core.runs.epoch_metrics, empty until the first epoch ends (core raises KeyError('epoch') while
-    metrics.jsonl holds only step records)."""
-    try:
-        return runs.epoch_metrics(run_dir)
-    except KeyError:
-        return pd.DataFrame()
-
-
 def comparison_row(run: dict) -> dict:
     run_dir = Path(run["path"])
     status, report = runs.read_status(run_dir), runs.read_report(run_dir)
@@ -113,7 +104,7 @@ else:
         st.info("Pick one or more runs.")
     else:
         selected = [by_name[n] for n in chosen]
-        curves = {r["run"]: epoch_metrics(Path(r["path"])) for r in selected}
+        curves = {r["run"]: runs.epoch_metrics(Path(r["path"])) for r in selected}
         curves = {name: df for name, df in curves.items() if not df.empty}
         if curves:
             auc_col, loss_col = st.columns(2)
