@@ -19,11 +19,11 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         help_text = f.metadata.get("help", "")
         if f.type in (bool, "bool"):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{help_text} (default: {f.default})")
+                                help=f"{help_text} (default: {f.default!r})")
         else:
             kind = {"int": int, "float": float, "str": str}.get(str(f.type), str)
             parser.add_argument(flag, dest=f.name, type=kind, default=None,
-                                choices=f.metadata.get("choices"), help=f"{help_text} (default: {f.default})")
+                                choices=f.metadata.get("choices"), help=f"{help_text} (default: {f.default!r})")
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -147,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="Train a model on a dataset folder; writes a run directory.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description="Train a pneumonia-vs-normal classifier and write a run directory under "
+                                   "--runs-dir. Defaults shown are those without --preset; a preset sets its "
+                                   "own values, and options given explicitly override both.")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="Start from a preset (cpu: small CNN from scratch, fits 2 CPU cores; gpu: ResNet-18 "
                         "ImageNet full fine-tuning; cpu-transfer: frozen ResNet-18; tiny: smoke test). "
