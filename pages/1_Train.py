@@ -54,7 +54,7 @@ def training_form() -> None:
         st.session_state["train_data"] = ui.data_folder()
 
     st.selectbox("Preset", list(PRESETS), key="train_preset", on_change=apply_preset,
-                 help="Fills the form with a starting point: 'cpu' trains a small CNN from scratch (about 15 "
+                 help="Fills the form with a starting point: 'cpu' trains a small CNN from scratch (about 6 "
                       "minutes on 2 cores), 'gpu' and 'cpu-transfer' fine-tune an ImageNet ResNet-18, "
                       "'tiny' is a smoke test.")
     devices = available_devices()
