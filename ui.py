@@ -15,6 +15,16 @@ from core import runs
 from core.predict import LoadedModel, load_run_model
 
 PROJECT_ROOT = Path(__file__).resolve().parent
+# The dashboard's pages in menu order: (script, menu title, icon). The first is the home page at /, the
+# others are served at /<title>.
+PAGES = (
+    ("pages/0_Data.py", "Data", ":material/folder_open:"),
+    ("pages/1_Train.py", "Train", ":material/model_training:"),
+    ("pages/2_Compare.py", "Compare", ":material/compare_arrows:"),
+    ("pages/3_Thresholds.py", "Thresholds", ":material/tune:"),
+    ("pages/4_Mistakes.py", "Mistakes", ":material/report:"),
+    ("pages/5_Predict.py", "Predict", ":material/image_search:"),
+)
 
 
 def settings_file() -> Path:

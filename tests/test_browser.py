@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -52,15 +51,10 @@ pytestmark = pytest.mark.skipif(
 
 
 def _page_paths() -> list[tuple[str, str]]:
-    """(name, URL path) for the home page and each pages/*.py, as Streamlit names them:
-    pages/1_Train.py is served at /Train."""
-    out = [("home", "")]
-    for script in sorted((PROJECT_ROOT / "pages").glob("*.py"),
-                         key=lambda p: (int(m.group(1)) if (m := re.match(r"(\d+)", p.name)) else 1e9, p.name)):
-        match = re.fullmatch(r"([0-9]*)[_ -]*(.*)\.py", script.name)
-        name = re.sub(r"[_ ]+", "_", match.group(2)).strip() if match else script.stem
-        out.append((name, name))
-    return out
+    """(name, URL path) for the home page and each other page of the menu (ui.PAGES): /Train, ..."""
+    from ui import PAGES
+
+    return [("home", "")] + [(title, title) for _, title, _ in PAGES[1:]]
 
 
 PAGES = _page_paths()

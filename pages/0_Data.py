@@ -1,0 +1,256 @@
+"""Data, the home page: choose the dataset folder and inspect it before training: counts, class imbalance,
+the patient-grouped split training will use, leakage, unreadable files and sample images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
+from PIL import Image, UnidentifiedImageError
+
+import ui
+from core.dataset import DatasetError, scan_dataset, to_grayscale_uint8
+from core.evaluate import dataset_overview
+
+KAGGLE_DATASET = "paultimothymooney/chest-xray-pneumonia"
+SAMPLES_PER_CLASS = 6
+SAMPLE_SEED = 0
+THUMBNAIL_PX = 160
+SPLIT_ORDER = ("train", "val", "test", "all")
+EXPECTED_LAYOUT = """\
+```
+<root>/train/NORMAL/*.jpeg      <root>/NORMAL/*.jpeg
+<root>/train/PNEUMONIA/*.jpeg   <root>/PNEUMONIA/*.jpeg
+<root>/val/...                  (no split folders: validation and
+<root>/test/...                  test are carved out by patient)
+```"""
+
+st.set_page_config(page_title="Data · CXR workbench", page_icon="🫁", layout="wide")
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def cached_overview(folder: str) -> dict:
+    # Decodes every image once (and fills the cache training reuses): seconds per thousand images.
+    return dataset_overview(folder)
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def sample_thumbnails(folder: str) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """Up to SAMPLES_PER_CLASS readable images per class, picked with a fixed seed so the grid is
+    stable between visits; unreadable files are skipped."""
+    index = scan_dataset(folder)
+    rng = np.random.default_rng(SAMPLE_SEED)
+    samples: dict[str, list[tuple[str, np.ndarray]]] = {}
+    for class_name in index.classes:
+        paths = [r.path for r in index.records if r.class_name == class_name]
+        thumbs: list[tuple[str, np.ndarray]] = []
+        for i in rng.permutation(len(paths))[:SAMPLES_PER_CLASS * 5]:
+            try:
+                with Image.open(paths[i]) as img:
+                    img.draft("L", (2 * THUMBNAIL_PX, 2 * THUMBNAIL_PX))  # JPEG: decode at reduced size
+                    gray = to_grayscale_uint8(img.copy())
+                gray.thumbnail((2 * THUMBNAIL_PX, 2 * THUMBNAIL_PX))
+                thumbs.append((Path(paths[i]).name, np.asarray(gray)))
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+                continue
+            if len(thumbs) == SAMPLES_PER_CLASS:
+                break
+        samples[class_name] = thumbs
+    return samples
+
+
+def download_kaggle_dataset() -> str:
+    """Download (or reuse kagglehub's cached copy of) the Kaggle release; returns its chest_xray folder."""
+    import kagglehub
+
+    root = Path(kagglehub.dataset_download(KAGGLE_DATASET))
+    return str(root / "chest_xray" if (root / "chest_xray").is_dir() else root)
+
+
+def counts_table(counts: dict[str, dict[str, int]], classes: list[str]) -> pd.DataFrame:
+    splits = [s for s in SPLIT_ORDER if s in counts] + [s for s in counts if s not in SPLIT_ORDER]
+    table = pd.DataFrame([[counts[s].get(c, 0) for c in classes] for s in splits], index=splits, columns=classes)
+    table["total"] = table.sum(axis=1)
+    table.loc["total"] = table.sum(axis=0)
+    table.index.name = "split"
+    return table
+
+
+def counts_figure(table: pd.DataFrame, classes: list[str], title: str) -> go.Figure:
+    long = (table.drop(index="total")[classes].reset_index()
+            .melt(id_vars="split", var_name="class", value_name="images"))
+    fig = px.bar(long, x="split", y="images", color="class", barmode="group", text="images", title=title)
+    fig.update_layout(xaxis_title="Split", yaxis_title="Images (count)", legend_title="Class",
+                      margin=dict(t=50, b=10))
+    return fig
+
+
+def imbalance_lines(table: pd.DataFrame, classes: list[str]) -> list[str]:
+    negative, positive = classes[0], classes[-1]
+    lines = []
+    for split, row in table.drop(index="total").iterrows():
+        if row[negative] and row[positive]:
+            lines.append(f"- **{split}**: {row[positive]:,} {positive} vs {row[negative]:,} {negative} "
+                         f"= {row[positive] / row[negative]:.2f} : 1")
+        else:
+            lines.append(f"- **{split}**: {row[positive]:,} {positive} vs {row[negative]:,} {negative} "
+                         "(one class missing)")
+    return lines
+
+
+def show_leakage(report: dict | None, title: str) -> None:
+    st.markdown(f"**{title}**")
+    if not report:
+        st.write("No official split folders: nothing to check.")
+        return
+    per_split = report.get("patients_per_split", {})
+    st.caption("Patients per split: " + ", ".join(f"{s} {n:,}" for s, n in per_split.items()))
+    shared = pd.DataFrame([{"splits": pair, "shared patients": item["count"],
+                            "examples": ", ".join(item["examples"])}
+                           for pair, item in report.get("shared_patients", {}).items()])
+    if shared.empty or shared["shared patients"].sum() == 0:
+        st.success("No patient occurs in more than one split.")
+    else:
+        st.warning(f"{int(shared['shared patients'].sum()):,} patient(s) occur in more than one split.")
+    if not shared.empty:
+        st.dataframe(shared, hide_index=True)
+    groups, across = report.get("identical_file_groups", 0), report.get("identical_files_across_splits", 0)
+    text = f"Groups of byte-identical files: {groups:,}; groups spanning more than one split: {across:,}."
+    (st.warning if across else st.write)(text)
+    examples = report.get("identical_across_examples") or []
+    if examples:
+        st.dataframe(pd.DataFrame({"identical files (split:path)": [" | ".join(g) for g in examples]}),
+                     hide_index=True)
+
+
+def show_file_list(title: str, rows: list, columns: list[str]) -> None:
+    st.markdown(f"**{title}**")
+    if not rows:
+        st.write("none")
+        return
+    frame = pd.DataFrame(rows) if isinstance(rows[0], dict) else pd.DataFrame({columns[0]: rows})
+    st.dataframe(frame[columns], hide_index=True)
+
+
+# Set the text box from a finished download before the widget exists (Streamlit forbids it after).
+pending_folder = st.session_state.pop("pending_data_folder", None)
+if pending_folder is not None:
+    st.session_state["data_folder_input"] = pending_folder
+elif "data_folder_input" not in st.session_state:
+    st.session_state["data_folder_input"] = ui.data_folder()
+
+st.title("Chest X-ray pneumonia workbench")
+st.caption("Check the data here, train on **Train**, compare runs on **Compare**, pick an operating "
+           "threshold on **Thresholds**, study errors on **Mistakes** and score new images on **Predict**. "
+           "A research tool, not a medical device.")
+
+folder = st.text_input("Dataset folder", key="data_folder_input", placeholder="/path/to/chest_xray",
+                       help="A folder on this machine; remembered for the next session.").strip()
+if folder != ui.data_folder():
+    ui.set_data_folder(folder)
+
+with st.expander("No dataset yet? Download the Kaggle release (needs internet and Kaggle access)"):
+    st.markdown(f"Downloads [`{KAGGLE_DATASET}`](https://www.kaggle.com/datasets/{KAGGLE_DATASET}) "
+                "(about 1.2 GB) with `kagglehub` and points the dataset folder at it.")
+    if st.button("Download from Kaggle"):
+        with st.spinner("Downloading from Kaggle…"):
+            try:
+                downloaded = download_kaggle_dataset()
+            except Exception as e:  # offline, no credentials, disk full: every failure is a message
+                st.error(f"Download failed: {type(e).__name__}: {e}. Without internet, download the dataset "
+                         "elsewhere, copy it here and type its folder above.")
+            else:
+                st.session_state["pending_data_folder"] = downloaded
+                ui.set_data_folder(downloaded)
+                st.rerun()
+
+if not folder:
+    st.info("Type the folder that holds the chest X-rays above (or download them). Expected layout, "
+            "one folder per class, with or without split folders:")
+    st.markdown(EXPECTED_LAYOUT)
+    st.stop()
+
+try:
+    with st.spinner("Scanning and decoding every image once (about 10 s per 5,000 images; cached after)…"):
+        overview = cached_overview(folder)
+except DatasetError as e:
+    st.error(str(e))
+    st.markdown("Expected layout:\n" + EXPECTED_LAYOUT)
+    st.stop()
+except OSError as e:
+    st.error(f"Could not read {folder}: {e}")
+    st.stop()
+
+classes: list[str] = overview["classes"]
+layout = "official train/val/test folders" if overview["has_official_splits"] else "no split folders"
+st.success(f"**{overview['n_images']:,} images** in {overview['root']} ({layout}); classes "
+           f"{', '.join(classes)}; positive class **{overview['positive_class']}**.")
+
+st.header("Images per split and class")
+official = counts_table(overview["counts"], classes)
+count_col, chart_col = st.columns([2, 3])
+with count_col:
+    st.dataframe(official)
+    st.markdown("**Class imbalance** (positive : negative)\n" + "\n".join(imbalance_lines(official, classes)))
+    st.caption("Training weights the loss by inverse class frequency (class weights 'inverse') and "
+               "chooses the decision threshold on validation, so the imbalance does not bias the default.")
+with chart_col:
+    st.plotly_chart(counts_figure(official, classes, "As found on disk"))
+
+st.header("The split training will use")
+if overview["has_official_splits"]:
+    st.markdown("The official test folder is kept as the benchmark. Validation is carved out of train (plus "
+                "the official val, often tiny) **grouped by patient** and stratified by class, so no patient "
+                "is in both train and validation. Patients the official folders already share between train "
+                "and test stay shared (see Leakage). Defaults: 15 % validation, seed 0.")
+else:
+    st.markdown("Test and validation are carved out **grouped by patient** and stratified by class, so no "
+                "patient is in two splits. Defaults: 15 % test, 15 % validation, seed 0.")
+planned = counts_table(overview["planned_counts"], classes)
+plan_col, plan_chart_col = st.columns([2, 3])
+with plan_col:
+    st.dataframe(planned)
+with plan_chart_col:
+    st.plotly_chart(counts_figure(planned, classes, "Patient-grouped split for training"))
+
+st.header("Leakage")
+leak_official, leak_planned = st.columns(2)
+with leak_official:
+    show_leakage(overview.get("leakage_official"), "Official split folders")
+with leak_planned:
+    show_leakage(overview.get("leakage_planned"), "Split training will use")
+
+st.header("Image sizes and modes")
+sizes = overview["image_sizes"]
+if sizes["sampled"]:
+    st.markdown(f"From the headers of {sizes['sampled']:,} files spread over the dataset: width "
+                f"{sizes['width_min']:,}–{sizes['width_max']:,} px, height {sizes['height_min']:,}–"
+                f"{sizes['height_max']:,} px; modes " + ", ".join(f"`{m}` {n:,}" for m, n in sizes["modes"].items())
+                + ". Every image is converted to one channel and resized to the training size.")
+else:
+    st.write("No readable image headers found.")
+
+st.header("Files left out")
+unreadable_col, ignored_col = st.columns(2)
+with unreadable_col:
+    show_file_list("Unreadable images (skipped by training)", overview["unreadable"], ["path", "reason"])
+with ignored_col:
+    show_file_list("Ignored non-image files", overview["ignored_non_image_files"], ["path"])
+
+st.header("Sample images")
+try:
+    samples = sample_thumbnails(folder)
+except (DatasetError, OSError) as e:
+    st.error(f"Could not load samples: {e}")
+    samples = {}
+for class_name, thumbs in samples.items():
+    st.subheader(class_name)
+    if not thumbs:
+        st.write("No readable images.")
+        continue
+    for column, (name, pixels) in zip(st.columns(SAMPLES_PER_CLASS), thumbs, strict=False):
+        column.image(pixels, caption=name, width=THUMBNAIL_PX)
