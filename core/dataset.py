@@ -27,6 +27,7 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
                  "validation": "val", "test": "test", "testing": "test"}
 # Bump when decoding or resizing changes, so stale caches are not reused.
 PREPROCESSING_VERSION = 1
+NOT_AN_IMAGE = "not an image file (no known image format)"
 # Decompression-bomb guard: X-rays are at most a few thousand pixels a side.
 MAX_IMAGE_PIXELS = 100_000_000
 
@@ -279,7 +280,10 @@ def load_grayscale(path: str | os.PathLike | bytes | BinaryIO, size: int | None 
             if size is not None and gray.size != (size, size):
                 gray = gray.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
             return np.asarray(gray, dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:
+        # PIL's own message names an in-memory buffer object, which says nothing to a user.
+        raise ValueError(NOT_AN_IMAGE) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"{type(e).__name__}: {e}") from None
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import runs
-from .dataset import load_grayscale
+from .dataset import NOT_AN_IMAGE, load_grayscale
 from .model import Classifier, build_model
 
 # Uploads and CLI inputs larger than this are refused before decoding.
@@ -74,7 +74,7 @@ def read_image(source: str | Path | bytes | BinaryIO, size: int) -> np.ndarray:
     try:
         return load_grayscale(source, size)
     except ValueError as e:
-        reason = "" if "cannot identify image file" in str(e) else f" ({e})"
+        reason = "" if str(e) == NOT_AN_IMAGE else f" ({e})"
         raise ValueError(f"Not a readable image: JPEG or PNG expected{reason}.") from None
 
 

@@ -137,6 +137,8 @@ def test_corrupt_and_fake_images_are_skipped_and_reported_and_cache_avoids_secon
 
     first = decode_images(paths, 32, cache, workers=1)
     assert set(first.failed) == {str(root / "NORMAL" / "notes.jpeg"), str(truncated)}
+    assert first.failed[str(root / "NORMAL" / "notes.jpeg")] == "not an image file (no known image format)"
+    assert "truncated" in first.failed[str(truncated)].lower()
     assert len(first.ok_indices) == 12 and first.images.shape == (12, 32, 32)
     assert first.decoded_now == 14
 
