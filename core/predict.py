@@ -143,9 +143,11 @@ def overlay(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.n
     return np.uint8(np.clip((1 - alpha) * gray + alpha * colour, 0, 255))
 
 
-def gradcam_display(loaded: LoadedModel, source: str | Path | bytes, width: int = 320) -> tuple[np.ndarray, np.ndarray]:
-    """(image, Grad-CAM overlay) at display `width` with the file's own aspect ratio: the map is computed
-    on the model's square input and stretched back. Raises ValueError for unreadable files."""
+def gradcam_display(loaded: LoadedModel, source: str | Path | bytes,
+                    width: int = 320) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(image, Grad-CAM overlay, whether the map found any evidence) at display `width` with the file's own
+    aspect ratio: the map is computed on the model's square input and stretched back. Raises ValueError
+    for unreadable files."""
     import cv2
 
     pixels = read_image(source, loaded.image_size)
@@ -153,4 +155,4 @@ def gradcam_display(loaded: LoadedModel, source: str | Path | bytes, width: int 
     full = load_grayscale(source if not isinstance(source, Path) else str(source))
     height = max(1, round(full.shape[0] * width / full.shape[1]))
     shown = cv2.resize(full, (width, height), interpolation=cv2.INTER_AREA)
-    return shown, overlay(shown, cv2.resize(heat, (width, height), interpolation=cv2.INTER_LINEAR))
+    return shown, overlay(shown, cv2.resize(heat, (width, height), interpolation=cv2.INTER_LINEAR)), bool(heat.any())

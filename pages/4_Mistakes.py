@@ -119,7 +119,7 @@ choice = st.selectbox("Image", options, key="mistakes_cam",
                                             f"p={shown.at[i, 'prob']:.3f}")
 try:
     loaded = ui.cached_model(run_dir)
-    original, heat_overlay = gradcam_display(loaded, str(shown.at[choice, "path"]))
+    original, heat_overlay, found = gradcam_display(loaded, str(shown.at[choice, "path"]))
 except FileNotFoundError as e:
     st.error(str(e))
 except ValueError as e:
@@ -127,4 +127,4 @@ except ValueError as e:
 else:
     views = st.columns(2)
     views[0].image(original, caption="Original", width=CAM_PX)
-    views[1].image(heat_overlay, caption=f"Grad-CAM: evidence for {loaded.classes[1]}", width=CAM_PX)
+    views[1].image(heat_overlay, caption=ui.gradcam_caption(loaded.classes[1], found), width=CAM_PX)

@@ -62,9 +62,9 @@ for upload in uploads or []:
         left.metric(f"Probability of {loaded.classes[1]}", f"{result['prob']:.3f}")
         left.markdown(f"Decision: **:{'red' if positive else 'green'}[{result['predicted']}]**  \n"
                       f"({result['prob']:.3f} {'≥' if positive else '<'} threshold {result['threshold']:.3f})")
-        original, heat_overlay = gradcam_display(loaded, data, CAM_PX)
+        original, heat_overlay, found = gradcam_display(loaded, data, CAM_PX)
         middle.image(original, caption="Original", width=CAM_PX)
-        right.image(heat_overlay, caption=f"Grad-CAM: evidence for {loaded.classes[1]}", width=CAM_PX)
+        right.image(heat_overlay, caption=ui.gradcam_caption(loaded.classes[1], found), width=CAM_PX)
 
 if len(results) > 1:
     st.subheader("Summary")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from core.model import Classifier
-from core.predict import LoadedModel, gradcam, overlay
+from core.predict import LoadedModel, gradcam, gradcam_display, overlay
 
 
 def brightness_model() -> LoadedModel:
@@ -43,3 +46,19 @@ def test_overlay_is_rgb_at_the_image_size():
     out = overlay(pixels, np.ones((30, 40)))
     assert out.shape == (30, 40, 3) and out.dtype == np.uint8
     assert out[..., 0].mean() > out[..., 2].mean()  # the JET colour map's hot end is red
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_gradcam_display_keeps_the_aspect_ratio_and_says_whether_it_found_evidence():
+    wide = np.full((100, 200), 10, np.uint8)
+    wide[40:60, 20:50] = 250
+    shown, heat_overlay, found = gradcam_display(brightness_model(), png_bytes(wide), width=320)
+    assert shown.shape == (160, 320) and heat_overlay.shape == (160, 320, 3) and found
+
+    _, _, found = gradcam_display(brightness_model(), png_bytes(np.zeros((100, 200), np.uint8)), width=320)
+    assert not found
