@@ -516,8 +516,10 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
                     "time": time.time()})
                 bar.update(epoch=epoch + 1, loss=f"{loss_value:.3f}")
                 if step % 5 == 0 or step + 1 == steps_per_epoch:
+                    # This epoch's mean so far: one step's figure jumps, and the last batch is often tiny.
                     runs.write_status(run_dir, epoch=epoch + 1, step=step + 1, global_step=state["global_step"],
-                                      total_steps=total_steps, images_per_s=ips,
+                                      total_steps=total_steps,
+                                      images_per_s=epoch_images / max(time.time() - epoch_start, 1e-9),
                                       elapsed=state["elapsed"] + time.time() - session_start)
             train_seconds = time.time() - epoch_start
 
