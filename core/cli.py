@@ -130,6 +130,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         epoch = f"{r['epoch'] or 0}/{r['epochs']}"
         print(f"{r['run']:<48} {r['state']:<9} {epoch:>7} {_fmt(r['best_val_auc']):>8} "
               f"{_fmt(r['test_auc']):>8} {_fmt(r['test_sensitivity'], 3):>6} {_fmt(r['test_specificity'], 3):>6}")
+        if r["error"]:
+            print(f"    {r['error']}")
     return 0
 
 

@@ -71,3 +71,5 @@ def test_bad_data_folder_is_a_clear_error(tmp_path):
     result = cli("train", "--preset", "tiny", "--data", str(tmp_path / "nowhere"), "--runs-dir", str(tmp_path))
     assert result.returncode == 1
     assert "error: Dataset folder not found" in result.stderr and "Traceback" not in result.stderr
+    listed = cli("runs", "--runs-dir", str(tmp_path)).stdout
+    assert "failed" in listed and "Dataset folder not found" in listed  # the run and why it failed
