@@ -25,6 +25,8 @@ PAGES = (
     ("pages/4_Mistakes.py", "Mistakes", ":material/report:"),
     ("pages/5_Predict.py", "Predict", ":material/image_search:"),
 )
+# Plotly legend for curve charts: below the x-axis title, not over it.
+LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.25)
 
 
 def settings_file() -> Path:

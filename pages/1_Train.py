@@ -18,8 +18,6 @@ from core.launch import launch_resume, launch_training
 from core.trainer import available_devices, device_names
 
 REFRESH_SECONDS = 3
-# Below the x-axis title, not over it.
-LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.25)
 RESUMABLE_STATES = ("stopped", "failed", "killed")
 # Config fields the form edits; a preset fills them, the rest keep TrainConfig's defaults.
 FORM_FIELDS = ("arch", "pretrained", "weights_file", "strategy", "epochs", "batch_size", "lr", "schedule",
@@ -130,7 +128,7 @@ def loss_figure(epochs: pd.DataFrame, steps: pd.DataFrame, steps_per_epoch: int 
         if not epochs.empty and column in epochs:
             fig.add_trace(go.Scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
     fig.update_layout(title="Loss", xaxis_title="Epoch", yaxis_title="Cross-entropy loss (weighted)",
-                      margin=dict(t=50, b=10), legend=LEGEND_BELOW)
+                      margin=dict(t=50, b=10), legend=ui.LEGEND_BELOW)
     return fig
 
 
@@ -141,7 +139,7 @@ def score_figure(epochs: pd.DataFrame) -> go.Figure:
         if not epochs.empty and column in epochs:
             fig.add_trace(go.Scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
     fig.update_layout(title="Accuracy and AUC", xaxis_title="Epoch", yaxis_title="Score (0–1)",
-                      margin=dict(t=50, b=10), legend=LEGEND_BELOW)
+                      margin=dict(t=50, b=10), legend=ui.LEGEND_BELOW)
     return fig
 
 

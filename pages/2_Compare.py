@@ -44,7 +44,7 @@ def curves_figure(curves: dict[str, pd.DataFrame], column: str, title: str, y_ti
         if column in epochs:
             fig.add_trace(go.Scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
     fig.update_layout(title=title, xaxis_title="Epoch", yaxis_title=y_title, margin=dict(t=50, b=10),
-                      legend=dict(orientation="h", yanchor="top", y=-0.25))
+                      legend=ui.LEGEND_BELOW)
     fig.update_xaxes(tickformat="d", rangemode="tozero")  # whole epochs
     return fig
 
