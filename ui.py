@@ -24,6 +24,7 @@ PAGES = (
     ("pages/3_Thresholds.py", "Thresholds", ":material/tune:"),
     ("pages/4_Mistakes.py", "Mistakes", ":material/report:"),
     ("pages/5_Predict.py", "Predict", ":material/image_search:"),
+    ("pages/6_External.py", "External data", ":material/travel_explore:"),
 )
 # Plotly legend for curve charts: below the x-axis title, not over it.
 LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.25)

@@ -6,7 +6,9 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import auc, precision_recall_curve, roc_auc_score, roc_curve
 
-THRESHOLD_TARGETS = ("youden", "best_f1", "recall", "specificity")
+THRESHOLD_TARGETS = ("youden", "best_f1", "recall", "specificity", "cost", "ppv", "npv")
+# Default target values of the rules that take one.
+TARGET_DEFAULTS = {"recall": 0.95, "specificity": 0.90, "cost": 5.0, "ppv": 0.90, "npv": 0.95}
 
 
 def safe_auc(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -78,20 +80,65 @@ def threshold_best_f1(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(pts["threshold"][int(np.argmax(f1))])
 
 
+def threshold_for_cost(labels: np.ndarray, probs: np.ndarray, cost_ratio: float) -> float:
+    """Threshold minimising the expected cost when a missed positive costs `cost_ratio` false alarms:
+    cost_ratio * FN + FP over every candidate threshold (the highest one on ties)."""
+    labels = np.asarray(labels).astype(int)
+    pts = roc_points(labels, probs)
+    n_pos, n_neg = int(labels.sum()), int((labels == 0).sum())
+    cost = cost_ratio * (1 - pts["tpr"]) * n_pos + pts["fpr"] * n_neg
+    return float(pts["threshold"][int(np.argmin(cost))])
+
+
+def threshold_for_ppv(labels: np.ndarray, probs: np.ndarray, target: float) -> float:
+    """Lowest threshold whose PPV (precision) is at least `target` (most sensitivity); 1.0 when none is.
+    PPV depends on prevalence: a threshold fitted at one prevalence gives another PPV at another."""
+    pts = pr_points(labels, probs)
+    ok = np.nonzero(pts["precision"][:-1] >= target)[0]
+    return float(pts["threshold"][ok[0]]) if len(ok) else 1.0
+
+
+def threshold_for_npv(labels: np.ndarray, probs: np.ndarray, target: float) -> float:
+    """Highest threshold whose NPV is at least `target` (most specificity); 0.0 when none is."""
+    labels = np.asarray(labels).astype(int)
+    pts = roc_points(labels, probs)
+    n_pos, n_neg = int(labels.sum()), int((labels == 0).sum())
+    tn, fn = (1 - pts["fpr"]) * n_neg, (1 - pts["tpr"]) * n_pos
+    npv = np.divide(tn, tn + fn, out=np.zeros_like(tn), where=(tn + fn) > 0)
+    ok = np.nonzero(npv >= target)[0]
+    return float(pts["threshold"][ok[0]]) if len(ok) else 0.0
+
+
 def choose_threshold(labels: np.ndarray, probs: np.ndarray, target: str = "youden",
                      value: float | None = None) -> float:
-    """One entry point for the threshold targets offered to users."""
+    """One entry point for the threshold rules offered to users (fit them on validation)."""
+    if target not in THRESHOLD_TARGETS:
+        raise ValueError(f"Unknown threshold target '{target}'; choose from {', '.join(THRESHOLD_TARGETS)}.")
     if len(np.unique(labels)) < 2:
         return 0.5
-    if target == "youden":
-        return threshold_youden(labels, probs)
-    if target == "best_f1":
-        return threshold_best_f1(labels, probs)
-    if target == "recall":
-        return threshold_for_recall(labels, probs, 0.95 if value is None else value)
-    if target == "specificity":
-        return threshold_for_specificity(labels, probs, 0.90 if value is None else value)
-    raise ValueError(f"Unknown threshold target '{target}'; choose from {', '.join(THRESHOLD_TARGETS)}.")
+    value = TARGET_DEFAULTS.get(target) if value is None else float(value)
+    if target in ("recall", "specificity", "ppv", "npv") and not 0 <= value <= 1:
+        raise ValueError(f"A {target} target is a proportion between 0 and 1, not {value}.")
+    if target == "cost" and not (np.isfinite(value) and value > 0):
+        raise ValueError(f"A cost ratio is a positive number (a missed positive costs that many false alarms), "
+                         f"not {value}.")
+    rules = {"youden": lambda: threshold_youden(labels, probs), "best_f1": lambda: threshold_best_f1(labels, probs),
+             "recall": lambda: threshold_for_recall(labels, probs, value),
+             "specificity": lambda: threshold_for_specificity(labels, probs, value),
+             "cost": lambda: threshold_for_cost(labels, probs, value),
+             "ppv": lambda: threshold_for_ppv(labels, probs, value),
+             "npv": lambda: threshold_for_npv(labels, probs, value)}
+    return rules[target]()
+
+
+def describe_rule(target: str, value: float | None = None) -> str:
+    """A rule in words, e.g. 'recall ≥ 0.950' or 'cost ratio 5 (a missed positive costs 5 false alarms)'."""
+    if target in TARGET_DEFAULTS and value is None:
+        value = TARGET_DEFAULTS[target]
+    return {"youden": "Youden (max sensitivity + specificity − 1)", "best_f1": "best F1",
+            "recall": f"recall ≥ {value:.3f}", "specificity": f"specificity ≥ {value:.3f}",
+            "cost": f"min cost, a missed positive costs {value:g} false alarms",
+            "ppv": f"PPV ≥ {value:.3f}", "npv": f"NPV ≥ {value:.3f}", "manual": "set by hand"}.get(target, target)
 
 
 def mistakes(predictions: pd.DataFrame, threshold: float) -> pd.DataFrame:

@@ -10,17 +10,21 @@ A run directory holds:
   log.txt            human-readable log
   best.safetensors   best weights (by validation AUC) with the metadata prediction needs
   last.pt            resumable state (weights, optimizer, scheduler, RNG), loaded with weights_only
-  predictions_{val,test}.csv   path, patient, label, prob (calibrated probability of the positive class)
-  report.json        final metrics at the threshold chosen on validation
-  threshold.json     the operating threshold chosen by the user (overrides the checkpoint's)
+  predictions_{val,test}.csv   path, patient, label, class_name, prob (calibrated probability of the
+                     positive class), prob_uncalibrated (before temperature scaling)
+  report.json        training-time metrics at the threshold chosen on validation (Youden), temperature
+  threshold.json     the operating threshold chosen by the user (overrides the training-time one)
+  external/<name>/   an evaluation on another folder: predictions.csv and summary.json
   STOP               present when another process asked training to stop
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -144,9 +148,40 @@ def clear_stop(run_dir: Path) -> None:
     (Path(run_dir) / "STOP").unlink(missing_ok=True)
 
 
+EXTERNAL_DIR = "external"
+EXTERNAL_PREFIX = "external:"
+SPLIT_LABELS = {"val": "validation", "test": "test"}
+
+
+def predictions_path(run_dir: Path, name: str) -> Path:
+    """'val' and 'test' are the run's own splits; 'external:<name>' a folder evaluated later."""
+    if name.startswith(EXTERNAL_PREFIX):
+        return Path(run_dir) / EXTERNAL_DIR / name[len(EXTERNAL_PREFIX):] / "predictions.csv"
+    return Path(run_dir) / f"predictions_{name}.csv"
+
+
+def prediction_sets(run_dir: Path) -> list[str]:
+    """The image sets this run has predictions for: val, test, then external evaluations by name."""
+    run_dir = Path(run_dir)
+    names = [s for s in ("val", "test") if predictions_path(run_dir, s).is_file()]
+    ext = run_dir / EXTERNAL_DIR
+    if ext.is_dir():
+        names += [EXTERNAL_PREFIX + d.name for d in sorted(ext.iterdir())
+                  if d.is_dir() and (d / "predictions.csv").is_file()]
+    return names
+
+
+def set_label(name: str) -> str:
+    """'test', 'validation', or 'external: <name>' for headings."""
+    if name.startswith(EXTERNAL_PREFIX):
+        return "external: " + name[len(EXTERNAL_PREFIX):]
+    return SPLIT_LABELS.get(name, name)
+
+
 def read_predictions(run_dir: Path, split: str) -> pd.DataFrame:
-    """Per-image predictions; raises FileNotFoundError/ValueError with the file named when unusable."""
-    path = Path(run_dir) / f"predictions_{split}.csv"
+    """Per-image predictions of a set (see `predictions_path`); raises FileNotFoundError/ValueError with
+    the file named when missing or unusable."""
+    path = predictions_path(run_dir, split)
     if not path.exists():
         raise FileNotFoundError(f"No {split} predictions in {run_dir} (the run has not finished "
                                 f"evaluating, or the {split} split is empty).")
@@ -157,6 +192,15 @@ def read_predictions(run_dir: Path, split: str) -> pd.DataFrame:
     missing = {"path", "label", "prob"} - set(df.columns)
     if missing:
         raise ValueError(f"{path} lacks the columns {sorted(missing)}.")
+    label = pd.to_numeric(df["label"], errors="coerce")
+    prob = pd.to_numeric(df["prob"], errors="coerce")
+    if not label.isin([0, 1]).all():
+        raise ValueError(f"{path}: the label column must hold 0 or 1 on every row.")
+    if not (prob.between(0, 1)).all():
+        raise ValueError(f"{path}: the prob column must hold probabilities between 0 and 1 on every row.")
+    df["label"], df["prob"] = label.astype(int), prob.astype(float)
+    if "patient" in df:
+        df["patient"] = df["patient"].fillna("").astype(str)
     return df
 
 
@@ -168,21 +212,62 @@ def read_report(run_dir: Path) -> dict:
     return read_json(Path(run_dir) / "report.json", {}) or {}
 
 
-def save_threshold(run_dir: Path, threshold: float, chosen_on: str, target: str) -> None:
-    if not 0.0 <= threshold <= 1.0:
+def save_threshold(run_dir: Path, threshold: float, chosen_on: str, target: str, rule: str | None = None,
+                   value: float | None = None) -> None:
+    """Save the run's operating threshold. `target` describes the rule in words; `rule` and `value` are the
+    machine-readable rule (e.g. 'recall', 0.95) when one was used."""
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
         raise ValueError("A threshold is a probability between 0 and 1.")
     _write_json_atomic(Path(run_dir) / "threshold.json",
                        {"threshold": float(threshold), "chosen_on": chosen_on, "target": target,
-                        "saved": time.time()})
+                        "rule": rule or "manual", "value": value, "saved": time.time()})
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """The one threshold a run's views use: the saved one, else the one chosen at the end of training."""
+
+    threshold: float
+    source: str  # "saved" (threshold.json) or "training" (report.json), "default" without either
+    rule: str  # how it was chosen, in words
+    chosen_on: str  # the set it was fitted on (val, test, external:...)
+
+    def describe(self) -> str:
+        """'0.435 (saved; recall ≥ 0.950 on validation)'."""
+        where = set_label(self.chosen_on) if self.chosen_on else "?"
+        if self.source == "default":
+            return f"{self.threshold:.3f} (default 0.5: the run has no chosen threshold yet)"
+        origin = "saved" if self.source == "saved" else "chosen at the end of training"
+        return f"{self.threshold:.3f} ({origin}; {self.rule} on {where})"
+
+
+def _valid_threshold(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and 0.0 <= value <= 1.0
+
+
+def operating_point(run_dir: Path) -> OperatingPoint:
+    """The run's operating threshold and how it was chosen. A damaged threshold.json is refused with a
+    ValueError naming the file (it is never silently replaced by another threshold)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "threshold.json"
+    if path.exists():
+        saved = read_json(path, None)
+        if not isinstance(saved, dict) or not _valid_threshold(saved.get("threshold")):
+            raise ValueError(f"{path} is damaged: it must hold a threshold between 0 and 1. Save a threshold "
+                             "again on the Thresholds page, or delete the file to use the training threshold.")
+        return OperatingPoint(float(saved["threshold"]), "saved", str(saved.get("target") or "set by hand"),
+                              str(saved.get("chosen_on") or "val"))
+    report = read_report(run_dir)
+    if _valid_threshold(report.get("threshold")):
+        rule = str(report.get("threshold_rule") or "youden on validation").replace(" on validation", "")
+        return OperatingPoint(float(report["threshold"]), "training", rule.replace("youden", "Youden"), "val")
+    return OperatingPoint(0.5, "default", "default", "")
 
 
 def operating_threshold(run_dir: Path) -> float:
     """The user's saved threshold, else the one chosen on validation at the end of training, else 0.5."""
-    saved = read_json(Path(run_dir) / "threshold.json", {}) or {}
-    if isinstance(saved.get("threshold"), (int, float)):
-        return float(saved["threshold"])
-    report = read_report(run_dir)
-    return float(report.get("threshold", 0.5))
+    return operating_point(run_dir).threshold
 
 
 def is_run_dir(path: Path) -> bool:

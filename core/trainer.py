@@ -120,6 +120,7 @@ def prepare_data(config: TrainConfig, progress=None) -> PreparedData:
         "path": paths, "split": split_names, "label": [r.label for r in index.records],
         "class_name": [r.class_name for r in index.records], "patient": [r.patient for r in index.records],
         "official_split": [r.official_split or "" for r in index.records],
+        "sha256": decoded.sha256,  # lets a later external evaluation find files shared with this run
     })
     ok = np.zeros(len(paths), bool)
     ok[decoded.ok_indices] = True
@@ -180,11 +181,12 @@ def compute_logits(model: Classifier, images: torch.Tensor, device: torch.device
     return torch.cat(out) if out else torch.zeros(0, dim)
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+def fit_temperature_checked(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, str | None]:
     """Temperature scaling (Guo et al. 2017) on validation logits: calibrated probabilities without
-    changing the ranking, so AUC and the threshold's meaning are kept."""
+    changing the ranking, so AUC and the threshold's meaning are kept. Returns (temperature, None), or
+    (1.0, why the fit was refused)."""
     if len(labels) < 2 or len(labels.unique()) < 2:
-        return 1.0
+        return 1.0, "validation holds fewer than two images of each class"
     log_t = torch.zeros(1, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100)
 
@@ -196,7 +198,14 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
     opt.step(closure)
     t = float(log_t.detach().exp())
-    return t if math.isfinite(t) and 0.05 < t < 20 else 1.0
+    if not (math.isfinite(t) and 0.05 < t < 20):
+        return 1.0, f"the fitted temperature {t:.3g} is outside (0.05, 20): validation is probably separated " \
+                    "perfectly, so probabilities are left uncalibrated"
+    return t, None
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return fit_temperature_checked(logits, labels)[0]
 
 
 def positive_probs(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
@@ -597,10 +606,12 @@ def finalize_run(run_dir: Path, config: TrainConfig, model: Classifier, data: Pr
     model.to(device)
     mean, std = normalization(config.arch)
     logits = {s: compute_logits(model, data.splits[s].images, device, mean, std, bf16) for s in EVAL_SPLITS}
-    temperature = fit_temperature(logits["val"], data.splits["val"].labels)
+    temperature, refused = fit_temperature_checked(logits["val"], data.splits["val"].labels)
     report: dict = {"best_epoch": int(meta.get("epoch", 0)), "temperature": temperature,
+                    "temperature_fit": {"fitted": refused is None, "note": refused, "on": "val"},
                     "threshold_rule": "youden on validation"}
     probs = {s: positive_probs(logits[s], temperature) for s in EVAL_SPLITS}
+    raw_probs = {s: positive_probs(logits[s]) for s in EVAL_SPLITS}
     val_labels = data.splits["val"].labels.numpy()
     threshold = choose_threshold(val_labels, probs["val"], "youden")
     report["threshold"] = threshold
@@ -610,6 +621,7 @@ def finalize_run(run_dir: Path, config: TrainConfig, model: Classifier, data: Pr
             continue
         out = table[["path", "patient", "label", "class_name"]].copy()
         out["prob"] = probs[s]
+        out["prob_uncalibrated"] = raw_probs[s]
         out.to_csv(run_dir / f"predictions_{s}.csv", index=False)
         report[s] = metrics_at_threshold(table["label"].to_numpy(), probs[s], threshold)
     save_weights(model, best_path, checkpoint_metadata(config, data.index.classes, temperature, threshold,
