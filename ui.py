@@ -26,8 +26,6 @@ PAGES = (
     ("pages/5_Predict.py", "Predict", ":material/image_search:"),
     ("pages/6_External.py", "External data", ":material/travel_explore:"),
 )
-# Plotly legend for curve charts: below the x-axis title, not over it.
-LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.25)
 
 
 def settings_file() -> Path:

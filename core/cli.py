@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +47,19 @@ def _print_metrics(name: str, m: dict) -> None:
           f"F1 {_fmt(m.get('f1'))}  (TP {m.get('tp')} FN {m.get('fn')} TN {m.get('tn')} FP {m.get('fp')})")
 
 
+def _print_summary(label: str, summary: dict) -> None:
+    """Every metric with its 95% interval, one per line, and the confusion counts."""
+    from .bootstrap import METRIC_KEYS, METRIC_LABELS, format_interval
+
+    c = summary["counts"]
+    resampled = "patients" if summary.get("patients_known", True) else "images (no patient ids)"
+    print(f"{label}: {summary['n']} images, {summary['n_patients']} patients; "
+          f"TP {c['tp']} FN {c['fn']} TN {c['tn']} FP {c['fp']}")
+    for key in METRIC_KEYS:
+        print(f"  {METRIC_LABELS[key]:<28} {format_interval(summary['metrics'][key])}")
+    print(f"  (95% intervals: {summary['n_resamples']} bootstrap resamples of {resampled}, seed {summary['seed']})")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import train
 
@@ -60,16 +74,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _report_finished(run_dir: Path) -> int:
     from . import runs
+    from .operating import run_summary
 
     status = runs.read_status(run_dir)
     print(f"run: {run_dir}  ({status.get('state')})")
     report = runs.read_report(run_dir)
-    if report:
-        print(f"threshold {report['threshold']:.4f} chosen on validation ({report['threshold_rule']}), "
-              f"best epoch {report['best_epoch']}, temperature {report['temperature']:.3f}")
-        for split in ("val", "test"):
-            if split in report:
-                _print_metrics(split, report[split])
+    if report and status.get("state") == "finished":
+        print(f"best epoch {report.get('best_epoch')}, temperature {_fmt(report.get('temperature'), 3)}")
+        summary = run_summary(run_dir, ["val", "test"])
+        print(f"operating threshold {summary['operating'].describe()}")
+        for name, s in summary["sets"].items():
+            _print_summary(runs.set_label(name), s)
     return 0 if status.get("state") in ("finished", "stopped") else 1
 
 
@@ -90,15 +105,61 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_run
+    from . import runs
+    from .operating import load_set, set_summary
 
-    result = evaluate_run(Path(args.run), data=args.data, split=args.split, threshold=args.threshold)
-    print(f"{result['n']} images, {len(result['skipped'])} skipped, threshold {result['threshold']:.4f}")
-    _print_metrics(args.split, result["metrics"])
+    run_dir = Path(args.run)
+    if not runs.is_run_dir(run_dir):
+        raise ValueError(f"{run_dir} is not a run directory (no config.json).")
+    operating = runs.operating_point(run_dir)
+    if args.data:
+        from .external import evaluate_external, format_external, parse_class_map, refit_threshold
+
+        class_map = parse_class_map(args.class_map) if args.class_map else None
+        result = evaluate_external(run_dir, args.data, class_map=class_map, name=args.name,
+                                   split=args.split or "all")
+        print(format_external(result))
+        set_name = runs.EXTERNAL_PREFIX + result["name"]
+    else:
+        if args.class_map or args.name or args.refit_threshold:
+            raise ValueError("--class-map, --name and --refit-threshold go with --data DIR.")
+        set_name = args.split or "test"
+        if set_name not in runs.prediction_sets(run_dir) and not set_name.startswith(runs.EXTERNAL_PREFIX):
+            ext = runs.EXTERNAL_PREFIX + set_name
+            set_name = ext if ext in runs.prediction_sets(run_dir) else set_name
+    pset = load_set(run_dir, set_name)
+    threshold = operating.threshold if args.threshold is None else args.threshold
+    if not 0 <= threshold <= 1:
+        raise ValueError("--threshold is a probability between 0 and 1.")
+    where = f"operating threshold {operating.describe()}" if args.threshold is None else \
+        f"threshold {threshold:.3f} given on the command line (the operating threshold is {operating.threshold:.3f})"
+    print(where)
+    _print_summary(runs.set_label(set_name), set_summary(pset, threshold))
+    _print_subgroups(pset, threshold, args.groups)
+    if args.data and args.refit_threshold:
+        rule, _, value = args.refit_threshold.partition(":")
+        refit = refit_threshold(run_dir, result["name"], rule, float(value) if value else None,
+                                fraction=args.refit_fraction)
+        print(format_external({**result, "refit": refit}, refit_only=True))
     if args.out:
-        result["predictions"].to_csv(args.out, index=False)
+        pset.frame.to_csv(args.out, index=False)
         print(f"predictions written to {args.out}")
     return 0
+
+
+def _print_subgroups(pset, threshold: float, groups_csv: str | None) -> None:
+    from .bootstrap import format_interval
+    from .subgroups import groups_from_csv, kermany_groups, prepare_subgroups, subgroup_table
+
+    groups = groups_from_csv(pset.frame["path"], groups_csv) if groups_csv else kermany_groups(pset.frame["path"])
+    if groups.empty:
+        return
+    table = subgroup_table(prepare_subgroups(pset.labels, pset.probs, pset.patients, groups), threshold)
+    print("subgroups (same threshold):")
+    for row in table.to_dict("records"):
+        rates = "  ".join(f"{k} {format_interval(row.get(k)) if isinstance(row.get(k), dict) else '—'}"
+                          for k in ("sensitivity", "specificity", "auc"))
+        print(f"  {row['grouping']} = {row['group']}: {row['images']} images ({row['positives']} positive)  {rates}")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -119,19 +180,45 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    from .bootstrap import format_interval
+    from .operating import run_summary
     from .runs import list_runs
 
-    rows = list_runs(args.runs_dir)
+    runs_dir = args.runs_dir or os.environ.get("CXR_RUNS_DIR") or "checkpoints"
+    rows = list_runs(runs_dir)
     if not rows:
-        print(f"No runs in {args.runs_dir}.")
+        print(f"No runs in {runs_dir}.")
         return 0
-    print(f"{'run':<48} {'state':<9} {'epoch':>7} {'val AUC':>8} {'test AUC':>8} {'sens':>6} {'spec':>6}")
+    print(f"{'run':<48} {'state':<9} {'epoch':>7} {'threshold':>9}  test at the operating threshold, 95% intervals")
     for r in rows:
         epoch = f"{r['epoch'] or 0}/{r['epochs']}"
-        print(f"{r['run']:<48} {r['state']:<9} {epoch:>7} {_fmt(r['best_val_auc']):>8} "
-              f"{_fmt(r['test_auc']):>8} {_fmt(r['test_sensitivity'], 3):>6} {_fmt(r['test_specificity'], 3):>6}")
+        line, detail = f"{r['run']:<48} {r['state']:<9} {epoch:>7}", ""
+        if r["state"] == "finished":
+            try:
+                summary = run_summary(Path(r["path"]), ["test"])
+            except ValueError as e:
+                line, detail = line + f" {'?':>9}", str(e)
+            else:
+                test = summary["sets"].get("test")
+                line += f" {summary['threshold']:>9.3f}"
+                if test:
+                    m = test["metrics"]
+                    line += (f"  AUC {format_interval(m['auc'])}  sens {format_interval(m['sensitivity'])}  "
+                             f"spec {format_interval(m['specificity'])}")
+                detail = f"threshold {summary['operating'].describe()}"
+        print(line)
+        if detail:
+            print(f"    {detail}")
         if r["error"]:
             print(f"    {r['error']}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    out = write_report(Path(args.run), Path(args.out), externals=args.external)
+    print(f"report written to {out}")
     return 0
 
 
@@ -169,14 +256,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="Run directory.")
     p.set_defaults(func=cmd_stop)
 
-    p = sub.add_parser("evaluate", help="Evaluate a run's best checkpoint on a split.")
+    p = sub.add_parser("evaluate", help="Metrics with 95%% intervals at the run's operating threshold, on its own "
+                                         "sets or on another folder of X-rays (external validation).",
+                       description="Without --data: metrics of the run's saved predictions on --split (val, test, "
+                                   "or the name of an earlier external evaluation). With --data: score the run's "
+                                   "best checkpoint on that folder, save the result under RUN/external/NAME/ (then "
+                                   "selectable on Thresholds and Mistakes) and print its metrics.")
     p.add_argument("run", help="Run directory.")
-    p.add_argument("--data", help="Another dataset folder (default: the run's own split).")
-    p.add_argument("--split", default="test", help="Split to evaluate: train, val or test; with --data and "
-                                                   "no split folders, 'all'.")
-    p.add_argument("--threshold", type=float, help="Decision threshold (default: the run's).")
-    p.add_argument("--out", help="Write per-image predictions to this CSV.")
+    p.add_argument("--data", help="Another folder of X-rays, with or without split folders (external validation).")
+    p.add_argument("--split", help="Own sets: val or test (default test), or an external evaluation's name. With "
+                                   "--data: the split folder to use (train, val or test) or 'all' (default).")
+    p.add_argument("--class-map", help="With --data: map its class folders onto the run's classes, e.g. "
+                                       "No_findings=NORMAL,Pneumonia=PNEUMONIA (names that match, ignoring case, "
+                                       "map themselves; map a folder to 'ignore' to leave it out).")
+    p.add_argument("--name", help="With --data: name of this evaluation (default: the folder's name).")
+    p.add_argument("--refit-threshold", metavar="RULE[:VALUE]",
+                   help="With --data: also re-pick the threshold on a patient-grouped part of the folder and read "
+                        "the rest (rules: youden, best_f1, recall, specificity, cost, ppv, npv; e.g. recall:0.95).")
+    p.add_argument("--refit-fraction", type=float, default=0.5,
+                   help="Share of the folder's patients used to re-pick the threshold (default 0.5).")
+    p.add_argument("--groups", help="CSV with a path column and group columns: metrics per group (Kermany file "
+                                    "names give bacterial/viral and the NORMAL series without it).")
+    p.add_argument("--threshold", type=float, help="Read at this threshold instead of the run's operating one.")
+    p.add_argument("--out", help="Write the per-image predictions to this CSV.")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="Write one self-contained HTML report of a run (opens offline).")
+    p.add_argument("run", help="Run directory.")
+    p.add_argument("--external", action="append", default=[], metavar="NAME",
+                   help="Include this external evaluation (repeatable; default: all of them).")
+    p.add_argument("--out", default="report.html", help="Output file (default report.html).")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("predict", help="Class and probability for image files.")
     p.add_argument("run", help="Run directory.")
@@ -184,8 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="Print JSON.")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("runs", help="List runs with status and best metrics.")
-    p.add_argument("--runs-dir", default="checkpoints")
+    p = sub.add_parser("runs", help="List runs with their state, operating threshold and test metrics with "
+                                     "95%% intervals.")
+    p.add_argument("--runs-dir", help="Folder of runs (default: $CXR_RUNS_DIR, else checkpoints).")
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("data", help="Describe a dataset folder: counts, image sizes, leakage, unreadable files.")
@@ -209,3 +320,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0

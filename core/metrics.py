@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import auc, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 THRESHOLD_TARGETS = ("youden", "best_f1", "recall", "specificity", "cost", "ppv", "npv")
 # Default target values of the rules that take one.
@@ -49,8 +49,9 @@ def roc_points(labels: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]:
 def pr_points(labels: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]:
     precision, recall, thresholds = precision_recall_curve(labels, probs)
     # sklearn returns one more precision/recall point than thresholds (recall 0 at threshold > max).
+    # "auc" is average precision (the step-wise area), the PR-AUC every view and interval uses.
     return {"precision": precision, "recall": recall, "threshold": np.append(thresholds, 1.0),
-            "auc": float(auc(recall, precision))}
+            "auc": float(average_precision_score(labels, probs))}
 
 
 def threshold_for_recall(labels: np.ndarray, probs: np.ndarray, target: float) -> float:
@@ -135,10 +136,14 @@ def describe_rule(target: str, value: float | None = None) -> str:
     """A rule in words, e.g. 'recall ≥ 0.950' or 'cost ratio 5 (a missed positive costs 5 false alarms)'."""
     if target in TARGET_DEFAULTS and value is None:
         value = TARGET_DEFAULTS[target]
+    if target in ("recall", "specificity"):
+        return f"{target} ≥ {value:.3f}"
+    if target in ("ppv", "npv"):
+        return f"{target.upper()} ≥ {value:.3f}"
+    if target == "cost":
+        return f"min cost, a missed positive costs {value:g} false alarms"
     return {"youden": "Youden (max sensitivity + specificity − 1)", "best_f1": "best F1",
-            "recall": f"recall ≥ {value:.3f}", "specificity": f"specificity ≥ {value:.3f}",
-            "cost": f"min cost, a missed positive costs {value:g} false alarms",
-            "ppv": f"PPV ≥ {value:.3f}", "npv": f"NPV ≥ {value:.3f}", "manual": "set by hand"}.get(target, target)
+            "manual": "set by hand"}.get(target, target)
 
 
 def mistakes(predictions: pd.DataFrame, threshold: float) -> pd.DataFrame:

@@ -21,23 +21,25 @@ class Classifier(nn.Module):
     """backbone (image -> feature vector) + head (feature vector -> 2 logits).
 
     Keeping the two apart lets the frozen strategy cache backbone features and train only the head.
-    `cam_layer` is the last convolutional block (the target of Grad-CAM) and `partial_modules` the
-    blocks the partial strategy trains; both are named by their path inside the backbone so the
-    state dict holds each tensor once.
+    `cam_layer_names` are the backbone's blocks in forward order, shallow to deep: Grad-CAM (core.cam)
+    explains with the deepest of them whose feature map is still fine enough at the input size, which
+    only a forward pass tells. `partial_modules` are the blocks the partial strategy trains. Both are
+    named by their path inside the backbone so the state dict holds each tensor once.
     """
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, cam_layer: str, partial: list[str],
+    def __init__(self, backbone: nn.Module, feature_dim: int, cam_layers: list[str], partial: list[str],
                  dropout: float = 0.0):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, 2))
         self.feature_dim = feature_dim
-        self.cam_layer_name = cam_layer
+        self.cam_layer_names = list(cam_layers)
         self.partial_names = partial
 
     @property
-    def cam_layer(self) -> nn.Module:
-        return self.backbone.get_submodule(self.cam_layer_name)
+    def cam_layers(self) -> list[tuple[str, nn.Module]]:
+        """(name inside the backbone, module) of each Grad-CAM candidate, shallow to deep."""
+        return [(n, self.backbone.get_submodule(n)) for n in self.cam_layer_names]
 
     @property
     def partial_modules(self) -> list[nn.Module]:
@@ -136,24 +138,27 @@ def build_model(arch: str, pretrained: bool = False, weights_file: str = "",
     if arch == "smallcnn":
         net = SmallCNN()
         last = f"stages.{len(net.stages) - 1}"
-        return Classifier(net, net.out_dim, last, [last], dropout)
+        return Classifier(net, net.out_dim, ["stem"] + [f"stages.{i}" for i in range(len(net.stages))], [last],
+                          dropout)
     model = _torchvision_backbone(arch, pretrained, weights_file)
     if arch == "resnet18":
         model.conv1 = _single_channel_conv(model.conv1)
         dim = model.fc.in_features
         model.fc = nn.Identity()
-        return Classifier(model, dim, "layer4", ["layer4"], dropout)
+        return Classifier(model, dim, ["layer1", "layer2", "layer3", "layer4"], ["layer4"], dropout)
     if arch == "densenet121":
         model.features.conv0 = _single_channel_conv(model.features.conv0)
         dim = model.classifier.in_features
         model.classifier = nn.Identity()
-        return Classifier(model, dim, "features", ["features.denseblock4", "features.norm5"], dropout)
+        return Classifier(model, dim, [f"features.denseblock{i}" for i in range(1, 5)],
+                          ["features.denseblock4", "features.norm5"], dropout)
     if arch == "efficientnet_b0":
         model.features[0][0] = _single_channel_conv(model.features[0][0])
         dim = model.classifier[1].in_features
         model.classifier = nn.Identity()
         n = len(model.features)
-        return Classifier(model, dim, f"features.{n - 1}", [f"features.{i}" for i in range(n - 3, n)], dropout)
+        return Classifier(model, dim, [f"features.{i}" for i in range(n)], [f"features.{i}" for i in range(n - 3, n)],
+                          dropout)
     raise ValueError(f"Unknown architecture '{arch}'.")
 
 

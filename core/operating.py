@@ -14,8 +14,16 @@ import numpy as np
 import pandas as pd
 
 from . import runs
-from .bootstrap import (DEFAULT_RESAMPLES, DEFAULT_SEED, Interval, PatientBootstrap, format_interval,
-                        intervals_at_threshold, ranking_intervals, summary_to_json)
+from .bootstrap import (
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+    Interval,
+    PatientBootstrap,
+    format_interval,
+    intervals_at_threshold,
+    ranking_intervals,
+    summary_to_json,
+)
 
 
 @dataclass
@@ -100,6 +108,19 @@ def shift_warnings(val: dict, test: dict, other_name: str = "test") -> list[str]
 def ranking_only(pset: PredictionSet, boot: PatientBootstrap) -> dict[str, Interval]:
     """AUC and PR-AUC with intervals: threshold-free, so cached once per set by interactive views."""
     return ranking_intervals(pset.labels, pset.probs, boot)
+
+
+def curve_data(pset: PredictionSet, ranking: dict[str, Interval] | None, colour: str | None = None) -> dict:
+    """ROC and PR points of a set for core.figures, with AUC / PR-AUC (and intervals when given)."""
+    from .metrics import pr_points, roc_points
+
+    if not pset.both_classes:
+        return {"roc": None, "pr": None}
+    roc, pr = roc_points(pset.labels, pset.probs), pr_points(pset.labels, pset.probs)
+    auc = ranking["auc"].as_dict() if ranking else float(np.nan)
+    pr_auc = ranking["pr_auc"].as_dict() if ranking else pr["auc"]
+    return {"roc": {**roc, "auc": auc, "colour": colour},
+            "pr": {**pr, "auc": pr_auc, "prevalence": float(np.mean(pset.labels)), "colour": colour}}
 
 
 def format_metric(summary: dict, key: str, digits: int = 3) -> str:

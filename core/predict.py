@@ -1,17 +1,20 @@
-"""Prediction from a finished run: load the best checkpoint safely, score images, Grad-CAM overlays."""
+"""Prediction from a finished run: load the best checkpoint safely (metadata checked, the run's operating
+threshold), score images, Grad-CAM overlays."""
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from . import runs
+from . import cam, runs
+from .cam import CamResult
+from .config import ARCHITECTURES
 from .dataset import NOT_AN_IMAGE, load_grayscale
 from .model import Classifier, build_model
 
@@ -28,12 +31,78 @@ class LoadedModel:
     mean: float
     std: float
     temperature: float
-    threshold: float  # the run's operating threshold (user's choice, else chosen on validation)
+    threshold: float  # the run's operating threshold (runs.operating_point)
     device: torch.device
 
 
+IMAGE_SIZE_RANGE = (16, 4096)  # what a checkpoint may declare; outside it the metadata is damaged
+ACCEPTED_FORMATS = "JPEG, PNG, BMP or TIFF"  # what training reads (dataset.IMAGE_EXTENSIONS)
+
+
+@dataclass(frozen=True)
+class CheckpointMetadata:
+    """What prediction needs from best.safetensors' metadata, checked."""
+
+    arch: str
+    classes: list[str]  # [negative, positive]
+    image_size: int
+    mean: float
+    std: float
+    temperature: float
+    dropout: float
+
+
+def _finite(meta: dict[str, str], key: str, default: float | None = None) -> float:
+    raw = meta.get(key)
+    if raw is None:
+        if default is None:
+            raise ValueError(f"the metadata lacks '{key}'")
+        return default
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"'{key}' is not a number ({raw!r})") from None
+    if not math.isfinite(value):
+        raise ValueError(f"'{key}' is not finite ({raw!r})")
+    return value
+
+
+def checkpoint_metadata(meta: dict[str, str]) -> CheckpointMetadata:
+    """Validate a checkpoint's metadata (strings, as safetensors stores them); ValueError says what is wrong.
+    Checked because every probability and decision depends on it: a wrong size, normalisation or
+    temperature gives confident nonsense rather than an error."""
+    arch = meta.get("arch")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r} (expected one of {', '.join(ARCHITECTURES)})")
+    try:
+        classes = json.loads(meta.get("classes", ""))
+    except ValueError:
+        raise ValueError(f"'classes' is not a JSON list ({meta.get('classes')!r})") from None
+    if not (isinstance(classes, list) and len(classes) == 2 and all(isinstance(c, str) and c for c in classes)
+            and classes[0] != classes[1]):
+        raise ValueError(f"'classes' must name exactly two different classes, not {classes!r}")
+    size = _finite(meta, "image_size")
+    low, high = IMAGE_SIZE_RANGE
+    if size != int(size) or not low <= size <= high:
+        raise ValueError(f"'image_size' must be a whole number of pixels between {low} and {high}, not "
+                         f"{meta['image_size']}")
+    std, temperature = _finite(meta, "std"), _finite(meta, "temperature", 1.0)
+    if std <= 0:
+        raise ValueError(f"'std' must be positive, not {meta['std']}")
+    if temperature <= 0:
+        raise ValueError(f"'temperature' must be positive, not {meta['temperature']}")
+    # The training-time threshold is superseded by runs.operating_point, but a checkpoint carrying an
+    # impossible one was not written by the trainer.
+    threshold = _finite(meta, "threshold", 0.5)
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"'threshold' must lie in [0, 1], not {meta['threshold']}")
+    dropout = _finite(meta, "dropout", 0.0)
+    return CheckpointMetadata(arch, classes, int(size), _finite(meta, "mean"), std, temperature, dropout)
+
+
 def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Build the architecture from the checkpoint's metadata and load best.safetensors (no pickle)."""
+    """Build the architecture from the checkpoint's metadata and load best.safetensors (no pickle), with the
+    run's operating threshold. ValueError when the checkpoint, its metadata or threshold.json is unusable."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -43,18 +112,22 @@ def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu") -> L
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        state = load_file(str(path))
-        model = build_model(meta["arch"], pretrained=False, dropout=float(meta.get("dropout", 0)))
-        model.load_state_dict(state)
-    except (SafetensorError, KeyError, RuntimeError, OSError, ValueError) as e:
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a usable checkpoint: {type(e).__name__}: {e}") from e
+    try:
+        info = checkpoint_metadata(meta)
+    except ValueError as e:
+        raise ValueError(f"{path} has damaged metadata: {e}.") from None
+    # Before the weights: a damaged threshold.json is refused with its own message, never replaced.
+    threshold = runs.operating_point(Path(run_dir)).threshold
+    try:
+        model = build_model(info.arch, pretrained=False, dropout=info.dropout)
+        model.load_state_dict(load_file(str(path)))
+    except (SafetensorError, RuntimeError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a usable checkpoint: {type(e).__name__}: {e}") from e
     device = torch.device(device)
     model.to(device).eval()
-    saved = runs.read_json(Path(run_dir) / "threshold.json", {}) or {}
-    threshold = float(saved["threshold"]) if isinstance(saved.get("threshold"), (int, float)) \
-        else float(meta.get("threshold", 0.5))
-    return LoadedModel(model, meta["arch"], json.loads(meta["classes"]), int(meta["image_size"]),
-                       float(meta["mean"]), float(meta["std"]), float(meta.get("temperature", 1.0)),
+    return LoadedModel(model, info.arch, info.classes, info.image_size, info.mean, info.std, info.temperature,
                        threshold, device)
 
 
@@ -75,7 +148,7 @@ def read_image(source: str | Path | bytes | BinaryIO, size: int) -> np.ndarray:
         return load_grayscale(source, size)
     except ValueError as e:
         reason = "" if str(e) == NOT_AN_IMAGE else f" ({e})"
-        raise ValueError(f"Not a readable image: JPEG or PNG expected{reason}.") from None
+        raise ValueError(f"Not a readable image: {ACCEPTED_FORMATS} expected{reason}.") from None
 
 
 def _input_tensor(loaded: LoadedModel, pixels: np.ndarray) -> torch.Tensor:
@@ -85,7 +158,7 @@ def _input_tensor(loaded: LoadedModel, pixels: np.ndarray) -> torch.Tensor:
 
 def predict_pixels(loaded: LoadedModel, pixels: np.ndarray) -> dict:
     """Calibrated probability of the positive class and the decision at the run's threshold."""
-    with torch.inference_mode():
+    with cam.MODEL_LOCK, torch.inference_mode():
         logits = loaded.model(_input_tensor(loaded, pixels)).float().cpu()
     prob = float(torch.softmax(logits / loaded.temperature, dim=1)[0, 1])
     positive = prob >= loaded.threshold
@@ -104,55 +177,31 @@ def predict_files(loaded: LoadedModel, sources: list[str | Path]) -> list[dict]:
     return out
 
 
-def gradcam(loaded: LoadedModel, pixels: np.ndarray, target_class: int = 1) -> np.ndarray:
-    """Grad-CAM (Selvaraju et al. 2017) on the model's last convolutional block: a (S, S) map in [0, 1]
-    of where evidence for `target_class` lies."""
-    model, layer = loaded.model, loaded.model.cam_layer
-    store: dict[str, torch.Tensor] = {}
-
-    def hook(_module, _inputs, output):
-        output = output if isinstance(output, torch.Tensor) else output[0]
-        store["act"] = output
-        output.register_hook(lambda g: store.__setitem__("grad", g))
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        model.eval()
-        x = _input_tensor(loaded, pixels).requires_grad_(True)
-        with torch.enable_grad():
-            logits = model(x)
-            model.zero_grad(set_to_none=True)
-            logits[0, target_class].backward()
-    finally:
-        handle.remove()
-    act, grad = store["act"].detach(), store["grad"].detach()
-    weights = grad.mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((weights * act).sum(dim=1, keepdim=True))
-    cam = F.interpolate(cam, size=pixels.shape, mode="bilinear", align_corners=False)[0, 0]
-    cam = cam - cam.min()
-    peak = float(cam.max())
-    return (cam / peak).cpu().numpy() if peak > 0 else cam.cpu().numpy()
+def gradcam(loaded: LoadedModel, pixels: np.ndarray, target_class: int = 1) -> CamResult:
+    """Grad-CAM of `target_class` (default the positive class) for preprocessed `pixels`; see core.cam."""
+    return cam.gradcam(loaded.model, _input_tensor(loaded, pixels), target_class)
 
 
-def overlay(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """RGB uint8 image: the X-ray with the heat map in the JET colour map on top."""
-    import cv2
+@dataclass(frozen=True)
+class CamView:
+    image: np.ndarray  # the file at display width, grayscale uint8, its own aspect ratio
+    overlay: np.ndarray  # the same with the map on top, RGB uint8
+    cam: CamResult  # the map at the model's input size, with its layer and resolution
 
-    colour = cv2.applyColorMap(np.uint8(255 * np.clip(heatmap, 0, 1)), cv2.COLORMAP_JET)[..., ::-1]
-    gray = np.repeat(pixels[..., None], 3, axis=2).astype(np.float32)
-    return np.uint8(np.clip((1 - alpha) * gray + alpha * colour, 0, 255))
+    def caption(self, positive_class: str, subject: str = "") -> str:
+        return cam.cam_caption(self.cam, positive_class, subject)
 
 
-def gradcam_display(loaded: LoadedModel, source: str | Path | bytes,
-                    width: int = 320) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(image, Grad-CAM overlay, whether the map found any evidence) at display `width` with the file's own
-    aspect ratio: the map is computed on the model's square input and stretched back. Raises ValueError
-    for unreadable files."""
+def gradcam_display(loaded: LoadedModel, source: str | Path | bytes, width: int = 320,
+                    colour_map: str = cam.DEFAULT_COLOUR_MAP, alpha: float = cam.DEFAULT_ALPHA) -> CamView:
+    """The file and its Grad-CAM overlay at display `width` with the file's own aspect ratio: the map is
+    computed on the model's square input and stretched back. Raises ValueError for unreadable files."""
     import cv2
 
     pixels = read_image(source, loaded.image_size)
-    heat = gradcam(loaded, pixels)
+    result = gradcam(loaded, pixels)
     full = load_grayscale(source if not isinstance(source, Path) else str(source))
     height = max(1, round(full.shape[0] * width / full.shape[1]))
     shown = cv2.resize(full, (width, height), interpolation=cv2.INTER_AREA)
-    return shown, overlay(shown, cv2.resize(heat, (width, height), interpolation=cv2.INTER_LINEAR)), bool(heat.any())
+    heat = cv2.resize(result.heat, (width, height), interpolation=cv2.INTER_LINEAR)
+    return CamView(shown, cam.overlay(shown, heat, colour_map, alpha), result)

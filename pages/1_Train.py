@@ -6,15 +6,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
 import ui
 from core import runs
+from core.bootstrap import format_interval
 from core.config import ARCHITECTURES, CLASS_WEIGHTS, PRESETS, SCHEDULES, STRATEGIES, config_from_preset
 from core.dataset import scan_dataset
+from core.figures import loss_figure, score_figure
 from core.launch import launch_resume, launch_training
+from core.operating import run_summary
 from core.trainer import available_devices, device_names
 
 REFRESH_SECONDS = 3
@@ -118,31 +119,6 @@ def launch_from_form() -> None:
                "the browser); runs launched while another trains wait in the queue.")
 
 
-def loss_figure(epochs: pd.DataFrame, steps: pd.DataFrame, steps_per_epoch: int | None) -> go.Figure:
-    fig = go.Figure()
-    if not steps.empty and "loss" in steps:
-        per_epoch = steps_per_epoch or int(steps["step"].max())
-        fig.add_trace(go.Scatter(x=steps["global_step"] / per_epoch, y=steps["loss"], mode="lines",
-                                 name="train (per step)", line=dict(width=1), opacity=0.45))
-    for column, name in (("train_loss", "train (epoch mean)"), ("val_loss", "validation")):
-        if not epochs.empty and column in epochs:
-            fig.add_trace(go.Scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
-    fig.update_layout(title="Loss", xaxis_title="Epoch", yaxis_title="Cross-entropy loss (weighted)",
-                      margin=dict(t=50, b=10), legend=ui.LEGEND_BELOW)
-    return fig
-
-
-def score_figure(epochs: pd.DataFrame) -> go.Figure:
-    fig = go.Figure()
-    for column, name in (("train_accuracy", "train accuracy"), ("val_accuracy", "validation accuracy"),
-                         ("val_auc", "validation AUC")):
-        if not epochs.empty and column in epochs:
-            fig.add_trace(go.Scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
-    fig.update_layout(title="Accuracy and AUC", xaxis_title="Epoch", yaxis_title="Score (0–1)",
-                      margin=dict(t=50, b=10), legend=ui.LEGEND_BELOW)
-    return fig
-
-
 def render_monitor(run_dir: Path, live: bool) -> None:
     status = runs.read_status(run_dir)
     state = status.get("state", "unknown")
@@ -173,12 +149,7 @@ def render_monitor(run_dir: Path, live: bool) -> None:
             st.info("ImageNet weights could not be fetched (no internet?). Launch again with a local weights "
                     "file, or untick 'ImageNet weights', or choose smallcnn.")
     if state == "finished":
-        test = runs.read_report(run_dir).get("test") or {}
-        if test:
-            st.success(f"Finished. Test AUC {test.get('auc', float('nan')):.4f}, sensitivity "
-                       f"{test.get('sensitivity', float('nan')):.3f}, specificity "
-                       f"{test.get('specificity', float('nan')):.3f} at the threshold chosen on validation. "
-                       "See **Compare**, **Thresholds** and **Mistakes**.")
+        finished_summary(run_dir)
 
     stop_col, resume_col, _ = st.columns([1, 1, 4])
     if state in runs.ACTIVE_STATES:
@@ -206,6 +177,31 @@ def render_monitor(run_dir: Path, live: bool) -> None:
     st.code(runs.log_tail(run_dir, 30) or "(no log yet)", language="text")
     if live:
         st.caption(f"Updates every {REFRESH_SECONDS} s while the run is queued or running.")
+
+
+def finished_summary(run_dir: Path) -> None:
+    """Test metrics with 95% intervals at the run's operating threshold, saying which threshold that is."""
+    try:
+        summary = run_summary(run_dir, ["test"])
+    except ValueError as e:
+        st.error(str(e))
+        return
+    test = summary["sets"].get("test")
+    if test is None:
+        st.success("Finished. " + (summary["errors"].get("test") or "No test set."))
+        return
+    m = test["metrics"]
+    st.success(f"Finished. On test ({test['n']} images, {test['n_patients']} patients) at the operating threshold "
+               f"{summary['operating'].describe()}: AUC {format_interval(m['auc'])}, sensitivity "
+               f"{format_interval(m['sensitivity'])}, specificity {format_interval(m['specificity'])} (95% intervals, "
+               "patients resampled). See **Compare**, **Thresholds** and **Mistakes**.")
+    report = runs.read_report(run_dir)
+    youden = report.get("test") if isinstance(report.get("test"), dict) else {}
+    if isinstance(report.get("threshold"), (int, float)) and youden:
+        st.caption(f"Training-time figures at the Youden threshold {report['threshold']:.3f} chosen on validation: "
+                   f"test AUC {youden.get('auc', float('nan')):.4f}, sensitivity "
+                   f"{youden.get('sensitivity', float('nan')):.3f}, specificity "
+                   f"{youden.get('specificity', float('nan')):.3f}.")
 
 
 # Two fragments over one view: only an active run polls, so finished runs cost nothing.

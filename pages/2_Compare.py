@@ -6,47 +6,64 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
 import ui
 from core import runs
+from core.bootstrap import format_interval
 from core.config import ARCHITECTURES, TrainConfig
 from core.dataset import scan_dataset
+from core.figures import epoch_curves_figure
 from core.launch import launch_training, strategy_study
+from core.operating import run_summary
 
 MAX_DEFAULT_RUNS = 8
-METRICS = (("auc", "AUC"), ("accuracy", "accuracy"), ("sensitivity", "sensitivity"),
-           ("specificity", "specificity"), ("f1", "F1"))
+METRICS = ("auc", "sensitivity", "specificity", "ppv", "npv", "f1", "accuracy")
+METRIC_SHORT = {"auc": "AUC", "sensitivity": "sensitivity", "specificity": "specificity", "ppv": "PPV", "npv": "NPV",
+                "f1": "F1", "accuracy": "accuracy"}
 
 st.set_page_config(page_title="Compare · CXR workbench", page_icon="🫁", layout="wide")
 
 
 def comparison_row(run: dict) -> dict:
+    """One run's row: its operating threshold and how it was chosen, val and test metrics at that threshold
+    with 95% patient-bootstrap intervals (strings 'value [low, high]', which sort like the values)."""
     run_dir = Path(run["path"])
-    status, report = runs.read_status(run_dir), runs.read_report(run_dir)
+    status = runs.read_status(run_dir)
+    report = runs.read_report(run_dir)
     elapsed = status.get("elapsed")
-    row = {"run": run["run"], "state": run["state"], "arch": run["arch"], "strategy": run["strategy"],
+    epochs = runs.epoch_metrics(run_dir)
+    row = {"run": run["run"], "state": run["state"], "arch": run["arch"],
+           "strategy": "scratch" if run["arch"] == "smallcnn" else run["strategy"],
            "pretrained": bool(run["pretrained"]) and run["arch"] != "smallcnn",
-           "epochs run": status.get("epoch"), "epochs max": run["epochs"], "best epoch": report.get("best_epoch"),
-           "training time (min)": round(elapsed / 60, 2) if isinstance(elapsed, (int, float)) else None,
-           "threshold": report.get("threshold")}
-    for split in ("val", "test"):
-        metrics = report.get(split) or {}
-        for key, label in METRICS:
-            row[f"{split} {label}"] = metrics.get(key)
+           "epochs run": int(epochs["epoch"].nunique()) if not epochs.empty else 0, "epochs max": run["epochs"],
+           "best epoch": report.get("best_epoch"),
+           "training time (min)": round(elapsed / 60, 2) if isinstance(elapsed, (int, float)) else None}
+    if run["state"] != "finished":
+        return row
+    try:
+        summary = run_summary(run_dir, ["val", "test"])
+    except ValueError as e:  # a damaged threshold.json: say so in the row, keep the others
+        row["operating threshold"] = f"damaged: {e}"
+        return row
+    row["threshold"] = summary["threshold"]
+    row["operating threshold"] = summary["operating"].describe()
+    for split, s in summary["sets"].items():
+        for key in METRICS:
+            row[f"{split} {METRIC_SHORT[key]}"] = format_interval(s["metrics"][key])
     return row
 
 
-def curves_figure(curves: dict[str, pd.DataFrame], column: str, title: str, y_title: str) -> go.Figure:
-    fig = go.Figure()
-    for name, epochs in curves.items():
-        if column in epochs:
-            fig.add_trace(go.Scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
-    fig.update_layout(title=title, xaxis_title="Epoch", yaxis_title=y_title, margin=dict(t=50, b=10),
-                      legend=ui.LEGEND_BELOW)
-    fig.update_xaxes(tickformat="d", rangemode="tozero")  # whole epochs
-    return fig
+def training_time_row(run: dict) -> dict:
+    """The figures written at the end of training, at the Youden threshold chosen on validation then."""
+    report = runs.read_report(Path(run["path"]))
+    row = {"run": run["run"], "Youden threshold (training)": report.get("threshold")}
+    for split in ("val", "test"):
+        m = report.get(split) if isinstance(report.get(split), dict) else {}
+        for key in ("auc", "sensitivity", "specificity"):
+            value = m.get(key)
+            row[f"{split} {key}"] = value if isinstance(value, (int, float)) else None
+    return row
 
 
 def study_form() -> None:
@@ -108,19 +125,28 @@ else:
         curves = {name: df for name, df in curves.items() if not df.empty}
         if curves:
             auc_col, loss_col = st.columns(2)
-            auc_col.plotly_chart(curves_figure(curves, "val_auc", "Validation AUC", "ROC AUC (0–1)"))
-            loss_col.plotly_chart(curves_figure(curves, "val_loss", "Validation loss",
+            auc_col.plotly_chart(epoch_curves_figure(curves, "val_auc", "Validation AUC", "ROC AUC (0–1)"))
+            loss_col.plotly_chart(epoch_curves_figure(curves, "val_loss", "Validation loss",
                                                 "Cross-entropy loss (weighted)"))
         else:
             st.caption("None of the selected runs has finished an epoch yet: no curves to draw.")
 
         st.subheader("Metrics")
-        st.caption("Validation and test metrics at each run's threshold chosen on validation (report.json); "
-                   "empty until a run finishes. Click a column header to sort.")
+        st.caption("Validation and test at each run's **operating threshold** (the one saved on Thresholds, else the "
+                   "one chosen on validation at the end of training), with 95% intervals from 2,000 bootstrap "
+                   "resamples of patients. Empty until a run finishes. Click a column header to sort.")
         table = pd.DataFrame([comparison_row(r) for r in selected])
-        number_format = {c: st.column_config.NumberColumn(format="%.3f") for c in table.columns
-                         if c.startswith(("val ", "test ")) or c == "threshold"}
-        st.dataframe(table, hide_index=True, column_config=number_format)
+        st.dataframe(table, hide_index=True,
+                     column_config={"threshold": st.column_config.NumberColumn(format="%.3f")})
+        finished = [r for r in selected if r["state"] == "finished"]
+        if finished:
+            with st.expander("Training-time figures (Youden threshold chosen on validation at the end of training)"):
+                st.dataframe(pd.DataFrame([training_time_row(r) for r in finished]), hide_index=True,
+                             column_config={c: st.column_config.NumberColumn(format="%.3f")
+                                            for c in ("Youden threshold (training)", "val auc", "val sensitivity",
+                                                      "val specificity", "test auc", "test sensitivity",
+                                                      "test specificity")})
+                st.caption("Kept for reference: these do not follow a threshold saved later.")
 
         failed = [r for r in selected if r["state"] in ("failed", "killed")]
         for run in failed:

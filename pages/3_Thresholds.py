@@ -1,34 +1,32 @@
-"""Thresholds: ROC and precision-recall curves, the confusion matrix and the clinical rates at a decision
-threshold set by hand or by a target, chosen on validation and read on test."""
+"""Thresholds: fit a decision threshold on validation by a rule or by hand, read every set (test,
+external folders) at it with 95% patient-bootstrap intervals, see ROC/PR curves of validation and test
+overlaid, calibration, subgroups, and save it as the run's one operating threshold."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
 import ui
 from core import runs
-from core.metrics import choose_threshold, metrics_at_threshold, pr_points, roc_points, safe_auc
+from core.bootstrap import METRIC_KEYS, METRIC_LABELS, PatientBootstrap, format_interval
+from core.calibration import N_BINS, calibration_summary, temperature_note, uncalibrated_probs
+from core.figures import confusion_figure, pr_figure, reliability_figure, roc_figure, set_colour
+from core.metrics import TARGET_DEFAULTS, choose_threshold, describe_rule
+from core.operating import curve_data, load_set, ranking_only, set_summary, shift_warnings
+from core.subgroups import groups_from_csv, kermany_groups, prepare_subgroups, subgroup_table
 
-SPLITS = ("val", "test")
-MODES = {
-    "slider": "Slider",
+RULES = {
+    "slider": "By hand",
     "recall": "Recall ≥ X",
     "specificity": "Specificity ≥ X",
+    "ppv": "PPV ≥ X",
+    "npv": "NPV ≥ X",
+    "cost": "Cost ratio",
     "best_f1": "Best F1",
     "youden": "Youden",
-}
-RATES = {
-    "sensitivity": "Sensitivity (recall)",
-    "specificity": "Specificity",
-    "precision": "Precision (PPV)",
-    "npv": "NPV",
-    "f1": "F1",
-    "accuracy": "Accuracy",
 }
 
 
@@ -39,185 +37,209 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def class_names(df: pd.DataFrame, run_dir: Path) -> list[str]:
-    """[negative, positive] names: from the predictions, else the run's data report."""
-    if "class_name" in df:
-        by_label = df.drop_duplicates("label").set_index("label")["class_name"]
-        if 0 in by_label.index and 1 in by_label.index:
-            return [str(by_label[0]), str(by_label[1])]
-    classes = (runs.read_json(run_dir / "data_report.json", {}) or {}).get("classes")
-    if isinstance(classes, list) and len(classes) == 2:
-        return [str(c) for c in classes]
-    return ["negative", "positive"]
+# mtime is hashed (no leading underscore) so a re-evaluated set is recomputed. cache_resource: the
+# bootstrap's weight matrix is shared, not copied, on every slider move.
+@st.cache_resource(show_spinner="Resampling patients…", max_entries=32)
+def prepared_set(run_dir: str, name: str, mtime: float) -> dict:
+    """The set, its fixed patient resamples, and everything that does not depend on the threshold."""
+    pset = load_set(Path(run_dir), name)
+    boot = PatientBootstrap(pset.patients, len(pset.labels))
+    ranking = ranking_only(pset, boot)
+    return {"set": pset, "boot": boot, "ranking": ranking, "curves": curve_data(pset, ranking)}
 
 
-# mtime is a hashed argument (no leading underscore) so a re-evaluated split is recomputed.
-@st.cache_data(show_spinner=False, max_entries=32)
-def split_curves(run_dir: str, split: str, mtime: float) -> dict:
-    """Labels, probabilities and every ROC/PR point of a split, once per predictions file version: moving
-    the slider then only costs metrics_at_threshold."""
-    df = runs.read_predictions(Path(run_dir), split)
-    labels = df["label"].to_numpy(dtype=int)
-    probs = df["prob"].to_numpy(dtype=float)
-    both = len(np.unique(labels)) == 2
-    return {
-        "labels": labels, "probs": probs, "names": class_names(df, Path(run_dir)), "both_classes": both,
-        "roc": roc_points(labels, probs) if both else None,
-        "pr": pr_points(labels, probs) if both else None,
-        "auc": safe_auc(labels, probs),
-    }
+@st.cache_resource(show_spinner=False, max_entries=32)
+def prepared_calibration(run_dir: str, sets: tuple[tuple[str, str, float], ...], temperature: float) -> tuple:
+    """Reliability figure and ECE/Brier table of (name, colour, mtime) sets: threshold-free, built once."""
+    summaries = {}
+    for name, colour, _mtime_of_set in sets:
+        pset = load_set(Path(run_dir), name)
+        summaries[runs.set_label(name)] = {**calibration_summary(pset.labels, pset.probs,
+                                                                 uncalibrated_probs(pset.frame, temperature)),
+                                           "colour": colour}
+    table = pd.DataFrame({label: {"ECE before": c["before"]["ece"], "ECE after": c["after"]["ece"],
+                                  "Brier before": c["before"]["brier"], "Brier after": c["after"]["brier"]}
+                          for label, c in summaries.items()})
+    return reliability_figure(summaries), table
 
 
-def roc_figure(curve: dict, m: dict, operating: dict | None) -> go.Figure:
-    roc = curve["roc"]
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dash", color="gray"),
-                             name="chance", hoverinfo="skip"))
-    fig.add_trace(go.Scatter(x=roc["fpr"], y=roc["tpr"], mode="lines", name="ROC", customdata=roc["threshold"],
-                             hovertemplate="FPR %{x:.3f}<br>TPR %{y:.3f}<br>threshold %{customdata:.3f}"
-                                           "<extra></extra>"))
-    if operating is not None:
-        fig.add_trace(go.Scatter(x=[1 - operating["specificity"]], y=[operating["sensitivity"]], mode="markers",
-                                 marker=dict(symbol="diamond", size=11, color="gray"),
-                                 name=f"saved {operating['threshold']:.3f}"))
-    fig.add_trace(go.Scatter(x=[1 - m["specificity"]], y=[m["sensitivity"]], mode="markers",
-                             marker=dict(symbol="star", size=16, color="crimson"),
-                             name=f"threshold {m['threshold']:.3f}"))
-    fig.update_layout(title=f"ROC curve (AUC {curve['auc']:.3f})", height=430, margin=dict(t=50, b=40),
-                      legend=dict(x=0.98, y=0.02, xanchor="right", yanchor="bottom"))
-    fig.update_xaxes(title="False positive rate (1 − specificity)", range=[0, 1], constrain="domain")
-    # Equal aspect: the diagonal is at 45° and curves compare by eye.
-    fig.update_yaxes(title="True positive rate (sensitivity)", range=[0, 1.01], scaleanchor="x", scaleratio=1)
-    return fig
+@st.cache_resource(show_spinner="Resampling subgroups…", max_entries=32)
+def prepared_subgroups(run_dir: str, name: str, mtime: float, groups_csv: str, csv_mtime: float) -> list:
+    """Subgroups of a set (from Kermany file names, or the user's CSV) with their resamples; raises
+    ValueError for an unusable CSV."""
+    pset = load_set(Path(run_dir), name)
+    groups = groups_from_csv(pset.frame["path"], groups_csv) if groups_csv else kermany_groups(pset.frame["path"])
+    return prepare_subgroups(pset.labels, pset.probs, pset.patients, groups)
 
 
-def pr_figure(curve: dict, m: dict, operating: dict | None) -> go.Figure:
-    pr = curve["pr"]
-    prevalence = float(np.mean(curve["labels"]))
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(x=[0, 1], y=[prevalence, prevalence], mode="lines", name="chance (prevalence)",
-                             line=dict(dash="dash", color="gray"), hoverinfo="skip"))
-    fig.add_trace(go.Scatter(x=pr["recall"], y=pr["precision"], mode="lines", name="PR",
-                             customdata=pr["threshold"],
-                             hovertemplate="recall %{x:.3f}<br>precision %{y:.3f}<br>threshold %{customdata:.3f}"
-                                           "<extra></extra>"))
-    if operating is not None and not np.isnan(operating["precision"]):
-        fig.add_trace(go.Scatter(x=[operating["sensitivity"]], y=[operating["precision"]], mode="markers",
-                                 marker=dict(symbol="diamond", size=11, color="gray"),
-                                 name=f"saved {operating['threshold']:.3f}"))
-    if not np.isnan(m["precision"]):
-        fig.add_trace(go.Scatter(x=[m["sensitivity"]], y=[m["precision"]], mode="markers",
-                                 marker=dict(symbol="star", size=16, color="crimson"),
-                                 name=f"threshold {m['threshold']:.3f}"))
-    fig.update_layout(title=f"Precision–recall curve (area {pr['auc']:.3f})", height=430,
-                      margin=dict(t=50, b=40), legend=dict(x=0.02, y=0.02, yanchor="bottom"))
-    fig.update_xaxes(title="Recall (sensitivity)", range=[0, 1])
-    fig.update_yaxes(title="Precision (PPV)", range=[0, 1.01])
-    return fig
+def colour_of(name: str, names: list[str]) -> str:
+    externals = [n for n in names if n.startswith(runs.EXTERNAL_PREFIX)]
+    return set_colour(name, externals.index(name) if name in externals else 0)
 
 
-def confusion_figure(m: dict, names: list[str], title: str) -> go.Figure:
-    z = [[m["tn"], m["fp"]], [m["fn"], m["tp"]]]
-    fig = go.Figure(go.Heatmap(z=z, x=names, y=names, text=z, texttemplate="%{text}", textfont=dict(size=18),
-                               colorscale="Blues", showscale=False,
-                               hovertemplate="true %{y}<br>predicted %{x}<br>%{z} images<extra></extra>"))
-    fig.update_layout(title=title, height=340, margin=dict(t=50, b=40))
-    fig.update_xaxes(title="Predicted class", type="category")
-    fig.update_yaxes(title="True class", type="category", autorange="reversed")
-    return fig
+def interval_table(summaries: dict[str, dict]) -> pd.DataFrame:
+    rows = {METRIC_LABELS[k]: {runs.set_label(s): format_interval(summ["metrics"][k]) for s, summ in summaries.items()}
+            for k in METRIC_KEYS}
+    table = pd.DataFrame(rows).T
+    counts = {runs.set_label(s): f"{summ['n']} images, {summ['n_patients']} patients"
+              + ("" if summ["patients_known"] else " (ids unknown: images resampled)") for s, summ in summaries.items()}
+    return pd.concat([table, pd.DataFrame([counts], index=["Images"])])
 
 
 st.set_page_config(page_title="Thresholds · CXR workbench", layout="wide")
 st.title("Decision threshold")
-st.caption("Choose the threshold on **validation**, then read **test** at that threshold: tuning on test "
-           "makes its numbers optimistic.")
+st.caption("Fit the threshold on **validation**, then read **test** (and external folders) at it: tuning on "
+           "test makes its numbers optimistic. Every figure carries its 95% interval from 2,000 bootstrap "
+           "resamples of patients (not images).")
 
 run_dir = ui.run_picker()
 if run_dir is None:
     st.stop()
 
-available = [s for s in SPLITS if (run_dir / f"predictions_{s}.csv").exists()]
-if "val" not in available:
+try:
+    operating = runs.operating_point(run_dir)
+except ValueError as e:
+    st.error(str(e))
+    st.stop()
+names = runs.prediction_sets(run_dir)
+if "val" not in names:
     st.error(f"No validation predictions in `{run_dir}`: the run has not finished evaluating.")
     st.stop()
 try:
-    curves = {s: split_curves(str(run_dir), s, _mtime(run_dir / f"predictions_{s}.csv")) for s in available}
+    prepared = {n: prepared_set(str(run_dir), n, _mtime(runs.predictions_path(run_dir, n))) for n in names}
 except (FileNotFoundError, ValueError) as e:
     st.error(str(e))
     st.stop()
 
+headline = st.empty()  # filled once a save on this run is handled
+
 # A new run starts from its own operating threshold, not from the last run's slider position.
 if st.session_state.get("threshold_run") != str(run_dir):
-    st.session_state["thr_slider"] = runs.operating_threshold(run_dir)
+    st.session_state["thr_slider"] = operating.threshold
     st.session_state["threshold_run"] = str(run_dir)
 
-controls = st.columns([1, 3, 1])
-split = controls[0].radio("Tune on", available, horizontal=True, key="thr_split", persist_state="session")
-mode = controls[1].radio("Set the threshold by", list(MODES), format_func=MODES.get, horizontal=True,
-                         key="thr_mode", persist_state="session")
-x = None
-if mode in ("recall", "specificity"):
-    x = controls[2].number_input("X", min_value=0.5, max_value=1.0, value=0.95, step=0.01, format="%.3f",
-                                 key="thr_x", persist_state="session")
+controls = st.columns([1.2, 3, 1])
+fit_on = controls[0].radio("Fit on", names, format_func=runs.set_label, key="thr_split",
+                           persist_state="session",
+                           help="The set the rule is fitted on. Validation is the honest choice; the other sets "
+                                "are read at the threshold it gives.")
+rule = controls[1].radio("Rule", list(RULES), format_func=RULES.get, horizontal=True, key="thr_mode",
+                         persist_state="session")
+value = None
+if rule in TARGET_DEFAULTS:
+    if rule == "cost":
+        value = controls[2].number_input("Missed positive costs (false alarms)", min_value=0.01, max_value=1000.0,
+                                         value=TARGET_DEFAULTS["cost"], step=0.5, key="thr_cost",
+                                         persist_state="session",
+                                         help="Minimises expected cost = k × false negatives + false positives.")
+    else:
+        value = controls[2].number_input("X", min_value=0.0, max_value=1.0, value=TARGET_DEFAULTS[rule], step=0.01,
+                                         format="%.3f", key=f"thr_x_{rule}", persist_state="session")
 
-curve = curves[split]
-if not curve["both_classes"]:
-    st.warning(f"The {split} split holds only one class: curves and targets need both.")
+fit = prepared[fit_on]["set"]
+if not fit.both_classes:
+    st.warning(f"The {runs.set_label(fit_on)} set holds only one class: curves and rules need both.")
 
 chosen = None
-if mode != "slider":
-    chosen = choose_threshold(curve["labels"], curve["probs"], mode, x)
-    # The slider shows the chosen value and starts from it when switching back to manual.
-    st.session_state["thr_slider"] = chosen
+if rule != "slider":
+    chosen = choose_threshold(fit.labels, fit.probs, rule, value)
+    st.session_state["thr_slider"] = chosen  # switching back to "by hand" starts from it
 slider_value = st.slider("Threshold (predict positive when probability ≥ threshold)", 0.0, 1.0, step=0.001,
                          format="%.3f", key="thr_slider", persist_state="session", disabled=chosen is not None)
-# A target's exact threshold, not the slider's rounding of it: recall >= X must hold.
+# A rule's exact threshold, not the slider's rounding of it: recall >= X must hold.
 threshold = float(slider_value if chosen is None else chosen)
-target = "manual" if chosen is None else (f"{mode}>={x:.3f}" if x is not None else mode)
+rule_text = describe_rule(rule if rule != "slider" else "manual", value)
 
-# Read by the Mistakes page (and kept when switching pages).
-st.session_state.update(threshold=threshold, threshold_split=split, threshold_target=target)
+if fit_on != "val":
+    st.warning(f"You are fitting the threshold on **{runs.set_label(fit_on)}**. Numbers read on the set the "
+               "threshold was fitted on are optimistic; fit on validation and only read the others.")
 
-if split == "test":
-    st.warning("You are tuning the threshold on the **test** set. Numbers read on test at a threshold chosen "
-               "on test are optimistic; choose it on validation and only read test.")
+summaries = {n: set_summary(p["set"], threshold, p["boot"], p["ranking"]) for n, p in prepared.items()}
 
-metrics = {s: metrics_at_threshold(c["labels"], c["probs"], threshold) for s, c in curves.items()}
-operating = runs.operating_threshold(run_dir)
-operating_metrics = metrics_at_threshold(curve["labels"], curve["probs"], operating)
-
-summary = st.columns([1, 1, 2])
-summary[0].metric("Current threshold", f"{threshold:.3f}", help=f"Target: {target}, on {split}")
-if summary[2].button("Save threshold", type="primary",
-                     help="Prediction and the Mistakes page use the saved threshold of a run."):
+top = st.columns([1, 1, 2])
+# The button is handled before the metrics are drawn, so they show the threshold just saved.
+if top[2].button("Save as the operating threshold", type="primary",
+                 help="Every view and command then uses this threshold; nothing is retrained."):
     try:
-        runs.save_threshold(run_dir, threshold, chosen_on=split, target=target)
-        operating = threshold
-        operating_metrics = metrics[split]
-        summary[2].success(f"Saved {threshold:.3f} (chosen on {split}, {target}).")
+        runs.save_threshold(run_dir, threshold, chosen_on=fit_on, target=rule_text,
+                            rule=rule if rule != "slider" else "manual", value=value)
     except (ValueError, OSError) as e:
-        summary[2].error(f"Could not save the threshold: {e}")
-saved = runs.read_json(run_dir / "threshold.json", {}) or {}
-origin = (f"saved, chosen on {saved.get('chosen_on')} ({saved.get('target')})" if "threshold" in saved
-          else "chosen on validation (Youden) at the end of training")
-summary[1].metric("Operating threshold", f"{operating:.3f}", help=f"Used by Predict: {origin}")
-summary[2].caption(f"Operating threshold {origin}.")
+        top[2].error(f"Could not save the threshold: {e}")
+    else:
+        operating = runs.operating_point(run_dir)
+        top[2].success(f"Saved: operating threshold {operating.describe()}.")
+headline.info(f"**Operating threshold {operating.describe()}.** Train's summary, Compare, Mistakes, Predict, "
+              "`python -m core runs / evaluate` and the report all use it. Saving another one below changes them all.")
+top[0].metric("Threshold on this page", f"{threshold:.3f}", help=f"{rule_text}, fitted on {runs.set_label(fit_on)}")
+top[1].metric("Operating threshold", f"{operating.threshold:.3f}", help=operating.describe())
+if abs(threshold - operating.threshold) > 1e-12:
+    top[2].caption(f"Not saved: the views use {operating.threshold:.3f} until you save.")
 
-if curve["both_classes"]:
+if "test" in summaries:
+    gaps = shift_warnings(summaries["val"], summaries["test"])
+    if gaps:
+        st.warning("**Validation does not represent test.** " + "; ".join(gaps) + ". Validation is carved from "
+                   "Kermany's training pool (same acquisition period), test was collected separately: the "
+                   "threshold fitted on validation does not give validation's rates on test.")
+
+st.subheader(f"Metrics at threshold {threshold:.3f} ({rule_text}, fitted on {runs.set_label(fit_on)})")
+st.dataframe(interval_table(summaries))
+st.caption("Value [95% interval]. A dash: undefined (no images of that kind, or too few resamples defined). "
+           f"Positive class: {fit.class_names[1]}. PPV and NPV depend on each set's prevalence.")
+
+shown = st.multiselect("Curves of", names, default=[n for n in ("val", "test") if n in names],
+                       format_func=runs.set_label, key="thr_curves")
+markers = []
+for n in shown:
+    m = summaries[n]["metrics"]
+    markers.append({"name": f"{runs.set_label(n)} at {threshold:.3f}", "fpr": 1 - m["specificity"]["value"],
+                    "tpr": m["sensitivity"]["value"], "recall": m["sensitivity"]["value"],
+                    "precision": m["ppv"]["value"], "colour": colour_of(n, names)})
+curves = {n: prepared[n]["curves"] for n in shown if prepared[n]["curves"]["roc"]}
+roc_curves = {runs.set_label(n): {**c["roc"], "colour": colour_of(n, names)} for n, c in curves.items()}
+pr_curves = {runs.set_label(n): {**c["pr"], "colour": colour_of(n, names)} for n, c in curves.items()}
+if roc_curves:
     charts = st.columns(2)
-    charts[0].plotly_chart(roc_figure(curve, metrics[split], operating_metrics), key="roc")
-    charts[1].plotly_chart(pr_figure(curve, metrics[split], operating_metrics), key="pr")
+    charts[0].plotly_chart(roc_figure(roc_curves, markers, "ROC (test is read, never tuned)"), key="roc")
+    charts[1].plotly_chart(pr_figure(pr_curves, markers), key="pr")
 
-order = [split] + [s for s in available if s != split]
-matrices = st.columns(len(order))
-for col, s in zip(matrices, order, strict=True):
-    m = metrics[s]
-    role = "threshold chosen here" if s == split else "threshold applied"
-    n = m["tp"] + m["tn"] + m["fp"] + m["fn"]
-    col.plotly_chart(confusion_figure(m, curves[s]["names"], f"{s}: {role} (n={n})"), key=f"cm_{s}")
+matrices = st.columns(len(names))
+for col, n in zip(matrices, names, strict=True):
+    s = summaries[n]
+    col.plotly_chart(confusion_figure(s["counts"], prepared[n]["set"].class_names,
+                                      f"{runs.set_label(n)} (n={s['n']})"), key=f"cm_{n}")
 
-table = pd.DataFrame({f"{s} ({'tuned' if s == split else 'applied'})": [metrics[s][k] for k in RATES]
-                      for s in order}, index=list(RATES.values()))
-st.dataframe(table.style.format("{:.3f}", na_rep="—"))
-st.caption("Positive class: " + curve["names"][1] + ". NPV: share of negative predictions that are truly "
-           "negative. A dash: undefined (no predictions or no images of that kind).")
+st.header("Calibration")
+report = runs.read_report(run_dir)
+temperature = report.get("temperature") if isinstance(report.get("temperature"), (int, float)) else 1.0
+st.caption(temperature_note(report))
+reliability, calibration_table = prepared_calibration(
+    str(run_dir), tuple((n, colour_of(n, names), _mtime(runs.predictions_path(run_dir, n))) for n in shown or ["val"]),
+    float(temperature))
+cal_cols = st.columns([2, 1])
+cal_cols[0].plotly_chart(reliability, key="reliability")
+cal_cols[1].dataframe(calibration_table.style.format("{:.4f}"))
+cal_cols[1].caption(f"ECE: expected calibration error over {N_BINS} equal-width probability bins. Brier: mean "
+                    "squared error of the probability. Lower is better for both.")
+
+st.header("Subgroups")
+read_on = st.selectbox("Set", names, index=names.index("test") if "test" in names else 0, format_func=runs.set_label,
+                       key="thr_subgroup_set")
+groups_csv = st.text_input("Groups CSV (optional): a path column plus group columns", key="thr_groups_csv")
+try:
+    subgroups = prepared_subgroups(str(run_dir), read_on, _mtime(runs.predictions_path(run_dir, read_on)),
+                                   groups_csv.strip(), _mtime(Path(groups_csv.strip())) if groups_csv.strip() else 0.0)
+except ValueError as e:
+    st.error(str(e))
+    subgroups = []
+if not subgroups:
+    st.caption("No subgroups: file names do not follow Kermany's patterns; give a groups CSV.")
+else:
+    table = subgroup_table(subgroups, threshold)
+    for key in ("sensitivity", "specificity", "auc"):
+        if key in table:
+            table[key] = table[key].map(lambda iv: format_interval(iv) if isinstance(iv, dict) else "—")
+    st.dataframe(table, hide_index=True)
+    st.caption(f"At threshold {threshold:.3f}, on {runs.set_label(read_on)}. Sensitivity needs positives and "
+               "specificity negatives: a pneumonia subtype has only a sensitivity, a normal series only a "
+               "specificity. Groups under 5 images get no interval.")

@@ -1,5 +1,6 @@
-"""Mistakes: the false negatives and false positives of a run at the current threshold, most confident
-first, as a gallery with a Grad-CAM view of any of them."""
+"""Mistakes: the false negatives and false positives of a run at its operating threshold (or, explicitly, a
+previewed one), most confident first, on any of its prediction sets, as a gallery with a Grad-CAM view
+of any of them."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 from PIL import Image
 
 import ui
 from core import runs
+from core.cam import COLOUR_MAPS, DEFAULT_ALPHA, DEFAULT_COLOUR_MAP
 from core.dataset import to_grayscale_uint8
 from core.metrics import mistakes
 from core.predict import gradcam_display
@@ -20,6 +23,8 @@ KINDS = {"both": "Both", "false negative": "False negatives", "false positive": 
 THUMB_PX = 256
 CAM_PX = 320
 COLUMNS = 4
+WHO_USES_THE_OPERATING_THRESHOLD = ("Predict, Compare, `runs`, `evaluate` and the report use the operating "
+                                    "threshold; save a new one on the Thresholds page.")
 
 
 @st.cache_data(show_spinner=False, max_entries=1024)
@@ -43,6 +48,12 @@ def _mtime(path: str) -> float:
         return 0.0
 
 
+def describe(row: pd.Series) -> str:
+    """'IM-0001-0001.jpeg · true NORMAL · p=0.912 · false positive': one image, from its own row."""
+    true_name = row["class_name"] if isinstance(row.get("class_name"), str) else f"label {row['label']}"
+    return f"{Path(row['path']).name} · true {true_name} · p={row['prob']:.3f} · {row['kind']}"
+
+
 st.set_page_config(page_title="Mistakes · CXR workbench", layout="wide")
 st.title("Mistakes")
 
@@ -50,32 +61,52 @@ run_dir = ui.run_picker()
 if run_dir is None:
     st.stop()
 
+sets = runs.prediction_sets(run_dir)
+if not sets:
+    st.info("This run has no saved predictions yet: they are written when training finishes, and by "
+            "`python -m core evaluate` for other folders.")
+    st.stop()
+try:
+    operating = runs.operating_point(run_dir)
+except ValueError as e:  # a damaged threshold.json: say so, never fall back to another threshold
+    st.error(str(e))
+    st.stop()
+
 controls = st.columns([1, 2, 2])
-split = controls[0].radio("Split", ["test", "val"], horizontal=True, key="mistakes_split",
-                          persist_state="session")
+set_name = controls[0].selectbox("Set", sets, index=sets.index("test") if "test" in sets else 0,
+                                 format_func=runs.set_label, key="mistakes_set", persist_state="session",
+                                 help="The run's validation and test splits, and every external folder "
+                                      "evaluated with this run.")
 kind = controls[1].radio("Show", list(KINDS), format_func=KINDS.get, horizontal=True, key="mistakes_kind",
                          persist_state="session")
+with controls[2]:
+    preview = st.toggle("Preview another threshold", key="mistakes_preview",
+                        help="Look at the mistakes another threshold would make, without changing anything. "
+                             + WHO_USES_THE_OPERATING_THRESHOLD)
+    if preview:
+        threshold = float(st.slider("Preview threshold", 0.0, 1.0, value=operating.threshold, step=0.001,
+                                    format="%.3f", key="mistakes_preview_threshold"))
+    else:
+        threshold = operating.threshold
+        st.metric("Operating threshold", f"{threshold:.3f}", help=WHO_USES_THE_OPERATING_THRESHOLD)
 
-# The Thresholds page writes the threshold being tuned; otherwise the run's saved operating threshold.
-if st.session_state.get("threshold_run") == str(run_dir) and "threshold" in st.session_state:
-    threshold = float(st.session_state["threshold"])
-    origin = f"set on the Thresholds page: {st.session_state.get('threshold_target', 'manual')}"
-else:
-    threshold = runs.operating_threshold(run_dir)
-    origin = "the run's operating threshold"
-controls[2].metric("Threshold", f"{threshold:.3f}", help=origin)
+st.caption(f"Operating threshold: {operating.describe()}.")
+if preview:
+    st.warning(f"Preview at {threshold:.3f}: these are **not** the operating threshold's mistakes (it is "
+               f"{operating.describe()}). {WHO_USES_THE_OPERATING_THRESHOLD}")
 
 try:
-    predictions = ui.cached_predictions(run_dir, split)
+    predictions = ui.cached_predictions(run_dir, set_name)
 except (FileNotFoundError, ValueError) as e:
     st.error(str(e))
     st.stop()
 
 wrong = mistakes(predictions, threshold)
 n_fn = int((wrong["kind"] == "false negative").sum())
-st.caption(f"At threshold {threshold:.3f} ({origin}): {n_fn} false negatives and {len(wrong) - n_fn} false "
-           f"positives among {len(predictions)} {split} images. Most confident mistakes first: confidence is "
-           "the probability the model gave to the wrong class.")
+which = "previewed" if preview else "operating"
+st.caption(f"At the {which} threshold {threshold:.3f}: {n_fn} false negatives and {len(wrong) - n_fn} false "
+           f"positives among {len(predictions)} {runs.set_label(set_name)} images. Most confident mistakes first: "
+           "confidence is the probability the model gave to the wrong class.")
 shown = wrong if kind == "both" else wrong[wrong["kind"] == kind].reset_index(drop=True)
 if shown.empty:
     st.success("No mistakes of this kind at this threshold.")
@@ -87,7 +118,8 @@ st.dataframe(table[columns], hide_index=True, height=240,
              column_config={"prob": st.column_config.NumberColumn("probability", format="%.3f"),
                             "confidence": st.column_config.NumberColumn(format="%.3f")})
 st.download_button("Download this list (CSV)", table[columns].to_csv(index=False).encode(),
-                   file_name=f"{run_dir.name}-{split}-mistakes.csv", mime="text/csv")
+                   file_name=f"{run_dir.name}-{set_name.replace(':', '-')}-mistakes.csv", mime="text/csv")
+
 
 st.subheader("Gallery")
 paging = st.columns([1, 1, 4])
@@ -113,18 +145,29 @@ for i, row in enumerate(rows.itertuples(index=False)):
             st.image(pixels, caption=caption, width="stretch")
 
 st.subheader("Grad-CAM")
-options = list(range(len(shown)))
-choice = st.selectbox("Image", options, key="mistakes_cam",
-                      format_func=lambda i: f"{Path(shown.at[i, 'path']).name} · {shown.at[i, 'kind']} · "
-                                            f"p={shown.at[i, 'prob']:.3f}")
+# Options are the images' paths, not positions in the list: a position would point at another image after
+# the filter, set or threshold changes, and a label computed for one row would sit over another's map.
+paths = list(dict.fromkeys(shown["path"].astype(str)))
+labels = {p: f"#{i + 1} {describe(shown.iloc[i])}" for i, p in enumerate(shown["path"].astype(str))}
+if st.session_state.get("mistakes_cam") not in labels:
+    st.session_state["mistakes_cam"] = paths[0]
+cam_controls = st.columns([3, 1, 1])
+chosen = cam_controls[0].selectbox("Image", paths, key="mistakes_cam", format_func=lambda p: labels.get(p, p))
+colour_map = cam_controls[1].selectbox("Colour map", list(COLOUR_MAPS),
+                                       index=list(COLOUR_MAPS).index(DEFAULT_COLOUR_MAP),
+                                       format_func=lambda name: COLOUR_MAPS[name][1], key="mistakes_colour_map")
+alpha = cam_controls[2].slider("Overlay opacity", 0.0, 1.0, DEFAULT_ALPHA, 0.05, key="mistakes_alpha")
+row = shown[shown["path"].astype(str) == chosen].iloc[0]  # the one row both the map and its caption come from
 try:
     loaded = ui.cached_model(run_dir)
-    original, heat_overlay, found = gradcam_display(loaded, str(shown.at[choice, "path"]))
-except FileNotFoundError as e:
+except (FileNotFoundError, ValueError) as e:
     st.error(str(e))
+    st.stop()
+try:
+    view = gradcam_display(loaded, str(row["path"]), CAM_PX, colour_map, alpha)
 except ValueError as e:
-    st.error(f"{Path(shown.at[choice, 'path']).name}: file missing or unreadable ({e})")
+    st.error(f"{Path(row['path']).name}: file missing or unreadable ({e})")
 else:
     views = st.columns(2)
-    views[0].image(original, caption="Original", width=CAM_PX)
-    views[1].image(heat_overlay, caption=ui.gradcam_caption(loaded.classes[1], found), width=CAM_PX)
+    views[0].image(view.image, caption=f"Original: {Path(row['path']).name}", width=CAM_PX)
+    views[1].image(view.overlay, caption=view.caption(loaded.classes[1], subject=describe(row)), width=CAM_PX)

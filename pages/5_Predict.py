@@ -10,7 +10,9 @@ import streamlit as st
 
 import ui
 from core import runs
-from core.predict import MAX_UPLOAD_BYTES, gradcam_display, predict_pixels, read_image
+from core.cam import COLOUR_MAPS, DEFAULT_ALPHA, DEFAULT_COLOUR_MAP
+from core.dataset import IMAGE_EXTENSIONS
+from core.predict import ACCEPTED_FORMATS, MAX_UPLOAD_BYTES, gradcam_display, predict_pixels, read_image
 
 CAM_PX = 320
 LIMIT_MB = MAX_UPLOAD_BYTES // 2**20
@@ -25,23 +27,28 @@ if run_dir is None:
     st.stop()
 try:
     loaded = ui.cached_model(run_dir)
-except (FileNotFoundError, ValueError) as e:
+    # Read now, not from the cached model: a threshold saved since it was cached must apply at once.
+    operating = runs.operating_point(run_dir)
+except (FileNotFoundError, ValueError) as e:  # damaged checkpoint, metadata or threshold.json
     st.error(str(e))
     st.stop()
+loaded = dataclasses.replace(loaded, threshold=operating.threshold)
 
-# Read the threshold now: a threshold saved since the model was cached must apply at once.
-loaded = dataclasses.replace(loaded, threshold=runs.operating_threshold(run_dir))
-saved = runs.read_json(run_dir / "threshold.json", {}) or {}
-origin = (f"saved, chosen on {saved.get('chosen_on')} ({saved.get('target')})" if "threshold" in saved
-          else "chosen on validation at the end of training")
 st.markdown(f"Model **{loaded.arch}** ({loaded.image_size} px input). Predicts **{loaded.classes[1]}** when "
-            f"the calibrated probability is at least **{loaded.threshold:.3f}** ({origin}; change it on the "
-            "Thresholds page).")
+            f"the calibrated probability is at least the run's operating threshold, **{operating.describe()}**. "
+            "Save another on the Thresholds page.")
 
-uploads = st.file_uploader(f"Chest X-rays: JPEG or PNG, up to {LIMIT_MB} MB each", type=["jpg", "jpeg", "png"],
+uploads = st.file_uploader(f"Chest X-rays: {ACCEPTED_FORMATS}, up to {LIMIT_MB} MB each",
+                           type=sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS),
                            accept_multiple_files=True, max_upload_size=LIMIT_MB, key="predict_files")
-st.caption(f"Files larger than {LIMIT_MB} MB are refused. Images of any size and of grayscale or colour are "
-           f"resized to the model's {loaded.image_size} × {loaded.image_size} input as in training.")
+st.caption(f"{ACCEPTED_FORMATS}, as training reads. Files larger than {LIMIT_MB} MB are refused. Images of any "
+           f"size and of grayscale or colour are resized to the model's {loaded.image_size} × {loaded.image_size} "
+           "input as in training.")
+cam_controls = st.columns([1, 1, 2])
+colour_map = cam_controls[0].selectbox("Grad-CAM colour map", list(COLOUR_MAPS),
+                                       index=list(COLOUR_MAPS).index(DEFAULT_COLOUR_MAP),
+                                       format_func=lambda name: COLOUR_MAPS[name][1], key="predict_colour_map")
+alpha = cam_controls[1].slider("Overlay opacity", 0.0, 1.0, DEFAULT_ALPHA, 0.05, key="predict_alpha")
 
 results = []
 for upload in uploads or []:
@@ -62,9 +69,9 @@ for upload in uploads or []:
         left.metric(f"Probability of {loaded.classes[1]}", f"{result['prob']:.3f}")
         left.markdown(f"Decision: **:{'red' if positive else 'green'}[{result['predicted']}]**  \n"
                       f"({result['prob']:.3f} {'≥' if positive else '<'} threshold {result['threshold']:.3f})")
-        original, heat_overlay, found = gradcam_display(loaded, data, CAM_PX)
-        middle.image(original, caption="Original", width=CAM_PX)
-        right.image(heat_overlay, caption=ui.gradcam_caption(loaded.classes[1], found), width=CAM_PX)
+        view = gradcam_display(loaded, data, CAM_PX, colour_map, alpha)
+        middle.image(view.image, caption="Original", width=CAM_PX)
+        right.image(view.overlay, caption=view.caption(loaded.classes[1]), width=CAM_PX)
 
 if len(results) > 1:
     st.subheader("Summary")

@@ -1,10 +1,14 @@
-"""Mistakes page (AppTest): renders with and without runs; FN/FP sorted by confidence, filters, the
-threshold handed over by the Thresholds page, missing files and Grad-CAM."""
+"""Mistakes page (AppTest): renders with and without runs; FN/FP sorted by confidence, filters, every
+prediction set of the run (external ones included), the operating threshold by default and an explicit
+preview of another, a damaged threshold.json, missing files, and a Grad-CAM that always names its image."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -13,10 +17,33 @@ from core.metrics import mistakes
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "4_Mistakes.py")
 TIMEOUT = 120
+CAM_CAPTION = re.compile(r"^(?P<file>[^ ]+) · true (?P<true>\w+) · p=(?P<prob>[0-9.]+) · (?P<kind>false \w+) — "
+                         r"Grad-CAM, (?P<rows>\d+)×(?P<cols>\d+) map from backbone\.[\w.]+: ")
 
 
 def gallery_captions(at: AppTest) -> list[str]:
     return [c for img in at.image for c in img.captions if c.startswith("false ")]
+
+
+def cam_caption(at: AppTest) -> re.Match:
+    captions = [c for img in at.image for c in img.captions if "Grad-CAM" in c]
+    assert len(captions) == 1, captions
+    match = CAM_CAPTION.match(captions[0])
+    assert match, captions[0]
+    return match
+
+
+def assert_cam_names_the_chosen_image(at: AppTest, predictions: pd.DataFrame) -> str:
+    """The caption over the map describes the image the picker holds (file, true class, probability, kind),
+    and the original beside it is that file too. Returns the chosen path."""
+    chosen = at.selectbox(key="mistakes_cam").value
+    row = predictions[predictions["path"] == chosen].iloc[0]
+    match = cam_caption(at)
+    assert match["file"] == Path(chosen).name
+    assert match["true"] == row["class_name"] and match["prob"] == f"{row['prob']:.3f}"
+    assert match["kind"] == ("false negative" if row["label"] == 1 else "false positive")
+    assert f"Original: {Path(chosen).name}" in [c for img in at.image for c in img.captions]
+    return chosen
 
 
 def test_no_runs_shows_hint(empty_runs_dir):  # noqa: F811
@@ -28,9 +55,10 @@ def test_no_runs_shows_hint(empty_runs_dir):  # noqa: F811
 def test_lists_mistakes_most_confident_first(run_copy):  # noqa: F811
     at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
     assert not at.exception, at.exception
-    threshold = runs.operating_threshold(run_copy)
-    expected = mistakes(runs.read_predictions(run_copy, "test"), threshold)
+    operating = runs.operating_point(run_copy)
+    expected = mistakes(runs.read_predictions(run_copy, "test"), operating.threshold)
     assert len(expected) > 0, "the tiny fixture model should make mistakes on test"
+    assert at.selectbox(key="mistakes_set").value == "test"
     table = at.dataframe[0].value
     assert list(table["path"]) == list(expected["path"])
     assert set(table["kind"]) <= {"false negative", "false positive"}
@@ -40,7 +68,10 @@ def test_lists_mistakes_most_confident_first(run_copy):  # noqa: F811
     first = expected.iloc[0]
     assert captions[0].startswith(f"{first['kind']} · true {first['class_name']} · p={first['prob']:.3f}")
     assert first["patient"] in captions[0]
-    assert [c for img in at.image for c in img.captions][-2:] == ["Original", "Grad-CAM: evidence for PNEUMONIA"]
+    # Grad-CAM opens on the most confident mistake, at the 64 px fixture's 8×8 map, in viridis by default.
+    match = cam_caption(at)
+    assert match["file"] == Path(first["path"]).name and (match["rows"], match["cols"]) == ("8", "8")
+    assert at.selectbox(key="mistakes_colour_map").value == "viridis"
     assert at.download_button[0].label.startswith("Download")
 
 
@@ -55,15 +86,93 @@ def test_filter_by_kind(run_copy, kind):  # noqa: F811
     assert all(c.startswith(kind) for c in gallery_captions(at))
 
 
-def test_uses_threshold_from_thresholds_page(run_copy):  # noqa: F811
+def threshold_with_both_kinds(predictions: pd.DataFrame) -> float:
+    """A threshold at which the run makes false negatives and false positives (several of each)."""
+    for threshold in np.quantile(predictions["prob"], np.linspace(0.2, 0.8, 13)):
+        wrong = mistakes(predictions, float(threshold))
+        if min((wrong["kind"] == k).sum() for k in ("false negative", "false positive")) >= 2:
+            return float(threshold)
+    pytest.fail("the fixture run makes no threshold with both kinds of mistake")
+
+
+def test_grad_cam_names_its_own_image_after_the_filter_changes(run_copy):  # noqa: F811
+    """Regression: the picker kept a position, so after a filter change one image's name, label and
+    probability sat over another image's map."""
+    predictions = runs.read_predictions(run_copy, "test")
+    threshold = threshold_with_both_kinds(predictions)
+    runs.save_threshold(run_copy, threshold, chosen_on="val", target="manual")
+    wrong = mistakes(predictions, threshold)
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    assert_cam_names_the_chosen_image(at, predictions)
+
+    # A false positive that is not first in the list, then only false negatives: it is not among them.
+    positive_rows = wrong.index[wrong["kind"] == "false positive"]
+    picked = wrong.at[positive_rows[1], "path"]
+    at.selectbox(key="mistakes_cam").set_value(picked).run()
+    assert assert_cam_names_the_chosen_image(at, predictions) == picked
+    at.radio(key="mistakes_kind").set_value("false negative").run()
+    assert not at.exception, at.exception
+    shown = assert_cam_names_the_chosen_image(at, predictions)
+    assert shown == wrong[wrong["kind"] == "false negative"].iloc[0]["path"]
+
+    # Back to the false positives: it opens on the first one; picking the second, then showing both kinds,
+    # keeps that image (its position in the list changes, its caption does not).
+    at.radio(key="mistakes_kind").set_value("false positive").run()
+    assert assert_cam_names_the_chosen_image(at, predictions) == wrong.at[positive_rows[0], "path"]
+    at.selectbox(key="mistakes_cam").set_value(picked).run()
+    at.radio(key="mistakes_kind").set_value("both").run()
+    assert not at.exception, at.exception
+    assert assert_cam_names_the_chosen_image(at, predictions) == picked
+
+
+def test_external_sets_are_offered(run_copy):  # noqa: F811
+    external = run_copy / runs.EXTERNAL_DIR / "demo"
+    external.mkdir(parents=True)
+    predictions = runs.read_predictions(run_copy, "test")
+    predictions.iloc[: len(predictions) // 2].to_csv(external / "predictions.csv", index=False)
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    picker = at.selectbox(key="mistakes_set")
+    assert picker.options == ["validation", "test", "external: demo"] and picker.value == "test"
+    picker.set_value("external:demo").run()
+    assert not at.exception, at.exception
+    expected = mistakes(runs.read_predictions(run_copy, "external:demo"), runs.operating_threshold(run_copy))
+    assert list(at.dataframe[0].value["path"]) == list(expected["path"])
+    assert any(f"among {len(predictions) // 2} external: demo images" in c.value for c in at.caption)
+    assert_cam_names_the_chosen_image(at, predictions)
+
+
+def test_operating_threshold_by_default_and_an_explicit_preview(run_copy):  # noqa: F811
+    runs.save_threshold(run_copy, 0.42, chosen_on="val", target="recall ≥ 0.950", rule="recall", value=0.95)
+    operating = runs.operating_point(run_copy)
+    predictions = runs.read_predictions(run_copy, "test")
     at = AppTest.from_file(PAGE, default_timeout=TIMEOUT)
-    at.session_state["threshold"] = 0.999
+    at.session_state["threshold"] = 0.999  # the Thresholds page's old hand-over is no longer read
     at.session_state["threshold_run"] = str(run_copy)
     at.run()
-    assert not at.exception
-    assert at.metric[0].value == "0.999"
-    expected = mistakes(runs.read_predictions(run_copy, "test"), 0.999)
-    assert list(at.dataframe[0].value["path"]) == list(expected["path"])
+    assert not at.exception, at.exception
+    assert at.metric[0].value == "0.420" and not at.warning
+    assert any(operating.describe() in c.value for c in at.caption)
+    assert list(at.dataframe[0].value["path"]) == list(mistakes(predictions, 0.42)["path"])
+
+    at.toggle(key="mistakes_preview").set_value(True).run()
+    at.slider(key="mistakes_preview_threshold").set_value(0.999).run()
+    assert not at.exception, at.exception
+    assert "not** the operating threshold's mistakes" in at.warning[0].value
+    assert operating.describe() in at.warning[0].value
+    assert list(at.dataframe[0].value["path"]) == list(mistakes(predictions, 0.999)["path"])
+
+    at.toggle(key="mistakes_preview").set_value(False).run()
+    assert not at.warning and at.metric[0].value == "0.420"
+    assert list(at.dataframe[0].value["path"]) == list(mistakes(predictions, 0.42)["path"])
+
+
+def test_damaged_threshold_file_is_an_error_not_a_traceback(run_copy):  # noqa: F811
+    (run_copy / "threshold.json").write_text("{not json")
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    assert "threshold.json is damaged" in at.error[0].value
+    assert not at.dataframe and not at.image
 
 
 def test_missing_image_file_is_reported_not_raised(run_copy):  # noqa: F811
@@ -76,3 +185,16 @@ def test_missing_image_file_is_reported_not_raised(run_copy):  # noqa: F811
     assert not at.exception, at.exception
     assert any(c.value.startswith("file missing or unreadable: missing.jpeg") for c in at.caption)
     assert any("missing.jpeg" in e.value for e in at.error)
+
+
+def test_colour_map_and_opacity_controls(run_copy):  # noqa: F811
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    viridis_url = at.image[-1].value[0]
+    assert "JET (rainbow, not colour-blind safe)" in at.selectbox(key="mistakes_colour_map").options
+    at.selectbox(key="mistakes_colour_map").set_value("jet").run()
+    jet_url = at.image[-1].value[0]
+    at.slider(key="mistakes_alpha").set_value(0.8).run()
+    assert not at.exception, at.exception
+    # Media URLs name the content: each change redraws the overlay, of the same image.
+    assert len({viridis_url, jet_url, at.image[-1].value[0]}) == 3
+    cam_caption(at)

@@ -1,8 +1,11 @@
 """Predict page (AppTest): renders with and without runs; full-size uploads are scored with Grad-CAM,
-non-images and oversized files give an error per file, and a newly saved threshold applies at once."""
+non-images and oversized files give an error per file, the operating point is stated and a newly saved
+threshold applies at once, a damaged threshold.json is an error, and the overlay's colour map and opacity
+can be changed."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from app_helpers import ORIGINAL_SUBSET as ORIGINALS
@@ -30,8 +33,11 @@ def test_upload_scores_full_size_originals_and_rejects_a_text_file(run_copy):  #
     at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
     assert not at.exception, at.exception
     uploader = at.file_uploader[0]
-    assert uploader.accept_multiple_files and {"jpg", "jpeg", "png"} <= {t.lstrip(".") for t in uploader.allowed_type}
+    assert uploader.accept_multiple_files
+    assert {t.lstrip(".") for t in uploader.allowed_type} == {"jpg", "jpeg", "png", "bmp", "tif", "tiff"}
+    assert "JPEG, PNG, BMP or TIFF" in uploader.label
     assert any(f"{MAX_UPLOAD_BYTES // 2**20} MB" in c.value for c in at.caption)
+    assert runs.operating_point(run_copy).describe() in at.markdown[0].value
 
     files = [original("PNEUMONIA"), original("NORMAL")]
     uploader.set_value([(p.name, p.read_bytes(), "image/jpeg") for p in files]
@@ -43,7 +49,10 @@ def test_upload_scores_full_size_originals_and_rejects_a_text_file(run_copy):  #
     probs = [m.value for m in at.metric if m.label == "Probability of PNEUMONIA"]
     assert probs == [f"{r['prob']:.3f}" for r in expected]
     captions = [c for img in at.image for c in img.captions]
-    assert captions == ["Original", "Grad-CAM: evidence for PNEUMONIA"] * 2
+    assert captions[::2] == ["Original"] * 2
+    # The 64 px fixture model explains with its 8×8 stage (4×4 was the last one's).
+    assert all(re.fullmatch(r"Grad-CAM, 8×8 map from backbone\.stages\.1: (evidence for PNEUMONIA|no evidence for "
+                            r"the positive class \(PNEUMONIA\) found; the map is empty)", c) for c in captions[1::2])
     summary = at.dataframe[0].value
     assert list(summary["file"]) == [p.name for p in files] + ["notes.jpeg"]
     assert list(summary["decision"][:2]) == [r["predicted"] for r in expected]
@@ -66,3 +75,25 @@ def test_saved_threshold_applies_without_reloading_the_model(run_copy):  # noqa:
     assert not at.exception
     decision = next(m.value for m in at.markdown if m.value.startswith("Decision"))
     assert "threshold 1.000" in decision
+
+
+def test_damaged_threshold_file_is_an_error_not_another_threshold(run_copy):  # noqa: F811
+    (run_copy / "threshold.json").write_text('{"threshold": 7}')
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    assert "threshold.json is damaged" in at.error[0].value
+    assert not at.file_uploader
+
+
+def test_colour_map_and_opacity_of_the_overlay(run_copy):  # noqa: F811
+    upload = original()
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    assert at.selectbox(key="predict_colour_map").value == "viridis"  # colour-blind safe by default
+    at.file_uploader[0].set_value((upload.name, upload.read_bytes(), "image/jpeg")).run()
+    original_url, viridis_url = (img.value[0] for img in at.image)
+    at.selectbox(key="predict_colour_map").set_value("jet").run()
+    original_again, jet_url = (img.value[0] for img in at.image)
+    at.slider(key="predict_alpha").set_value(0.7).run()
+    assert not at.exception, at.exception
+    # Media URLs name the content: the overlay is redrawn, the original is not.
+    assert original_again == original_url and len({viridis_url, jet_url, at.image[1].value[0]}) == 3

@@ -1,8 +1,11 @@
-"""Thresholds page (AppTest): renders with and without runs; targets, the test-set warning and saving."""
+"""Thresholds page (AppTest): renders with and without runs; rules fitted on validation, intervals beside
+every figure, validation and test curves overlaid, the shift warning, calibration, subgroups, and saving
+the operating threshold that every other view then uses."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -10,7 +13,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import runs
+from core.bootstrap import format_interval
 from core.metrics import metrics_at_threshold
+from core.operating import load_set, run_summary, set_summary
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "3_Thresholds.py")
 TIMEOUT = 120  # the first run in a process imports torch
@@ -18,6 +23,10 @@ TIMEOUT = 120  # the first run in a process imports torch
 
 def charts(at: AppTest) -> list[dict]:
     return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def chart(at: AppTest, title_start: str) -> dict:
+    return next(f for f in charts(at) if f["layout"]["title"]["text"].startswith(title_start))
 
 
 def metric(at: AppTest, label: str) -> str:
@@ -28,9 +37,8 @@ def rates(at: AppTest) -> pd.DataFrame:
     return at.dataframe[0].value
 
 
-def confusion(at: AppTest, split: str) -> list[list[int]]:
-    fig = next(f for f in charts(at) if f["layout"]["title"]["text"].startswith(f"{split}:"))
-    return fig["data"][0]["z"]
+def confusion(at: AppTest, set_label: str) -> list[list[int]]:
+    return chart(at, f"{set_label} (n=")["data"][0]["z"]
 
 
 @pytest.fixture
@@ -47,78 +55,126 @@ def test_no_runs_shows_hint(empty_runs_dir):  # noqa: F811
     assert "No finished runs" in at.info[0].value
 
 
-def test_real_run_renders_curves_matrices_and_rates(page, run_copy):  # noqa: F811
-    figures = charts(page)
-    titles = [f["layout"]["title"]["text"] for f in figures]
-    assert titles[0].startswith("ROC curve (AUC ") and titles[1].startswith("Precision–recall")
-    roc = figures[0]["layout"]
-    assert roc["xaxis"]["title"]["text"] and roc["yaxis"]["title"]["text"] and roc["yaxis"]["scaleanchor"] == "x"
-    # Opens at the run's operating threshold, val tuned and test applied side by side.
-    operating = runs.operating_threshold(run_copy)
-    assert metric(page, "Current threshold") == f"{operating:.3f}"
-    assert list(rates(page).columns) == ["val (tuned)", "test (applied)"]
-    assert page.session_state["threshold"] == pytest.approx(operating)
+def test_opens_at_the_operating_threshold_with_intervals(page, run_copy):  # noqa: F811
+    operating = runs.operating_point(run_copy)
+    assert metric(page, "Threshold on this page") == f"{operating.threshold:.3f}"
+    assert any(operating.describe() in i.value for i in page.info)
+    table = rates(page)
+    assert list(table.columns) == ["validation", "test"]
+    expected = run_summary(run_copy)["sets"]
+    for key, label in (("auc", "AUC"), ("specificity", "Specificity"), ("npv", "NPV")):
+        for name, column in (("val", "validation"), ("test", "test")):
+            assert table.loc[label, column] == format_interval(expected[name]["metrics"][key])
+    assert "[" in table.loc["Sensitivity (recall)", "test"]  # an interval beside the figure
     val = runs.read_predictions(run_copy, "val")
-    m = metrics_at_threshold(val["label"].to_numpy(), val["prob"].to_numpy(), operating)
-    assert confusion(page, "val") == [[m["tn"], m["fp"]], [m["fn"], m["tp"]]]
-    heatmap = next(f for f in figures if f["layout"]["title"]["text"].startswith("val:"))["data"][0]
-    assert list(heatmap["x"]) == ["NORMAL", "PNEUMONIA"]
-    assert not page.warning
+    m = metrics_at_threshold(val["label"].to_numpy(), val["prob"].to_numpy(), operating.threshold)
+    assert confusion(page, "validation") == [[m["tn"], m["fp"]], [m["fn"], m["tp"]]]
 
 
-def test_recall_target_reaches_the_target(page, run_copy):  # noqa: F811
-    before = confusion(page, "val")
+def test_validation_and_test_curves_overlaid(page):
+    roc = chart(page, "ROC")
+    names = [t.get("name", "") for t in roc["data"]]
+    assert any(n.startswith("validation (AUC ") for n in names) and any(n.startswith("test (AUC ") for n in names)
+    assert roc["layout"]["yaxis"]["scaleanchor"] == "x"
+    pr = chart(page, "Precision–recall")
+    assert any(n.startswith("test (PR-AUC ") for n in (t.get("name", "") for t in pr["data"]))
+
+
+def test_recall_rule_is_fitted_on_validation(page, run_copy):  # noqa: F811
     page.radio(key="thr_mode").set_value("recall").run()
-    page.number_input(key="thr_x").set_value(0.95).run()
+    page.number_input(key="thr_x_recall").set_value(0.95).run()
     assert not page.exception
-    threshold = page.session_state["threshold"]
+    threshold = page.slider(key="thr_slider").value
     val = runs.read_predictions(run_copy, "val")
     m = metrics_at_threshold(val["label"].to_numpy(), val["prob"].to_numpy(), threshold)
     assert m["sensitivity"] >= 0.95
-    assert rates(page).loc["Sensitivity (recall)", "val (tuned)"] == pytest.approx(m["sensitivity"])
-    assert confusion(page, "val") == [[m["tn"], m["fp"]], [m["fn"], m["tp"]]]
-    assert confusion(page, "val") != before  # the tiny model's Youden point is far from 95 % recall
-    assert metric(page, "Current threshold") == f"{threshold:.3f}"
-    assert page.session_state["threshold_target"] == "recall>=0.950"
+    assert rates(page).loc["Sensitivity (recall)", "validation"].startswith(f"{m['sensitivity']:.3f} [")
 
 
-def test_slider_sets_threshold_for_other_pages(page):
-    page.slider(key="thr_slider").set_value(0.9).run()
-    assert metric(page, "Current threshold") == "0.900"
-    assert page.session_state["threshold"] == pytest.approx(0.9)
+@pytest.mark.parametrize("rule", ["cost", "ppv", "npv", "best_f1", "youden", "specificity"])
+def test_every_rule_renders(page, rule):
+    page.radio(key="thr_mode").set_value(rule).run()
+    assert not page.exception, page.exception
+    assert 0 <= page.slider(key="thr_slider").value <= 1
 
 
-def test_tuning_on_test_warns(page):
+def test_fitting_on_test_warns(page):
     page.radio(key="thr_split").set_value("test").run()
     assert not page.exception
-    assert any("tuning the threshold on the **test** set" in w.value for w in page.warning)
-    assert list(rates(page).columns) == ["test (tuned)", "val (applied)"]
+    assert any("fitting the threshold on **test**" in w.value for w in page.warning)
 
 
-def test_save_threshold_writes_threshold_json(page, run_copy):  # noqa: F811
+def test_shift_warning_when_test_is_outside_validation_intervals(run_copy):  # noqa: F811
+    # Make validation perfectly separated: test's AUC then lies outside validation's interval.
+    val = pd.read_csv(run_copy / "predictions_val.csv")
+    val["prob"] = val["label"] * 0.8 + 0.1
+    val.to_csv(run_copy / "predictions_val.csv", index=False)
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert any("Validation does not represent test" in w.value for w in at.warning)
+
+
+def test_calibration_before_and_after(page):
+    reliability = chart(page, "Reliability diagram")
+    names = [t.get("name", "") for t in reliability["data"]]
+    assert any("before scaling (ECE" in n for n in names) and any("after scaling (ECE" in n for n in names)
+    assert "10 equal-width bins" in reliability["layout"]["title"]["text"]
+    table = next(d.value for d in page.dataframe if "ECE before" in d.value.index)
+    assert set(table.columns) == {"validation", "test"}
+    assert any("Temperature" in c.value for c in page.caption)
+
+
+def test_kermany_subgroups_with_intervals(page):
+    table = next(d.value for d in page.dataframe if "grouping" in d.value.columns)
+    assert {"pneumonia subtype", "normal series"} <= set(table["grouping"])
+    assert set(table.loc[table["grouping"] == "pneumonia subtype", "group"]) == {"bacterial", "viral"}
+
+
+def test_save_updates_the_operating_point(page, run_copy):  # noqa: F811
     page.radio(key="thr_mode").set_value("specificity").run()
-    chosen = page.session_state["threshold"]
+    chosen = page.slider(key="thr_slider").value
     page.button[0].click().run()
     assert not page.exception
     saved = json.loads((run_copy / "threshold.json").read_text())
     assert saved["threshold"] == pytest.approx(chosen)
-    assert saved["chosen_on"] == "val" and saved["target"] == "specificity>=0.950"
-    assert runs.operating_threshold(run_copy) == pytest.approx(chosen)
+    assert saved["chosen_on"] == "val" and saved["rule"] == "specificity" and saved["value"] == 0.9
+    op = runs.operating_point(run_copy)
+    assert op.source == "saved" and op.threshold == pytest.approx(chosen)
+    assert "specificity ≥ 0.900 on validation" in op.describe()
     assert metric(page, "Operating threshold") == f"{chosen:.3f}"
+    # Everyone reads the same numbers at it.
+    test = set_summary(load_set(run_copy, "test"), op.threshold)
+    assert rates(page).loc["Specificity", "test"] == format_interval(test["metrics"]["specificity"])
 
 
-def test_choice_survives_switching_pages_and_reaches_mistakes(run_copy):  # noqa: F811
+def test_damaged_threshold_file_is_an_error_not_an_exception(run_copy):  # noqa: F811
+    (run_copy / "threshold.json").write_text('{"threshold": NaN}')
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert "threshold.json is damaged" in at.error[0].value
+
+
+def test_external_set_is_selectable(run_copy):  # noqa: F811
+    ext = run_copy / "external" / "demo"
+    ext.mkdir(parents=True)
+    shutil.copy(run_copy / "predictions_test.csv", ext / "predictions.csv")
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert "external: demo" in rates(at).columns
+    at.multiselect(key="thr_curves").select("external:demo").run()
+    assert not at.exception
+    assert any(t.get("name", "").startswith("external: demo (AUC") for t in chart(at, "ROC")["data"])
+
+
+def test_choice_survives_switching_pages(run_copy):  # noqa: F811
     app = Path(PAGE).parents[1] / "streamlit_app.py"
-    if not app.exists():
-        pytest.skip("streamlit_app.py (the multipage entry point) is not there yet")
     at = AppTest.from_file(str(app), default_timeout=TIMEOUT).run()
     at.switch_page("pages/3_Thresholds.py").run()
     at.radio(key="thr_mode").set_value("recall").run()
-    at.number_input(key="thr_x").set_value(0.99).run()
-    chosen = at.session_state["threshold"]
+    at.number_input(key="thr_x_recall").set_value(0.99).run()
+    chosen = at.slider(key="thr_slider").value
     at.switch_page("pages/4_Mistakes.py").run()
     assert not at.exception
-    assert at.metric[0].value == f"{chosen:.3f}"
     at.switch_page("pages/3_Thresholds.py").run()
-    assert at.radio(key="thr_mode").value == "recall" and at.number_input(key="thr_x").value == 0.99
-    assert at.session_state["threshold"] == chosen
+    assert at.radio(key="thr_mode").value == "recall" and at.number_input(key="thr_x_recall").value == 0.99
+    assert at.slider(key="thr_slider").value == chosen

@@ -12,9 +12,15 @@ from core.model import WeightsUnavailableError, apply_strategy, build_model, cou
 @pytest.mark.parametrize("arch", ["smallcnn", "resnet18", "densenet121", "efficientnet_b0"])
 def test_every_architecture_takes_one_channel_and_gives_two_logits(arch):
     model = build_model(arch).eval()
+    # Grad-CAM candidates (core.cam picks among them by measured map size) are blocks in forward order.
+    names = [name for name, _ in model.cam_layers]
+    assert len(names) >= 4 and len(set(names)) == len(names)
+    ran: list[str] = []
+    for name, module in model.cam_layers:
+        module.register_forward_hook(lambda *_, name=name: ran.append(name))
     with torch.no_grad():
         assert model(torch.rand(2, 1, 64, 64)).shape == (2, 2)
-        assert model.cam_layer is not None
+    assert ran == names
 
 
 def test_single_channel_conv1_equals_grayscale_replicated_to_rgb():

@@ -1,0 +1,158 @@
+"""Plotly figure builders shared by the dashboard pages and the HTML report, so both draw the same
+figures from the same numbers. Builders take plain data (arrays, tables, summaries) and return figures;
+they read no files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+# Legend below the x-axis title, not over it.
+LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.25)
+# One colour per prediction set, the same on every figure (Okabe-Ito: colour-blind safe).
+SET_COLOURS = {"val": "#0072B2", "test": "#D55E00"}
+EXTERNAL_COLOURS = ("#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442")
+
+
+def set_colour(name: str, index: int = 0) -> str:
+    return SET_COLOURS.get(name, EXTERNAL_COLOURS[index % len(EXTERNAL_COLOURS)])
+
+
+def _auc_text(auc) -> str:
+    if isinstance(auc, dict):
+        value, low, high = auc.get("value"), auc.get("low"), auc.get("high")
+        if value is None or not np.isfinite(value):
+            return "—"
+        if low is not None and high is not None and np.isfinite(low) and np.isfinite(high):
+            return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+        return f"{value:.3f}"
+    return "—" if auc is None or not np.isfinite(auc) else f"{auc:.3f}"
+
+
+def roc_figure(curves: dict[str, dict], markers: list[dict] | None = None, title: str = "ROC curve") -> go.Figure:
+    """ROC curves of several sets overlaid. curves[label] = {fpr, tpr, threshold, auc (float or interval
+    dict), colour}; markers = [{name, fpr, tpr, colour, symbol}] for operating points."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dash", color="gray"),
+                             name="chance", hoverinfo="skip"))
+    for label, c in curves.items():
+        fig.add_trace(go.Scatter(x=c["fpr"], y=c["tpr"], mode="lines", name=f"{label} (AUC {_auc_text(c['auc'])})",
+                                 line=dict(color=c.get("colour")), customdata=c["threshold"],
+                                 hovertemplate=f"{label}<br>FPR %{{x:.3f}}<br>TPR %{{y:.3f}}<br>"
+                                               "threshold %{customdata:.3f}<extra></extra>"))
+    for m in markers or []:
+        fig.add_trace(go.Scatter(x=[m["fpr"]], y=[m["tpr"]], mode="markers", name=m["name"],
+                                 marker=dict(symbol=m.get("symbol", "star"), size=m.get("size", 14),
+                                             color=m.get("colour", "crimson"), line=dict(width=1, color="black"))))
+    fig.update_layout(title=title, height=460, margin=dict(t=50, b=40), legend=LEGEND_BELOW)
+    fig.update_xaxes(title="False positive rate (1 − specificity)", range=[0, 1], constrain="domain")
+    # Equal aspect: the diagonal is at 45° and curves compare by eye.
+    fig.update_yaxes(title="True positive rate (sensitivity)", range=[0, 1.01], scaleanchor="x", scaleratio=1)
+    return fig
+
+
+def pr_figure(curves: dict[str, dict], markers: list[dict] | None = None,
+              title: str = "Precision–recall curve") -> go.Figure:
+    """PR curves overlaid. curves[label] = {precision, recall, threshold, auc (average precision),
+    prevalence, colour}; a dashed line per set at its prevalence (a random classifier's precision)."""
+    fig = go.Figure()
+    for label, c in curves.items():
+        fig.add_trace(go.Scatter(x=[0, 1], y=[c["prevalence"]] * 2, mode="lines", hoverinfo="skip",
+                                 name=f"{label} chance (prevalence {c['prevalence']:.2f})",
+                                 line=dict(dash="dot", color=c.get("colour"), width=1)))
+        fig.add_trace(go.Scatter(x=c["recall"], y=c["precision"], mode="lines",
+                                 name=f"{label} (PR-AUC {_auc_text(c['auc'])})", line=dict(color=c.get("colour")),
+                                 customdata=c["threshold"],
+                                 hovertemplate=f"{label}<br>recall %{{x:.3f}}<br>precision %{{y:.3f}}<br>"
+                                               "threshold %{customdata:.3f}<extra></extra>"))
+    for m in markers or []:
+        if m.get("precision") is None or not np.isfinite(m["precision"]):
+            continue
+        fig.add_trace(go.Scatter(x=[m["recall"]], y=[m["precision"]], mode="markers", name=m["name"],
+                                 marker=dict(symbol=m.get("symbol", "star"), size=m.get("size", 14),
+                                             color=m.get("colour", "crimson"), line=dict(width=1, color="black"))))
+    fig.update_layout(title=title, height=460, margin=dict(t=50, b=40), legend=LEGEND_BELOW)
+    fig.update_xaxes(title="Recall (sensitivity)", range=[0, 1])
+    fig.update_yaxes(title="Precision (PPV)", range=[0, 1.01])
+    return fig
+
+
+def confusion_figure(counts: dict, names: list[str], title: str) -> go.Figure:
+    """2x2 confusion matrix from {tp, fp, fn, tn}; names = [negative, positive]."""
+    z = [[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]]
+    fig = go.Figure(go.Heatmap(z=z, x=names, y=names, text=z, texttemplate="%{text}", textfont=dict(size=18),
+                               colorscale="Blues", showscale=False,
+                               hovertemplate="true %{y}<br>predicted %{x}<br>%{z} images<extra></extra>"))
+    fig.update_layout(title=title, height=340, margin=dict(t=50, b=40))
+    fig.update_xaxes(title="Predicted class", type="category")
+    fig.update_yaxes(title="True class", type="category", autorange="reversed")
+    return fig
+
+
+def reliability_figure(summaries: dict[str, dict], title: str = "Reliability diagram") -> go.Figure:
+    """Observed share of positives against mean predicted probability per bin, before (dotted) and after
+    (solid) temperature scaling, for each set. summaries[label] = calibration_summary(...) + colour."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dash", color="gray"),
+                             name="perfect calibration", hoverinfo="skip"))
+    for label, s in summaries.items():
+        for key, dash, word in (("before", "dot", "before scaling"), ("after", "solid", "after scaling")):
+            part = s[key]
+            bins: pd.DataFrame = part["bins"]
+            fig.add_trace(go.Scatter(
+                x=bins["mean_predicted"], y=bins["observed_positive"], mode="lines+markers",
+                line=dict(color=s.get("colour"), dash=dash),
+                marker=dict(size=np.clip(4 + np.sqrt(bins["count"]), 5, 16)),
+                name=f"{label} {word} (ECE {part['ece']:.3f}, Brier {part['brier']:.3f})",
+                customdata=np.stack([bins["count"], bins["bin_low"], bins["bin_high"]], axis=1),
+                hovertemplate=f"{label} {word}<br>bin %{{customdata[1]:.1f}}–%{{customdata[2]:.1f}}: "
+                              "%{customdata[0]} images<br>mean predicted %{x:.3f}<br>observed %{y:.3f}<extra></extra>"))
+    n_bins = next(iter(summaries.values()))["n_bins"] if summaries else 10
+    fig.update_layout(title=f"{title} ({n_bins} equal-width bins; marker size grows with images per bin)",
+                      height=480, margin=dict(t=50, b=40), legend=LEGEND_BELOW)
+    fig.update_xaxes(title="Mean predicted probability", range=[0, 1], constrain="domain")
+    fig.update_yaxes(title="Observed share of positives", range=[0, 1.01], scaleanchor="x", scaleratio=1)
+    return fig
+
+
+def epoch_curves_figure(curves: dict[str, pd.DataFrame], column: str, title: str, y_title: str) -> go.Figure:
+    """One line per run of a per-epoch column (Compare)."""
+    fig = go.Figure()
+    for name, epochs in curves.items():
+        if column in epochs:
+            fig.add_trace(go.Scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
+    fig.update_layout(title=title, xaxis_title="Epoch", yaxis_title=y_title, margin=dict(t=50, b=10),
+                      legend=LEGEND_BELOW, showlegend=True)
+    fig.update_xaxes(tickformat="d", rangemode="tozero")  # whole epochs
+    return fig
+
+
+def loss_figure(epochs: pd.DataFrame, steps: pd.DataFrame, steps_per_epoch: int | None) -> go.Figure:
+    """Training loss per step and per epoch, validation loss per epoch."""
+    fig = go.Figure()
+    if not steps.empty and "loss" in steps:
+        per_epoch = steps_per_epoch or int(steps["step"].max())
+        fig.add_trace(go.Scatter(x=steps["global_step"] / per_epoch, y=steps["loss"], mode="lines",
+                                 name="train (per step)", line=dict(width=1), opacity=0.45))
+    for column, name in (("train_loss", "train (epoch mean)"), ("val_loss", "validation")):
+        if not epochs.empty and column in epochs:
+            fig.add_trace(go.Scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
+    fig.update_layout(title="Loss", xaxis_title="Epoch", yaxis_title="Cross-entropy loss (weighted)",
+                      margin=dict(t=50, b=10), legend=LEGEND_BELOW)
+    fig.update_xaxes(rangemode="tozero")
+    return fig
+
+
+def score_figure(epochs: pd.DataFrame) -> go.Figure:
+    """Accuracy and validation AUC per epoch, on a fixed 0–1 axis (also before the first epoch)."""
+    fig = go.Figure()
+    for column, name in (("train_accuracy", "train accuracy"), ("val_accuracy", "validation accuracy"),
+                         ("val_auc", "validation AUC")):
+        if not epochs.empty and column in epochs:
+            fig.add_trace(go.Scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
+    fig.update_layout(title="Accuracy and AUC", xaxis_title="Epoch", yaxis_title="Score (0–1)",
+                      margin=dict(t=50, b=10), legend=LEGEND_BELOW)
+    fig.update_yaxes(range=[0, 1.02])
+    fig.update_xaxes(tickformat="d", rangemode="tozero")
+    return fig

@@ -1,0 +1,133 @@
+"""External data page (AppTest): a folder with other class names is mapped, evaluated and listed; its metrics,
+warnings, re-picked threshold and deletion; bad folders, unmapped folders and damaged evaluations are errors
+on the page, never exceptions."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import pytest
+from conftest import make_xray
+from streamlit.testing.v1 import AppTest
+
+from core import external, runs
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "6_External.py")
+TIMEOUT = 120  # the first run in a process imports torch
+
+
+def site_folder(root: Path, per_folder: dict[str, int], size: int = 1024) -> Path:
+    """Full-size PNGs in folders named as another site names them; two images per patient."""
+    for k, (folder, n) in enumerate(per_folder.items()):
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            make_xray(size, int(folder == "Pneumonia"), seed=zlib.crc32(f"{folder}{i}".encode())).save(
+                root / folder / f"person{7000 + 100 * k + i // 2}_virus_{i}.png")
+    return root
+
+
+def open_page() -> AppTest:
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def map_key(root: Path, folder: str) -> str:
+    return f"ext_map:{root.resolve()}:{folder}"
+
+
+def test_no_runs_shows_hint(empty_runs_dir):
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert "No finished runs" in at.info[0].value
+
+
+def test_evaluate_a_mapped_folder_reopen_refit_and_delete(run_copy, tmp_path):
+    root = site_folder(tmp_path / "Site B", {"No_findings": 4, "Pneumonia": 4})
+    at = open_page()
+    assert "None yet" in at.info[0].value
+    at.text_input(key="ext_folder").set_value(str(root)).run()
+    assert not at.exception, at.exception
+    # 'Pneumonia' matches the run's PNEUMONIA case-insensitively; 'No_findings' waits for a choice.
+    assert at.selectbox(key=map_key(root, "Pneumonia")).value == "PNEUMONIA"
+    assert at.selectbox(key=map_key(root, "No_findings")).value is None
+    assert at.selectbox(key=map_key(root, "No_findings")).options == ["NORMAL", "PNEUMONIA", "ignore"]
+    assert at.text_input(key=f"ext_name:{root.resolve()}:all").value == "Site_B"
+
+    at.button(key="ext_evaluate").click().run()
+    assert not at.exception, at.exception
+    assert "No_findings" in at.error[0].value  # nothing evaluated until every folder has a class
+    assert not (run_copy / "external").exists()
+
+    at.selectbox(key=map_key(root, "No_findings")).set_value("NORMAL").run()
+    at.button(key="ext_evaluate").click().run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert "Evaluated 8 images as 'Site_B'" in at.success[0].value
+    assert runs.read_predictions(run_copy, "external:Site_B")["source_class"].value_counts().to_dict() == {
+        "No_findings": 4, "Pneumonia": 4}
+
+    listed = at.dataframe[0].value
+    assert list(listed["name"]) == ["Site_B"] and list(listed["images"]) == [8]
+    assert at.selectbox(key="ext_open").value == "Site_B"
+    counts = at.dataframe[1].value
+    assert dict(zip(counts["folder"], counts["class"])) == {"No_findings": "NORMAL", "Pneumonia": "PNEUMONIA"}
+    metrics = at.dataframe[2].value
+    metrics = metrics.set_index("metric")["value [95% interval]"]
+    assert "AUC" in metrics.index and metrics["Sensitivity (recall)"].count("[") == 1
+    assert any("rarely transfers to another site" in w.value for w in at.warning)
+    assert any("Thresholds" in i.value and "external: Site_B" in i.value for i in at.info)
+
+    at.selectbox(key="ext_refit_rule").set_value("recall").run()
+    at.number_input(key="ext_refit_value:recall").set_value(0.75).run()
+    at.button(key="ext_refit").click().run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    refit = external.read_external(run_copy, "Site_B")["refit"]
+    assert refit["rule"] == "recall" and refit["value"] == pytest.approx(0.75)
+    both = at.dataframe[-1].value
+    assert list(both.columns) == ["metric", f"at {refit['operating_threshold']:.3f} (operating)",
+                                  f"at {refit['threshold']:.3f} (re-picked)"]
+
+    at.button(key="ext_delete").click().run()
+    assert (run_copy / "external" / "Site_B").is_dir() and "Delete the evaluation 'Site_B'" in at.warning[-1].value
+    at.button(key="ext_delete_yes").click().run()
+    assert not at.exception, at.exception
+    assert not (run_copy / "external" / "Site_B").exists()
+    assert external.list_external(run_copy) == []
+    assert any("None yet" in i.value for i in at.info)
+
+
+def test_split_folders_offer_a_split_choice(run_copy, tmp_path):
+    root = tmp_path / "chest_xray"
+    for split in ("train", "test"):
+        site_folder(root / split, {"NORMAL": 2, "Pneumonia": 2}, size=64)
+    at = open_page()
+    at.text_input(key="ext_folder").set_value(str(root)).run()
+    split = at.radio(key=f"ext_split:{root.resolve()}")
+    assert split.options == ["all", "train", "test"] and split.value == "all"
+    split.set_value("test").run()
+    assert at.text_input(key=f"ext_name:{root.resolve()}:test").value == "chest_xray-test"
+    at.button(key="ext_evaluate").click().run()
+    assert not at.exception, at.exception
+    summary = external.read_external(run_copy, "chest_xray-test")
+    assert summary["split"] == "test" and summary["n"] == 4
+
+
+def test_bad_folder_and_damaged_evaluation_are_errors_not_exceptions(run_copy, tmp_path):
+    at = open_page()
+    at.text_input(key="ext_folder").set_value(str(tmp_path / "nowhere")).run()
+    assert not at.exception, at.exception
+    assert "Folder not found" in at.error[0].value
+
+    damaged = run_copy / "external" / "old"
+    damaged.mkdir(parents=True)
+    (damaged / "summary.json").write_text("[1, 2")
+    at = open_page()
+    assert "damaged" in at.error[0].value
+    assert at.dataframe[0].value["status"].tolist() == ["damaged"]
+    at.button(key="ext_delete").click().run()
+    at.button(key="ext_delete_yes").click().run()
+    assert not at.exception, at.exception
+    assert not damaged.exists()
