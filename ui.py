@@ -24,7 +24,7 @@ PAGES = (
     ("pages/3_Thresholds.py", "Thresholds", ":material/tune:"),
     ("pages/4_Mistakes.py", "Mistakes", ":material/report:"),
     ("pages/5_Predict.py", "Predict", ":material/image_search:"),
-    ("pages/6_External.py", "External data", ":material/travel_explore:"),
+    ("pages/6_External.py", "External", ":material/travel_explore:"),
 )
 
 
@@ -92,7 +92,7 @@ def _cached_predictions(run_dir: str, split: str, file_mtime: float) -> pd.DataF
 
 
 def cached_predictions(run_dir: Path, split: str) -> pd.DataFrame:
-    return _cached_predictions(str(run_dir), split, _mtime(run_dir / f"predictions_{split}.csv"))
+    return _cached_predictions(str(run_dir), split, _mtime(runs.predictions_path(run_dir, split)))
 
 
 def finished_runs() -> list[dict]:

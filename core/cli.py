@@ -112,10 +112,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not runs.is_run_dir(run_dir):
         raise ValueError(f"{run_dir} is not a run directory (no config.json).")
     operating = runs.operating_point(run_dir)
+    threshold = operating.threshold if args.threshold is None else args.threshold
+    if not 0 <= threshold <= 1:
+        raise ValueError("--threshold is a probability between 0 and 1.")
     if args.data:
-        from .external import evaluate_external, format_external, parse_class_map, refit_threshold
+        from .external import evaluate_external, format_external, parse_class_map, parse_refit_rule, refit_threshold
 
         class_map = parse_class_map(args.class_map) if args.class_map else None
+        refit_rule = parse_refit_rule(args.refit_threshold) if args.refit_threshold else None
+        if not 0 < args.refit_fraction < 1:
+            raise ValueError("--refit-fraction is a share of patients between 0 and 1 (exclusive).")
         result = evaluate_external(run_dir, args.data, class_map=class_map, name=args.name,
                                    split=args.split or "all")
         print(format_external(result))
@@ -128,18 +134,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             ext = runs.EXTERNAL_PREFIX + set_name
             set_name = ext if ext in runs.prediction_sets(run_dir) else set_name
     pset = load_set(run_dir, set_name)
-    threshold = operating.threshold if args.threshold is None else args.threshold
-    if not 0 <= threshold <= 1:
-        raise ValueError("--threshold is a probability between 0 and 1.")
     where = f"operating threshold {operating.describe()}" if args.threshold is None else \
         f"threshold {threshold:.3f} given on the command line (the operating threshold is {operating.threshold:.3f})"
     print(where)
     _print_summary(runs.set_label(set_name), set_summary(pset, threshold))
     _print_subgroups(pset, threshold, args.groups)
     if args.data and args.refit_threshold:
-        rule, _, value = args.refit_threshold.partition(":")
-        refit = refit_threshold(run_dir, result["name"], rule, float(value) if value else None,
-                                fraction=args.refit_fraction)
+        refit = refit_threshold(run_dir, result["name"], *refit_rule, fraction=args.refit_fraction)
         print(format_external({**result, "refit": refit}, refit_only=True))
     if args.out:
         pset.frame.to_csv(args.out, index=False)

@@ -8,11 +8,18 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+# Plotly validates every property of every trace on construction: most of a Thresholds rerun's time. The
+# builders are fixed code, so it is off here; tests/test_figures.py builds every figure with it on.
+VALIDATE = False
 # Legend below the x-axis title, not over it.
 LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.25)
 # One colour per prediction set, the same on every figure (Okabe-Ito: colour-blind safe).
 SET_COLOURS = {"val": "#0072B2", "test": "#D55E00"}
 EXTERNAL_COLOURS = ("#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442")
+
+
+def _scatter(**kwargs) -> go.Scatter:
+    return go.Scatter(_validate=VALIDATE, **kwargs)
 
 
 def set_colour(name: str, index: int = 0) -> str:
@@ -33,18 +40,18 @@ def _auc_text(auc) -> str:
 def roc_figure(curves: dict[str, dict], markers: list[dict] | None = None, title: str = "ROC curve") -> go.Figure:
     """ROC curves of several sets overlaid. curves[label] = {fpr, tpr, threshold, auc (float or interval
     dict), colour}; markers = [{name, fpr, tpr, colour, symbol}] for operating points."""
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dash", color="gray"),
+    fig = go.Figure(_validate=VALIDATE)
+    fig.add_trace(_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dash", color="#888888"),
                              name="chance", hoverinfo="skip"))
     for label, c in curves.items():
-        fig.add_trace(go.Scatter(x=c["fpr"], y=c["tpr"], mode="lines", name=f"{label} (AUC {_auc_text(c['auc'])})",
+        fig.add_trace(_scatter(x=c["fpr"], y=c["tpr"], mode="lines", name=f"{label} (AUC {_auc_text(c['auc'])})",
                                  line=dict(color=c.get("colour")), customdata=c["threshold"],
                                  hovertemplate=f"{label}<br>FPR %{{x:.3f}}<br>TPR %{{y:.3f}}<br>"
                                                "threshold %{customdata:.3f}<extra></extra>"))
     for m in markers or []:
-        fig.add_trace(go.Scatter(x=[m["fpr"]], y=[m["tpr"]], mode="markers", name=m["name"],
+        fig.add_trace(_scatter(x=[m["fpr"]], y=[m["tpr"]], mode="markers", name=m["name"],
                                  marker=dict(symbol=m.get("symbol", "star"), size=m.get("size", 14),
-                                             color=m.get("colour", "crimson"), line=dict(width=1, color="black"))))
+                                             color=m.get("colour", "#DC143C"), line=dict(width=1, color="#000000"))))
     fig.update_layout(title=title, height=460, margin=dict(t=50, b=40), legend=LEGEND_BELOW)
     fig.update_xaxes(title="False positive rate (1 − specificity)", range=[0, 1], constrain="domain")
     # Equal aspect: the diagonal is at 45° and curves compare by eye.
@@ -56,12 +63,12 @@ def pr_figure(curves: dict[str, dict], markers: list[dict] | None = None,
               title: str = "Precision–recall curve") -> go.Figure:
     """PR curves overlaid. curves[label] = {precision, recall, threshold, auc (average precision),
     prevalence, colour}; a dashed line per set at its prevalence (a random classifier's precision)."""
-    fig = go.Figure()
+    fig = go.Figure(_validate=VALIDATE)
     for label, c in curves.items():
-        fig.add_trace(go.Scatter(x=[0, 1], y=[c["prevalence"]] * 2, mode="lines", hoverinfo="skip",
+        fig.add_trace(_scatter(x=[0, 1], y=[c["prevalence"]] * 2, mode="lines", hoverinfo="skip",
                                  name=f"{label} chance (prevalence {c['prevalence']:.2f})",
                                  line=dict(dash="dot", color=c.get("colour"), width=1)))
-        fig.add_trace(go.Scatter(x=c["recall"], y=c["precision"], mode="lines",
+        fig.add_trace(_scatter(x=c["recall"], y=c["precision"], mode="lines",
                                  name=f"{label} (PR-AUC {_auc_text(c['auc'])})", line=dict(color=c.get("colour")),
                                  customdata=c["threshold"],
                                  hovertemplate=f"{label}<br>recall %{{x:.3f}}<br>precision %{{y:.3f}}<br>"
@@ -69,9 +76,9 @@ def pr_figure(curves: dict[str, dict], markers: list[dict] | None = None,
     for m in markers or []:
         if m.get("precision") is None or not np.isfinite(m["precision"]):
             continue
-        fig.add_trace(go.Scatter(x=[m["recall"]], y=[m["precision"]], mode="markers", name=m["name"],
+        fig.add_trace(_scatter(x=[m["recall"]], y=[m["precision"]], mode="markers", name=m["name"],
                                  marker=dict(symbol=m.get("symbol", "star"), size=m.get("size", 14),
-                                             color=m.get("colour", "crimson"), line=dict(width=1, color="black"))))
+                                             color=m.get("colour", "#DC143C"), line=dict(width=1, color="#000000"))))
     fig.update_layout(title=title, height=460, margin=dict(t=50, b=40), legend=LEGEND_BELOW)
     fig.update_xaxes(title="Recall (sensitivity)", range=[0, 1])
     fig.update_yaxes(title="Precision (PPV)", range=[0, 1.01])
@@ -81,9 +88,11 @@ def pr_figure(curves: dict[str, dict], markers: list[dict] | None = None,
 def confusion_figure(counts: dict, names: list[str], title: str) -> go.Figure:
     """2x2 confusion matrix from {tp, fp, fn, tn}; names = [negative, positive]."""
     z = [[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]]
-    fig = go.Figure(go.Heatmap(z=z, x=names, y=names, text=z, texttemplate="%{text}", textfont=dict(size=18),
-                               colorscale="Blues", showscale=False,
-                               hovertemplate="true %{y}<br>predicted %{x}<br>%{z} images<extra></extra>"))
+    heatmap = go.Heatmap(_validate=VALIDATE, z=z, x=names, y=names, text=z, texttemplate="%{text}",
+                         textfont=dict(size=18),
+                         colorscale="Blues", showscale=False,
+                         hovertemplate="true %{y}<br>predicted %{x}<br>%{z} images<extra></extra>")
+    fig = go.Figure(_validate=VALIDATE, data=heatmap)
     fig.update_layout(title=title, height=340, margin=dict(t=50, b=40))
     fig.update_xaxes(title="Predicted class", type="category")
     fig.update_yaxes(title="True class", type="category", autorange="reversed")
@@ -93,14 +102,14 @@ def confusion_figure(counts: dict, names: list[str], title: str) -> go.Figure:
 def reliability_figure(summaries: dict[str, dict], title: str = "Reliability diagram") -> go.Figure:
     """Observed share of positives against mean predicted probability per bin, before (dotted) and after
     (solid) temperature scaling, for each set. summaries[label] = calibration_summary(...) + colour."""
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dash", color="gray"),
+    fig = go.Figure(_validate=VALIDATE)
+    fig.add_trace(_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dash", color="#888888"),
                              name="perfect calibration", hoverinfo="skip"))
     for label, s in summaries.items():
         for key, dash, word in (("before", "dot", "before scaling"), ("after", "solid", "after scaling")):
             part = s[key]
             bins: pd.DataFrame = part["bins"]
-            fig.add_trace(go.Scatter(
+            fig.add_trace(_scatter(
                 x=bins["mean_predicted"], y=bins["observed_positive"], mode="lines+markers",
                 line=dict(color=s.get("colour"), dash=dash),
                 marker=dict(size=np.clip(4 + np.sqrt(bins["count"]), 5, 16)),
@@ -118,10 +127,10 @@ def reliability_figure(summaries: dict[str, dict], title: str = "Reliability dia
 
 def epoch_curves_figure(curves: dict[str, pd.DataFrame], column: str, title: str, y_title: str) -> go.Figure:
     """One line per run of a per-epoch column (Compare)."""
-    fig = go.Figure()
+    fig = go.Figure(_validate=VALIDATE)
     for name, epochs in curves.items():
         if column in epochs:
-            fig.add_trace(go.Scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
+            fig.add_trace(_scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
     fig.update_layout(title=title, xaxis_title="Epoch", yaxis_title=y_title, margin=dict(t=50, b=10),
                       legend=LEGEND_BELOW, showlegend=True)
     fig.update_xaxes(tickformat="d", rangemode="tozero")  # whole epochs
@@ -130,14 +139,14 @@ def epoch_curves_figure(curves: dict[str, pd.DataFrame], column: str, title: str
 
 def loss_figure(epochs: pd.DataFrame, steps: pd.DataFrame, steps_per_epoch: int | None) -> go.Figure:
     """Training loss per step and per epoch, validation loss per epoch."""
-    fig = go.Figure()
+    fig = go.Figure(_validate=VALIDATE)
     if not steps.empty and "loss" in steps:
         per_epoch = steps_per_epoch or int(steps["step"].max())
-        fig.add_trace(go.Scatter(x=steps["global_step"] / per_epoch, y=steps["loss"], mode="lines",
+        fig.add_trace(_scatter(x=steps["global_step"] / per_epoch, y=steps["loss"], mode="lines",
                                  name="train (per step)", line=dict(width=1), opacity=0.45))
     for column, name in (("train_loss", "train (epoch mean)"), ("val_loss", "validation")):
         if not epochs.empty and column in epochs:
-            fig.add_trace(go.Scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
+            fig.add_trace(_scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
     fig.update_layout(title="Loss", xaxis_title="Epoch", yaxis_title="Cross-entropy loss (weighted)",
                       margin=dict(t=50, b=10), legend=LEGEND_BELOW)
     fig.update_xaxes(rangemode="tozero")
@@ -146,11 +155,11 @@ def loss_figure(epochs: pd.DataFrame, steps: pd.DataFrame, steps_per_epoch: int 
 
 def score_figure(epochs: pd.DataFrame) -> go.Figure:
     """Accuracy and validation AUC per epoch, on a fixed 0–1 axis (also before the first epoch)."""
-    fig = go.Figure()
+    fig = go.Figure(_validate=VALIDATE)
     for column, name in (("train_accuracy", "train accuracy"), ("val_accuracy", "validation accuracy"),
                          ("val_auc", "validation AUC")):
         if not epochs.empty and column in epochs:
-            fig.add_trace(go.Scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
+            fig.add_trace(_scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
     fig.update_layout(title="Accuracy and AUC", xaxis_title="Epoch", yaxis_title="Score (0–1)",
                       margin=dict(t=50, b=10), legend=LEGEND_BELOW)
     fig.update_yaxes(range=[0, 1.02])

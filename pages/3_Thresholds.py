@@ -203,8 +203,8 @@ if roc_curves:
     charts[0].plotly_chart(roc_figure(roc_curves, markers, "ROC (test is read, never tuned)"), key="roc")
     charts[1].plotly_chart(pr_figure(pr_curves, markers), key="pr")
 
-matrices = st.columns(len(names))
-for col, n in zip(matrices, names, strict=True):
+matrices = st.columns(max(1, len(shown)))
+for col, n in zip(matrices, shown):
     s = summaries[n]
     col.plotly_chart(confusion_figure(s["counts"], prepared[n]["set"].class_names,
                                       f"{runs.set_label(n)} (n={s['n']})"), key=f"cm_{n}")

@@ -58,3 +58,44 @@ def test_mistakes_are_false_negatives_and_positives_most_confident_first():
     out = mistakes(df, 0.5)
     assert list(out["path"]) == ["b", "a", "d", "c"]
     assert list(out["kind"]) == ["false positive", "false negative", "false positive", "false negative"]
+
+
+def _cost(threshold: float, k: float) -> float:
+    m = metrics_at_threshold(LABELS, PROBS, threshold)
+    return k * m["fn"] + m["fp"]
+
+
+@pytest.mark.parametrize("k", [0.2, 1.0, 5.0, 50.0])
+def test_cost_rule_minimises_expected_cost(k):
+    t = choose_threshold(LABELS, PROBS, "cost", k)
+    best = min(_cost(c, k) for c in np.unique(np.r_[PROBS, 1.0]))
+    assert _cost(t, k) == pytest.approx(best)
+
+
+def test_higher_cost_of_a_miss_lowers_the_threshold():
+    assert choose_threshold(LABELS, PROBS, "cost", 20) <= choose_threshold(LABELS, PROBS, "cost", 1)
+
+
+@pytest.mark.parametrize("target", [0.6, 0.75, 0.9])
+def test_ppv_rule_reaches_the_target_with_most_sensitivity(target):
+    t = choose_threshold(LABELS, PROBS, "ppv", target)
+    assert metrics_at_threshold(LABELS, PROBS, t)["precision"] >= target
+    lower = np.unique(PROBS[PROBS < t])
+    assert all(metrics_at_threshold(LABELS, PROBS, c)["precision"] < target for c in lower)
+
+
+@pytest.mark.parametrize("target", [0.6, 0.8, 0.95])
+def test_npv_rule_reaches_the_target_with_most_specificity(target):
+    t = choose_threshold(LABELS, PROBS, "npv", target)
+    m = metrics_at_threshold(LABELS, PROBS, t)
+    # Unreachable: no negative prediction at all (threshold 0), the only way to make no wrong one.
+    assert m["npv"] >= target or (t == 0.0 and m["tn"] + m["fn"] == 0)
+    higher = np.unique(PROBS[PROBS > t])
+    assert all(not metrics_at_threshold(LABELS, PROBS, c)["npv"] >= target for c in higher)
+
+
+@pytest.mark.parametrize("rule,value", [("recall", 1.5), ("ppv", -0.1), ("cost", 0), ("cost", float("nan")),
+                                        ("nonsense", None)])
+def test_bad_rule_values_are_refused(rule, value):
+    with pytest.raises(ValueError):
+        choose_threshold(LABELS, PROBS, rule, value)

@@ -1,0 +1,69 @@
+"""Calibration: ECE and Brier against hand-computed values, the reliability bins, and recovering the
+probabilities before temperature scaling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core.calibration import (
+    brier_score,
+    calibration_summary,
+    expected_calibration_error,
+    reliability_bins,
+    temperature_note,
+    uncalibrated_probs,
+)
+
+
+def test_ece_by_hand():
+    # Bin [0.1, 0.2): probs 0.15 x4, 1 positive of 4 -> |0.25 - 0.15| = 0.10, weight 0.4
+    # Bin [0.9, 1.0]: probs 0.95 x6, 6 positives -> |1 - 0.95| = 0.05, weight 0.6
+    labels = np.array([1, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    probs = np.array([0.15] * 4 + [0.95] * 6)
+    assert expected_calibration_error(labels, probs) == pytest.approx(0.4 * 0.10 + 0.6 * 0.05)
+    bins = reliability_bins(labels, probs)
+    assert list(bins["count"]) == [4, 6] and bins["observed_positive"].tolist() == [0.25, 1.0]
+    assert brier_score(labels, probs) == pytest.approx(np.mean((probs - labels) ** 2))
+
+
+def test_probability_one_falls_in_the_last_bin():
+    bins = reliability_bins(np.array([1, 1]), np.array([1.0, 0.999]))
+    assert len(bins) == 1 and bins["bin_low"][0] == pytest.approx(0.9)
+
+
+def test_perfectly_calibrated_scores_have_small_ece():
+    rng = np.random.default_rng(0)
+    probs = rng.random(20000)
+    labels = (rng.random(20000) < probs).astype(int)
+    assert expected_calibration_error(labels, probs) < 0.02
+
+
+def test_uncalibrated_probabilities_are_recovered_exactly():
+    margin = np.array([-3.0, -0.5, 0.0, 1.2, 4.0])
+    temperature = 2.5
+    raw = 1 / (1 + np.exp(-margin))
+    calibrated = 1 / (1 + np.exp(-margin / temperature))
+    frame = pd.DataFrame({"prob": calibrated})
+    assert uncalibrated_probs(frame, temperature) == pytest.approx(raw)
+    frame["prob_uncalibrated"] = raw
+    assert uncalibrated_probs(frame, 99.0) == pytest.approx(raw)  # the saved column wins
+
+
+def test_temperature_scaling_lowers_ece_of_an_overconfident_model():
+    rng = np.random.default_rng(1)
+    margin = rng.normal(0, 2, 5000)
+    labels = (rng.random(5000) < 1 / (1 + np.exp(-margin))).astype(int)
+    overconfident = 1 / (1 + np.exp(-3 * margin))
+    summary = calibration_summary(labels, 1 / (1 + np.exp(-margin)), overconfident)
+    assert summary["after"]["ece"] < summary["before"]["ece"]
+    assert summary["after"]["brier"] < summary["before"]["brier"]
+    assert summary["binning"] == "10 equal-width bins"
+
+
+def test_temperature_note_says_fitted_or_refused():
+    assert "T = 1.500" in temperature_note({"temperature": 1.5, "temperature_fit": {"fitted": True}})
+    refused = temperature_note({"temperature": 1.0, "temperature_fit": {"fitted": False, "note": "separated"}})
+    assert "refused" in refused and "separated" in refused
+    assert "No temperature" in temperature_note({"temperature": "abc"})

@@ -1,0 +1,51 @@
+"""Figure builders: every figure is valid plotly (built here with validation on, which the dashboard
+skips for speed) and shows what its title and legend say."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core import figures
+from core.bootstrap import PatientBootstrap
+from core.calibration import calibration_summary
+from core.operating import PredictionSet, curve_data, ranking_only
+
+rng = np.random.default_rng(0)
+LABELS = rng.integers(0, 2, 200)
+PROBS = np.clip(LABELS * 0.4 + rng.normal(0.3, 0.2, 200), 0, 1)
+
+
+@pytest.fixture(autouse=True)
+def validated(monkeypatch):
+    monkeypatch.setattr(figures, "VALIDATE", True)
+
+
+def test_roc_and_pr_overlay_sets_with_intervals_and_markers():
+    pset = PredictionSet("val", pd.DataFrame({"label": LABELS, "prob": PROBS}), LABELS, PROBS, None, ["N", "P"])
+    curves = curve_data(pset, ranking_only(pset, PatientBootstrap(None, len(LABELS))), "#0072B2")
+    marker = {"name": "val at 0.5", "fpr": 0.2, "tpr": 0.8, "recall": 0.8, "precision": 0.7}
+    roc = figures.roc_figure({"validation": curves["roc"], "test": curves["roc"]}, [marker])
+    names = [t.name for t in roc.data]
+    assert names[0] == "chance" and names[1].startswith("validation (AUC 0.") and "[" in names[1]
+    assert names[-1] == "val at 0.5"
+    pr = figures.pr_figure({"validation": curves["pr"]}, [marker])
+    assert any(t.name.startswith("validation (PR-AUC") for t in pr.data)
+    assert pr.data[0].y[0] == pytest.approx(LABELS.mean())  # chance line at the prevalence
+
+
+def test_reliability_confusion_and_training_figures():
+    cal = calibration_summary(LABELS, PROBS, np.clip(PROBS * 1.2, 0, 1))
+    fig = figures.reliability_figure({"test": {**cal, "colour": "#D55E00"}})
+    assert "10 equal-width bins" in fig.layout.title.text
+    assert sum("before scaling" in t.name for t in fig.data) == 1 and sum("after scaling" in t.name for t in fig.data) == 1
+    cm = figures.confusion_figure({"tp": 5, "fp": 1, "fn": 2, "tn": 7}, ["NORMAL", "PNEUMONIA"], "test")
+    assert [list(r) for r in cm.data[0].z] == [[7, 1], [2, 5]]
+    epochs = pd.DataFrame({"epoch": [1, 2], "train_loss": [0.5, 0.3], "val_loss": [0.6, 0.4],
+                           "train_accuracy": [0.7, 0.8], "val_accuracy": [0.7, 0.9], "val_auc": [0.8, 0.9]})
+    steps = pd.DataFrame({"global_step": [1, 2, 3], "step": [1, 2, 3], "loss": [0.7, 0.6, 0.5]})
+    assert len(figures.loss_figure(epochs, steps, 3).data) == 3
+    score = figures.score_figure(pd.DataFrame())
+    assert tuple(score.layout.yaxis.range) == (0, 1.02)  # 0-1 before the first epoch too
+    assert len(figures.epoch_curves_figure({"a": epochs, "b": epochs}, "val_auc", "t", "y").data) == 2

@@ -1,0 +1,63 @@
+"""Subgroups: Kermany's groups from file names, a user's CSV matched by path or file name, and metrics
+with intervals per group."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core.subgroups import groups_from_csv, kermany_groups, prepare_subgroups, subgroup_table
+
+PATHS = pd.Series(["/d/test/PNEUMONIA/person1_bacteria_1.jpeg", "/d/test/PNEUMONIA/person2_virus_3.jpeg",
+                   "/d/test/NORMAL/IM-0001-0001.jpeg", "/d/test/NORMAL/NORMAL2-IM-0007-0001.jpeg",
+                   "/d/test/NORMAL/other.png"])
+
+
+def test_kermany_groups_from_file_names():
+    groups = kermany_groups(PATHS)
+    assert groups["pneumonia subtype"].tolist()[:2] == ["bacterial", "viral"]
+    assert pd.isna(groups["pneumonia subtype"][2])
+    assert groups["normal series"].tolist()[2:4] == ["IM-", "NORMAL2-IM-"]
+    assert pd.isna(groups["normal series"][4])
+    assert kermany_groups(pd.Series(["/x/a.png", "/x/b.png"])).empty
+
+
+def test_groups_csv_by_path_then_file_name(tmp_path):
+    csv = tmp_path / "groups.csv"
+    pd.DataFrame({"filename": ["person1_bacteria_1.jpeg", "/d/test/NORMAL/other.png"],
+                  "sex": ["F", "M"], "site": ["A", "B"]}).to_csv(csv, index=False)
+    groups = groups_from_csv(PATHS, csv)
+    assert groups["sex"].tolist()[0] == "F" and groups["site"].tolist()[4] == "B"
+    assert groups["sex"].isna().sum() == 3
+    assert list(groups_from_csv(PATHS, csv, ["site"]).columns) == ["site"]
+
+
+@pytest.mark.parametrize("content,message", [("a,b\n1,2\n", "needs a column naming the image"),
+                                             ("path,sex\n/nowhere.png,F\n", "No image of this set")])
+def test_bad_groups_csv_says_why(tmp_path, content, message):
+    csv = tmp_path / "groups.csv"
+    csv.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        groups_from_csv(PATHS, csv)
+    with pytest.raises(ValueError, match="Cannot read"):
+        groups_from_csv(PATHS, tmp_path / "missing.csv")
+
+
+def test_subgroup_table_rates_with_intervals():
+    rng = np.random.default_rng(0)
+    n = 200
+    labels = np.r_[np.ones(120, int), np.zeros(80, int)]
+    names = [f"person{i}_{'bacteria' if i % 2 else 'virus'}_1.jpeg" for i in range(120)] + \
+            [f"{'IM' if i % 2 else 'NORMAL2-IM'}-{i:04d}-0001.jpeg" for i in range(80)]
+    probs = np.clip(labels * 0.5 + rng.normal(0.25, 0.15, n), 0, 1)
+    table = subgroup_table(prepare_subgroups(labels, probs, None, kermany_groups(pd.Series(names))), 0.5)
+    row = table.set_index(["grouping", "group"])
+    bacterial = row.loc[("pneumonia subtype", "bacterial")]
+    assert bacterial["images"] == 60 and bacterial["positives"] == 60
+    expected = ((probs[:120] >= 0.5)[1::2]).mean()
+    assert bacterial["sensitivity"]["value"] == pytest.approx(expected)
+    assert bacterial["sensitivity"]["low"] <= expected <= bacterial["sensitivity"]["high"]
+    assert np.isnan(bacterial["specificity"]["value"])  # no negatives in a pneumonia subtype
+    im = row.loc[("normal series", "IM-")]
+    assert im["negatives"] == 40 and 0 <= im["specificity"]["value"] <= 1
