@@ -34,7 +34,8 @@ def trained_run(tmp_path_factory) -> tuple[Path, Path]:
     result = cli("train", "--preset", "tiny", "--data", str(data), "--runs-dir", str(base / "runs"),
                  "--image-size", "32", "--decode-workers", "1")
     assert result.returncode == 0, result.stderr
-    assert "test: AUC" in result.stdout and "sensitivity" in result.stdout and "specificity" in result.stdout
+    assert "operating threshold" in result.stdout and "test:" in result.stdout
+    assert "Sensitivity (recall)" in result.stdout and "Specificity" in result.stdout
     (run_dir,) = [p for p in (base / "runs").iterdir() if p.is_dir()]
     return run_dir, data
 
@@ -57,14 +58,51 @@ def test_predict_gives_class_and_probability_and_reports_bad_files(trained_run, 
     assert "ERROR" in lines[1] and "Not a readable image" in lines[1]
 
 
-def test_evaluate_prints_metrics_and_writes_predictions(trained_run, tmp_path):
+def test_evaluate_prints_every_metric_with_its_interval(trained_run, tmp_path):
+    from core.bootstrap import METRIC_KEYS, METRIC_LABELS, format_interval
+    from core.operating import run_summary
+
     run_dir, data = trained_run
     out_csv = tmp_path / "preds.csv"
     result = cli("evaluate", str(run_dir), "--split", "test", "--out", str(out_csv))
     assert result.returncode == 0, result.stderr
-    assert "test: AUC" in result.stdout and out_csv.exists()
-    other = cli("evaluate", str(run_dir), "--data", str(data), "--split", "test")
-    assert "40 images" in other.stdout
+    expected = run_summary(run_dir)["sets"]["test"]
+    for key in METRIC_KEYS:
+        line = next(x for x in result.stdout.splitlines() if x.strip().startswith(METRIC_LABELS[key]))
+        assert line.split(METRIC_LABELS[key])[1].strip() == format_interval(expected["metrics"][key])
+    assert "bootstrap resamples of patients" in result.stdout and out_csv.exists()
+    other = cli("evaluate", str(run_dir), "--data", str(data), "--split", "test", "--name", "again")
+    assert other.returncode == 0, other.stderr
+    assert "40 images" in other.stdout and (run_dir / "external" / "again" / "predictions.csv").exists()
+
+
+def test_saved_threshold_reaches_runs_and_evaluate(trained_run, tmp_path, monkeypatch):
+    import shutil
+
+    from core import runs
+    from core.bootstrap import format_interval
+    from core.operating import run_summary
+
+    run_dir, _ = trained_run
+    copy = tmp_path / "runs" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    runs.save_threshold(copy, 0.321, chosen_on="val", target="recall ≥ 0.990", rule="recall", value=0.99)
+    spec = format_interval(run_summary(copy)["sets"]["test"]["metrics"]["specificity"])
+    evaluated = cli("evaluate", str(copy)).stdout
+    assert "operating threshold 0.321 (saved; recall ≥ 0.990 on validation)" in evaluated
+    assert spec in evaluated
+    listed = subprocess.run([sys.executable, "-m", "core", "runs"], cwd=ROOT, capture_output=True, text=True,
+                            env={**__import__("os").environ, "CXR_RUNS_DIR": str(copy.parent)}).stdout
+    assert copy.name in listed and "0.321" in listed and f"spec {spec}" in listed
+
+
+@pytest.mark.parametrize("args,message", [(["--threshold", "nan"], "--threshold is a probability"),
+                                          (["--class-map", "a=b"], "go with --data"),
+                                          (["--split", "nonsense"], "No nonsense predictions")])
+def test_bad_evaluate_options_are_clear_errors(trained_run, args, message):
+    run_dir, _ = trained_run
+    result = cli("evaluate", str(run_dir), *args)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_bad_data_folder_is_a_clear_error(tmp_path):
