@@ -111,7 +111,7 @@ def resolve_class_map(folders: list[str], run_classes: list[str], class_map: dic
             resolved[folder] = target
     if unmapped:
         choices = "|".join(run_classes + [IGNORE])
-        syntax = ",".join(f"{f}=<{choices}>" for f in folders)
+        syntax = ",".join(f"{f}={resolved[f]}" if f in resolved else f"{f}=<{choices}>" for f in folders)
         names = ", ".join(f"'{f}'" for f in unmapped)
         raise DatasetError(
             f"Unmapped class folder{'s' if len(unmapped) > 1 else ''}{where}: {names} (the run's classes are "

@@ -64,9 +64,11 @@ def evaluate_section(run_dir: Path, classes: list[str], folder: str) -> None:
                                     key=f"ext_name:{layout.root}:{split}",
                                     help="Letters, digits, '_', '.' and '-'; the same name replaces an earlier "
                                          "evaluation.")
-    existing = {e["name"] for e in external.list_external(run_dir)}
-    if external.sanitize_name(evaluation_name) in existing:
-        st.caption(f"Evaluating replaces the earlier evaluation '{external.sanitize_name(evaluation_name)}'.")
+    # The name the evaluation will be saved under: an empty name falls back to the folder's, as in core.
+    saved_as = external.sanitize_name(evaluation_name) if evaluation_name.strip() else external.default_name(folder,
+                                                                                                            split)
+    if saved_as in {e["name"] for e in external.list_external(run_dir)}:
+        st.caption(f"Evaluating replaces the earlier evaluation '{saved_as}'.")
     if not st.button("Evaluate", type="primary", key="ext_evaluate"):
         return
     unmapped = [f for f, c in chosen.items() if c is None]

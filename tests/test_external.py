@@ -92,7 +92,8 @@ def test_unmapped_folder_is_an_error_naming_it_and_the_syntax(tmp_path):
     with pytest.raises(DatasetError) as err:
         external.scan_external(str(root), RUN_CLASSES, None)
     message = str(err.value)
-    assert "'No_findings'" in message and "--class-map No_findings=<NORMAL|PNEUMONIA|ignore>," in message
+    assert "'No_findings'" in message and "--class-map No_findings=<NORMAL|PNEUMONIA|ignore>,Pneumonia=PNEUMONIA " \
+        in message
     assert "Folders found: No_findings, Pneumonia" in message and "'Pneumonia'" not in message
 
 
