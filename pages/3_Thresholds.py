@@ -243,3 +243,18 @@ else:
     st.caption(f"At threshold {threshold:.3f}, on {runs.set_label(read_on)}. Sensitivity needs positives and "
                "specificity negatives: a pneumonia subtype has only a sensitivity, a normal series only a "
                "specificity. Groups under 5 images get no interval.")
+
+st.header("Report")
+st.caption("One self-contained HTML file (opens offline): data and leakage, config, training curves, the operating "
+           "point with intervals, validation vs test curves, calibration, subgroups, external sets, a sample of "
+           "mistakes with Grad-CAM, limitations. It uses the saved operating threshold, not this page's unsaved one.")
+
+
+def report_html() -> bytes:
+    from core.report import build_report_html
+
+    return build_report_html(run_dir, None).encode()
+
+
+st.download_button("Download the HTML report", data=report_html, file_name=f"{run_dir.name}-report.html",
+                   mime="text/html", key="thr_report", on_click="ignore")
