@@ -106,8 +106,9 @@ def gradcam(model: Classifier, x: torch.Tensor, target_class: int = 1) -> CamRes
         # An input that needs gradients lets them reach the layer even when the weights are frozen.
         x = x.detach().float().requires_grad_(True)
         explainer = GradCAM(model=model, target_layers=[model.get_submodule(layer.name)])
-        try:
-            # fp32 throughout: bf16 gradients of a saturated logit round to zero and empty the map.
+        try:  # not `with GradCAM(...)`: its __exit__ swallows an IndexError and only prints it
+            # fp32 even under a caller's bf16 autocast: the map sums many small gradient × activation
+            # products, which bf16's 8-bit mantissa would round coarsely.
             with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
                 heat = explainer(input_tensor=x, targets=[ClassifierOutputTarget(target_class)])[0]
         finally:

@@ -118,8 +118,8 @@ st.dataframe(table[columns], hide_index=True, height=240,
              column_config={"prob": st.column_config.NumberColumn("probability", format="%.3f"),
                             "confidence": st.column_config.NumberColumn(format="%.3f")})
 st.download_button("Download this list (CSV)", table[columns].to_csv(index=False).encode(),
-                   file_name=f"{run_dir.name}-{set_name.replace(':', '-')}-mistakes.csv", mime="text/csv")
-
+                   file_name=f"{run_dir.name}-{set_name.replace(':', '-')}-mistakes-at-{threshold:.3f}.csv",
+                   mime="text/csv")
 
 st.subheader("Gallery")
 paging = st.columns([1, 1, 4])
