@@ -17,6 +17,7 @@ import base64
 import html
 import io
 import json
+import math
 import os
 import shlex
 import time
@@ -28,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from . import runs
-from .bootstrap import METRIC_KEYS, METRIC_LABELS, Interval, PatientBootstrap, format_interval
+from .bootstrap import METRIC_KEYS, METRIC_LABELS, Interval, format_interval
 from .operating import PredictionSet, bootstrap_for, curve_data, load_set, ranking_only, set_summary
 
 # Section ids and headings, in the order they appear.
@@ -58,6 +59,10 @@ CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'unsafe-inline' 'unsa
                            "style-src 'unsafe-inline'; img-src data: blob:; font-src data:; connect-src 'none'; "
                            "form-action 'none'; base-uri 'none'")
 
+# Figures are drawn while the page is parsed; once it is laid out, each is fitted to its final box.
+RESIZE_ON_LOAD = ("window.addEventListener('load', function () { document.querySelectorAll('.js-plotly-plot')"
+                  ".forEach(function (figure) { Plotly.Plots.resize(figure); }); });")
+
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 0;
        color: #1d2430; background: #f6f7f9; line-height: 1.45; }
@@ -85,14 +90,18 @@ pre { background: #f0f2f5; padding: 8px 12px; overflow-x: auto; white-space: pre
 .warning { border-color: #c98a00; background: #fff6e0; }
 .error { border-color: #c0392b; background: #fdecea; }
 .ok { border-color: #2e8b57; background: #eaf7ef; }
-.figures { display: flex; flex-wrap: wrap; gap: 12px; }
-.figures > .figure { flex: 1 1 460px; min-width: 320px; }
-.figures.small > .figure { flex: 1 1 300px; max-width: 420px; }
+/* Grid tracks exist before the figures do: plotly.js sizes each figure as its script runs, while the page
+   is still being parsed, and a flex row would hand the first figure the whole width. */
+.columns { display: grid; grid-template-columns: repeat(auto-fill, minmax(440px, 1fr)); gap: 12px 32px;
+           align-items: start; }
+.figures { display: grid; grid-template-columns: repeat(auto-fill, minmax(460px, 1fr)); gap: 12px; }
+.figures.small { grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); }
+.columns > *, .figures > * { min-width: 0; }
 .cards { display: flex; flex-wrap: wrap; gap: 14px; }
-.card { border: 1px solid #d9dde3; border-radius: 4px; padding: 8px; max-width: 660px; background: #fafbfc; }
+.card { border: 1px solid #d9dde3; border-radius: 4px; padding: 8px; width: 520px; background: #fafbfc; }
 .card .pair { display: flex; gap: 6px; }
-.card img { max-width: 320px; width: 100%; height: auto; display: block; }
-.card p { margin: 6px 0 0 0; font-size: 0.88em; word-break: break-all; }
+.card .pair > img { width: 256px; max-width: 50%; height: auto; display: block; }
+.card p { margin: 6px 0 0 0; font-size: 0.88em; overflow-wrap: anywhere; }
 """
 
 
@@ -157,6 +166,11 @@ def _plotly_js() -> str:
     return get_plotlyjs()
 
 
+def _json_text(value: object) -> str:
+    """A config or environment value as written in its JSON file (0.002, false, null), strings bare."""
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
 def _fmt(value: object, digits: int = 3) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
         return f"{value:.{digits}f}"
@@ -190,11 +204,10 @@ def _read_json_object(path: Path) -> tuple[dict | None, str | None]:
 
 @dataclass
 class _PreparedSet:
-    """A prediction set with its patient resamples and its threshold-free intervals, as the dashboard's
-    Thresholds page prepares it, and its summary at the operating threshold."""
+    """A prediction set with its threshold-free intervals, as the dashboard's Thresholds page prepares it,
+    and its summary at the operating threshold."""
 
     pset: PredictionSet
-    boot: PatientBootstrap
     ranking: dict[str, Interval]
     summary: dict
 
@@ -217,7 +230,13 @@ class _Context:
 
     def figure(self, fig: Any) -> str:
         """The figure as a div and the script that draws it with the embedded plotly.js."""
+        import plotly.graph_objects as go
+
         self.figures += 1
+        # core.figures builds figures without plotly's validation (for the dashboard's speed); validating here
+        # turns its shorthand (a title given as a bare string, a colour scale by name) into the explicit form
+        # that the embedded plotly.js draws as intended.
+        fig = go.Figure(fig.to_dict())
         # A fixed div id (not plotly's random one): the same run gives the same file.
         div = fig.to_html(full_html=False, include_plotlyjs=False, include_mathjax=False,
                           div_id=f"figure-{self.figures}", default_height="440px",
@@ -271,7 +290,7 @@ def _prepare(run_dir: Path, externals: list[str] | None) -> _Context:
         # The same resamples, seed and threshold-free intervals as the Thresholds page and run_summary.
         boot = bootstrap_for(pset)
         ranking = ranking_only(pset, boot)
-        ctx.prepared[name] = _PreparedSet(pset, boot, ranking, set_summary(pset, operating.threshold, boot, ranking))
+        ctx.prepared[name] = _PreparedSet(pset, ranking, set_summary(pset, operating.threshold, boot, ranking))
     return ctx
 
 
@@ -289,13 +308,12 @@ def _set_error_boxes(ctx: _Context, names: Iterable[str] | None = None) -> str:
                    for n in (names if names is not None else ctx.sets) if n in ctx.set_errors)
 
 
-def _interval_table(ctx: _Context, names: list[str], keys: Sequence[str] = METRIC_KEYS,
-                    with_counts: bool = True) -> str:
+def _interval_table(ctx: _Context, names: list[str], keys: Sequence[str] = METRIC_KEYS) -> str:
+    """Metrics (rows) of sets (columns) as 'value [low, high]', and the images and patients of each set."""
     columns = ["Metric"] + [runs.set_label(n) for n in names]
     rows: list[list[object]] = [[METRIC_LABELS[k]] + [format_interval(ctx.prepared[n].summary["metrics"][k])
                                                       for n in names] for k in keys]
-    if with_counts:
-        rows.append(["Images"] + [_images_text(ctx.prepared[n].summary) for n in names])
+    rows.append(["Images"] + [_images_text(ctx.prepared[n].summary) for n in names])
     return _table(columns, rows, row_headers=True)
 
 
@@ -342,7 +360,8 @@ def _summary(ctx: _Context) -> str:
     headline = "test" if "test" in ctx.prepared else next(iter(ctx.prepared))
     parts.append(f"<h3>Headline: {_e(runs.set_label(headline))}</h3>")
     if headline != "test":
-        parts.append(_box("warning", "No test predictions: the headline is read on "
+        parts.append(_set_error_boxes(ctx, ["test"]))
+        parts.append(_box("warning", "No usable test predictions: the headline is read on "
                                      f"{runs.set_label(headline)}, not on held-out test data."))
     parts.append(_interval_table(ctx, [headline], HEADLINE_KEYS))
     parts.append(_p(_bootstrap_note(ctx), "note"))
@@ -491,25 +510,26 @@ def _fmt_share(value: object) -> str:
 
 
 def _config(ctx: _Context) -> str:
-    parts = ["<h3>Training configuration (config.json)</h3>"]
+    config_part = ["<h3>Training configuration (config.json)</h3>"]
     config, error = _read_json_object(ctx.run_dir / "config.json")
     if error:
-        parts.append(_box("error", error))
+        config_part.append(_box("error", error))
     else:
         assert config is not None
-        parts.append(_table(["option", "value"], [[k, _cell_text(v)] for k, v in config.items()], row_headers=True))
-    parts.append("<h3>Environment (environment.json)</h3>")
+        config_part.append(_table(["option", "value"], [[k, _json_text(v)] for k, v in config.items()],
+                                  row_headers=True))
+    env_part = ["<h3>Environment (environment.json)</h3>"]
     env, error = _read_json_object(ctx.run_dir / "environment.json")
     if error:
-        parts.append(_box("error", error))
-        return "".join(parts)
-    assert env is not None
-    argv = env.get("argv")
-    if isinstance(argv, list) and argv:
-        parts.append(f"<p>Command:</p><pre><code>{_e(_command_line([str(a) for a in argv]))}</code></pre>")
-    parts.append(_table(["item", "value"], [[k, _cell_text(v)] for k, v in env.items() if k != "argv"],
-                        row_headers=True))
-    return "".join(parts)
+        env_part.append(_box("error", error))
+    else:
+        assert env is not None
+        argv = env.get("argv")
+        if isinstance(argv, list) and argv:
+            env_part.append(f"<p>Command:</p><pre><code>{_e(_command_line([str(a) for a in argv]))}</code></pre>")
+        env_part.append(_table(["item", "value"], [[k, _json_text(v)] for k, v in env.items() if k != "argv"],
+                               row_headers=True))
+    return f'<div class="columns"><div>{"".join(config_part)}</div><div>{"".join(env_part)}</div></div>'
 
 
 def _command_line(argv: list[str]) -> str:
@@ -575,14 +595,17 @@ def _training(ctx: _Context) -> str:
     return "".join(parts)
 
 
-def _epoch_cell(value: object) -> object:
-    number = pd.to_numeric(pd.Series([value]), errors="coerce").iloc[0]
-    return int(number) if pd.notna(number) and float(number).is_integer() else _cell_text(value)
+def _number(value: Any) -> float | str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return "—"
+    return number if math.isfinite(number) else "—"
 
 
-def _number(value: object) -> object:
-    number = pd.to_numeric(pd.Series([value]), errors="coerce").iloc[0]
-    return float(number) if pd.notna(number) else "—"
+def _epoch_cell(value: Any) -> int | float | str:
+    number = _number(value)
+    return int(number) if isinstance(number, float) and number.is_integer() else number
 
 
 TRAINING_TIME_ROWS = (("auc", "AUC"), ("sensitivity", "Sensitivity (recall)"), ("specificity", "Specificity"),
@@ -714,7 +737,7 @@ def _calibration(ctx: _Context) -> str:
         return "".join(parts)
     rows = [[label, c["before"]["ece"], c["after"]["ece"], c["before"]["brier"], c["after"]["brier"]]
             for label, c in summaries.items()]
-    parts.append('<div class="figures">' + ctx.figure(reliability_figure(summaries)) + "<div>"
+    parts.append('<div class="columns">' + ctx.figure(reliability_figure(summaries)) + "<div>"
                  + _table(["set", "ECE before", "ECE after", "Brier before", "Brier after"], rows, row_headers=True,
                           caption=f"ECE: expected calibration error over {N_BINS} equal-width probability bins. "
                                   "Brier: mean squared error of the probability. Lower is better for both. "
@@ -835,15 +858,6 @@ def _refit(refit: object) -> str:
         return title + _box("error", "summary.json is damaged: its re-picked threshold results are incomplete.")
 
 
-def _cam_images(view: Any) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(image, overlay, found) from core.predict.gradcam_display, whether it returns a CamView or the
-    (image, overlay, found) triple."""
-    if hasattr(view, "overlay"):
-        return view.image, view.overlay, bool(view.cam.found)
-    image, overlay, found = view
-    return image, overlay, bool(found)
-
-
 def _mistakes(ctx: _Context) -> str:
     from .metrics import mistakes
 
@@ -893,14 +907,14 @@ def _mistake_card(loaded: Any, row: pd.Series, class_names: list[str], positive:
     if loaded is None:
         return f'<div class="card"><p>{_e(caption)}</p></div>'
     try:
-        image, overlay, found = _cam_images(gradcam_display(loaded, path))
+        view = gradcam_display(loaded, path)
     except (ValueError, OSError) as e:
         return f'<div class="card"><p>File missing or unreadable: {_e(Path(path).name)} ({_e(e)})</p>' \
                f"<p>{_e(caption)}</p></div>"
-    cam_text = f"Grad-CAM: evidence for {positive}" if found else \
-        f"Grad-CAM: no evidence for {positive} found (an empty map)"
-    return (f'<div class="card"><div class="pair"><img alt="{_e(Path(path).name)}" src="{_png_data_uri(image)}">'
-            f'<img alt="{_e(cam_text)}" src="{_png_data_uri(overlay)}"></div>'
+    # The dashboard's caption: the layer and map size, and whether the map found any evidence.
+    cam_text = view.caption(positive)
+    return (f'<div class="card"><div class="pair"><img alt="{_e(Path(path).name)}" src="{_png_data_uri(view.image)}">'
+            f'<img alt="{_e(cam_text)}" src="{_png_data_uri(view.overlay)}"></div>'
             f"<p>{_e(caption)}</p><p class=\"note\">{_e(cam_text)}</p></div>")
 
 
@@ -952,7 +966,7 @@ def build_report_html(run_dir: str | os.PathLike, externals: list[str] | None = 
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json or status.json).")
     ctx = _prepare(run_dir, externals)
     sections = "".join(_section(section_id, title, ctx) for section_id, title in SECTIONS)
-    nav = "".join(f'<a href="#{section_id}">{_e(title)}</a>' for section_id, title in SECTIONS)
+    nav = " ".join(f'<a href="#{section_id}">{_e(title)}</a>' for section_id, title in SECTIONS)
     generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     threshold = f"operating threshold {ctx.operating.describe()}" if ctx.operating else "operating threshold unreadable"
     return (
@@ -964,7 +978,7 @@ def build_report_html(run_dir: str | os.PathLike, externals: list[str] | None = 
         f"<header><h1>Chest X-ray pneumonia classifier: run {_e(run_dir.name)}</h1>"
         f"<p>Research report, not a diagnosis · {_e(threshold)}</p>"
         f"<p>Written {_e(generated)} by <code>python -m core report</code> from {_e(run_dir.resolve())}</p></header>"
-        f"<nav>{nav}</nav><main>{sections}</main></body></html>\n")
+        f"<nav>{nav}</nav><main>{sections}</main><script>{RESIZE_ON_LOAD}</script></body></html>\n")
 
 
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike,
