@@ -113,9 +113,3 @@ def run_picker(label: str = "Run", key: str = "run", only_finished: bool = True)
     choice = st.selectbox(label, names, index=index, key=key)
     st.session_state["selected_run"] = choice
     return runs_dir() / choice
-
-
-def gradcam_caption(positive_class: str, found: bool) -> str:
-    if found:
-        return f"Grad-CAM: evidence for {positive_class}"
-    return f"Grad-CAM: no evidence for {positive_class} found (the map is empty)"

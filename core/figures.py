@@ -6,16 +6,25 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import plotly.colors as pc
 import plotly.graph_objects as go
 
 # Plotly validates every property of every trace on construction: most of a Thresholds rerun's time. The
 # builders are fixed code, so it is off here; tests/test_figures.py builds every figure with it on.
 VALIDATE = False
+# Named colour scales are resolved by validation too; this is plotly's "Blues".
+BLUES = [[i / 8, c] for i, c in enumerate(pc.sequential.Blues)]
 # Legend below the x-axis title, not over it.
 LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.25)
 # One colour per prediction set, the same on every figure (Okabe-Ito: colour-blind safe).
 SET_COLOURS = {"val": "#0072B2", "test": "#D55E00"}
 EXTERNAL_COLOURS = ("#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442")
+
+
+def _text(text: str) -> dict:
+    """A title as plotly.js wants it: without validation a bare string is not converted, and plotly.js
+    (v3 and later) draws no title from a string."""
+    return {"text": text}
 
 
 def _scatter(**kwargs) -> go.Scatter:
@@ -52,10 +61,10 @@ def roc_figure(curves: dict[str, dict], markers: list[dict] | None = None, title
         fig.add_trace(_scatter(x=[m["fpr"]], y=[m["tpr"]], mode="markers", name=m["name"],
                                  marker=dict(symbol=m.get("symbol", "star"), size=m.get("size", 14),
                                              color=m.get("colour", "#DC143C"), line=dict(width=1, color="#000000"))))
-    fig.update_layout(title=title, height=460, margin=dict(t=50, b=40), legend=LEGEND_BELOW)
-    fig.update_xaxes(title="False positive rate (1 − specificity)", range=[0, 1], constrain="domain")
+    fig.update_layout(title=_text(title), height=460, margin=dict(t=50, b=40), legend=LEGEND_BELOW)
+    fig.update_xaxes(title=_text("False positive rate (1 − specificity)"), range=[0, 1], constrain="domain")
     # Equal aspect: the diagonal is at 45° and curves compare by eye.
-    fig.update_yaxes(title="True positive rate (sensitivity)", range=[0, 1.01], scaleanchor="x", scaleratio=1)
+    fig.update_yaxes(title=_text("True positive rate (sensitivity)"), range=[0, 1.01], scaleanchor="x", scaleratio=1)
     return fig
 
 
@@ -79,9 +88,9 @@ def pr_figure(curves: dict[str, dict], markers: list[dict] | None = None,
         fig.add_trace(_scatter(x=[m["recall"]], y=[m["precision"]], mode="markers", name=m["name"],
                                  marker=dict(symbol=m.get("symbol", "star"), size=m.get("size", 14),
                                              color=m.get("colour", "#DC143C"), line=dict(width=1, color="#000000"))))
-    fig.update_layout(title=title, height=460, margin=dict(t=50, b=40), legend=LEGEND_BELOW)
-    fig.update_xaxes(title="Recall (sensitivity)", range=[0, 1])
-    fig.update_yaxes(title="Precision (PPV)", range=[0, 1.01])
+    fig.update_layout(title=_text(title), height=460, margin=dict(t=50, b=40), legend=LEGEND_BELOW)
+    fig.update_xaxes(title=_text("Recall (sensitivity)"), range=[0, 1])
+    fig.update_yaxes(title=_text("Precision (PPV)"), range=[0, 1.01])
     return fig
 
 
@@ -90,12 +99,12 @@ def confusion_figure(counts: dict, names: list[str], title: str) -> go.Figure:
     z = [[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]]
     heatmap = go.Heatmap(_validate=VALIDATE, z=z, x=names, y=names, text=z, texttemplate="%{text}",
                          textfont=dict(size=18),
-                         colorscale="Blues", showscale=False,
+                         colorscale=BLUES, showscale=False,
                          hovertemplate="true %{y}<br>predicted %{x}<br>%{z} images<extra></extra>")
     fig = go.Figure(_validate=VALIDATE, data=heatmap)
-    fig.update_layout(title=title, height=340, margin=dict(t=50, b=40))
-    fig.update_xaxes(title="Predicted class", type="category")
-    fig.update_yaxes(title="True class", type="category", autorange="reversed")
+    fig.update_layout(title=_text(title), height=340, margin=dict(t=50, b=40))
+    fig.update_xaxes(title=_text("Predicted class"), type="category")
+    fig.update_yaxes(title=_text("True class"), type="category", autorange="reversed")
     return fig
 
 
@@ -118,10 +127,10 @@ def reliability_figure(summaries: dict[str, dict], title: str = "Reliability dia
                 hovertemplate=f"{label} {word}<br>bin %{{customdata[1]:.1f}}–%{{customdata[2]:.1f}}: "
                               "%{customdata[0]} images<br>mean predicted %{x:.3f}<br>observed %{y:.3f}<extra></extra>"))
     n_bins = next(iter(summaries.values()))["n_bins"] if summaries else 10
-    fig.update_layout(title=f"{title} ({n_bins} equal-width bins; marker size grows with images per bin)",
+    fig.update_layout(title=_text(f"{title} ({n_bins} equal-width bins; marker size grows with images per bin)"),
                       height=480, margin=dict(t=50, b=40), legend=LEGEND_BELOW)
-    fig.update_xaxes(title="Mean predicted probability", range=[0, 1], constrain="domain")
-    fig.update_yaxes(title="Observed share of positives", range=[0, 1.01], scaleanchor="x", scaleratio=1)
+    fig.update_xaxes(title=_text("Mean predicted probability"), range=[0, 1], constrain="domain")
+    fig.update_yaxes(title=_text("Observed share of positives"), range=[0, 1.01], scaleanchor="x", scaleratio=1)
     return fig
 
 
@@ -131,8 +140,8 @@ def epoch_curves_figure(curves: dict[str, pd.DataFrame], column: str, title: str
     for name, epochs in curves.items():
         if column in epochs:
             fig.add_trace(_scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
-    fig.update_layout(title=title, xaxis_title="Epoch", yaxis_title=y_title, margin=dict(t=50, b=10),
-                      legend=LEGEND_BELOW, showlegend=True)
+    fig.update_layout(title=_text(title), xaxis_title=_text("Epoch"), yaxis_title=_text(y_title),
+                      margin=dict(t=50, b=10), legend=LEGEND_BELOW, showlegend=True)
     fig.update_xaxes(tickformat="d", rangemode="tozero")  # whole epochs
     return fig
 
@@ -147,7 +156,8 @@ def loss_figure(epochs: pd.DataFrame, steps: pd.DataFrame, steps_per_epoch: int 
     for column, name in (("train_loss", "train (epoch mean)"), ("val_loss", "validation")):
         if not epochs.empty and column in epochs:
             fig.add_trace(_scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
-    fig.update_layout(title="Loss", xaxis_title="Epoch", yaxis_title="Cross-entropy loss (weighted)",
+    fig.update_layout(title=_text("Loss"), xaxis_title=_text("Epoch"),
+                      yaxis_title=_text("Cross-entropy loss (weighted)"),
                       margin=dict(t=50, b=10), legend=LEGEND_BELOW)
     fig.update_xaxes(rangemode="tozero")
     return fig
@@ -160,7 +170,7 @@ def score_figure(epochs: pd.DataFrame) -> go.Figure:
                          ("val_auc", "validation AUC")):
         if not epochs.empty and column in epochs:
             fig.add_trace(_scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
-    fig.update_layout(title="Accuracy and AUC", xaxis_title="Epoch", yaxis_title="Score (0–1)",
+    fig.update_layout(title=_text("Accuracy and AUC"), xaxis_title=_text("Epoch"), yaxis_title=_text("Score (0–1)"),
                       margin=dict(t=50, b=10), legend=LEGEND_BELOW)
     fig.update_yaxes(range=[0, 1.02])
     fig.update_xaxes(tickformat="d", rangemode="tozero")

@@ -90,12 +90,15 @@ def read_metrics(run_dir: Path) -> pd.DataFrame:
     """All metric records; a half-written last line (run still writing) is skipped."""
     rows = []
     try:
-        with open(Path(run_dir) / "metrics.jsonl") as f:
+        # errors="replace": a damaged (binary) file gives unparseable lines, which are skipped, not an exception.
+        with open(Path(run_dir) / "metrics.jsonl", errors="replace") as f:
             for line in f:
                 try:
-                    rows.append(json.loads(line))
+                    record = json.loads(line)
                 except ValueError:
                     continue
+                if isinstance(record, dict):
+                    rows.append(record)
     except OSError:
         pass
     return pd.DataFrame(rows)

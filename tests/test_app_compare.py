@@ -17,6 +17,8 @@ from app_helpers import (
 )
 
 from core import runs
+from core.bootstrap import format_interval
+from core.operating import run_summary
 
 COMPARE_PAGE = "pages/2_Compare.py"
 
@@ -39,9 +41,24 @@ def test_finished_run_metrics(app_env, finished_run):
     assert row["state"] == "finished"
     assert row["epochs run"] == 2
     assert row["best epoch"] == report["best_epoch"]
-    assert math.isclose(row["test AUC"], report["test"]["auc"])
-    assert math.isclose(row["val sensitivity"], report["val"]["sensitivity"])
+    assert row["strategy"] == "scratch"  # smallcnn
+    # At the operating threshold, with 95% intervals, the same strings as everywhere else.
+    summary = run_summary(app_env / finished_run.name)
+    assert row["operating threshold"] == summary["operating"].describe()
+    assert row["test AUC"] == format_interval(summary["sets"]["test"]["metrics"]["auc"])
+    assert row["val sensitivity"] == format_interval(summary["sets"]["val"]["metrics"]["sensitivity"])
+    assert math.isclose(summary["sets"]["test"]["metrics"]["auc"]["value"], report["test"]["auc"])
     assert row["training time (min)"] > 0
+    # Training-time figures stay available, labelled.
+    youden = at.dataframe[1].value.iloc[0]
+    assert math.isclose(youden["Youden threshold (training)"], report["threshold"])
+
+    runs.save_threshold(app_env / finished_run.name, 0.9, chosen_on="val", target="manual")
+    at = page(COMPARE_PAGE).run()
+    row = at.dataframe[0].value.iloc[0]
+    assert row["threshold"] == 0.9 and row["operating threshold"].startswith("0.900 (saved")
+    assert row["test specificity"] == format_interval(
+        run_summary(app_env / finished_run.name)["sets"]["test"]["metrics"]["specificity"])
 
     running = first_epoch_run(finished_run, app_env)  # no epoch record yet: no curve, empty metrics
     at = page(COMPARE_PAGE).run()
@@ -80,7 +97,7 @@ def test_strategy_study(app_env):
     assert not at.exception
     table = at.dataframe[0].value
     assert len(table) == 4
-    assert table.set_index("run").loc[scratch, "test AUC"] > 0
+    assert table.set_index("run").loc[scratch, "test AUC"].startswith("0.")
     failed = [name for name, s in states.items() if s == "failed"]
     assert len(at.error) == len(failed)
     for name in failed:

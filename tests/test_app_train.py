@@ -109,7 +109,9 @@ def test_launch_stop_resume_finish(app_env):
     assert not at.exception
     assert metric(at, "State") == "finished"
     assert metric(at, "Epoch") == "2/2"
-    assert "Test AUC" in at.success[0].value
+    summary = at.success[0].value
+    assert "at the operating threshold" in summary and "chosen at the end of training" in summary
+    assert "AUC 0." in summary and "[" in summary  # with its interval
     assert len(at.get("plotly_chart")) == 2
     assert "Finished" in at.code[0].value  # the log tail
 

@@ -3,6 +3,8 @@ skips for speed) and shows what its title and legend say."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -22,6 +24,34 @@ def validated(monkeypatch):
     monkeypatch.setattr(figures, "VALIDATE", True)
 
 
+def _all_figures() -> dict:
+    pset = PredictionSet("val", pd.DataFrame({"label": LABELS, "prob": PROBS}), LABELS, PROBS, None, ["N", "P"])
+    curves = curve_data(pset, ranking_only(pset, PatientBootstrap(None, len(LABELS))), "#0072B2")
+    marker = {"name": "at 0.5", "fpr": 0.2, "tpr": 0.8, "recall": 0.8, "precision": 0.7}
+    epochs = pd.DataFrame({"epoch": [1, 2], "train_loss": [0.5, 0.3], "val_loss": [0.6, 0.4],
+                           "train_accuracy": [0.7, 0.8], "val_accuracy": [0.7, 0.9], "val_auc": [0.8, 0.9]})
+    steps = pd.DataFrame({"global_step": [1, 2], "step": [1, 2], "loss": [0.7, 0.6]})
+    cal = calibration_summary(LABELS, PROBS, PROBS)
+    return {"roc": lambda: figures.roc_figure({"v": curves["roc"]}, [marker]),
+            "pr": lambda: figures.pr_figure({"v": curves["pr"]}, [marker]),
+            "confusion": lambda: figures.confusion_figure({"tp": 1, "fp": 2, "fn": 3, "tn": 4}, ["N", "P"], "t"),
+            "reliability": lambda: figures.reliability_figure({"v": {**cal, "colour": "#000000"}}),
+            "epochs": lambda: figures.epoch_curves_figure({"a": epochs}, "val_auc", "t", "y"),
+            "loss": lambda: figures.loss_figure(epochs, steps, 2), "score": lambda: figures.score_figure(epochs)}
+
+
+@pytest.mark.parametrize("name", list(_all_figures()))
+def test_unvalidated_figures_equal_validated_ones(name, monkeypatch):
+    """The dashboard builds figures without plotly's validation (for speed); what reaches plotly.js must be
+    exactly what validation would have made (e.g. titles as {"text": ...}: plotly.js draws no bare string)."""
+    build = _all_figures()[name]
+    validated = json.loads(build().to_json())
+    monkeypatch.setattr(figures, "VALIDATE", False)
+    fast = json.loads(build().to_json())
+    assert fast == validated
+    assert isinstance(fast["layout"]["title"], dict) and fast["layout"]["title"]["text"]
+
+
 def test_roc_and_pr_overlay_sets_with_intervals_and_markers():
     pset = PredictionSet("val", pd.DataFrame({"label": LABELS, "prob": PROBS}), LABELS, PROBS, None, ["N", "P"])
     curves = curve_data(pset, ranking_only(pset, PatientBootstrap(None, len(LABELS))), "#0072B2")
@@ -39,7 +69,8 @@ def test_reliability_confusion_and_training_figures():
     cal = calibration_summary(LABELS, PROBS, np.clip(PROBS * 1.2, 0, 1))
     fig = figures.reliability_figure({"test": {**cal, "colour": "#D55E00"}})
     assert "10 equal-width bins" in fig.layout.title.text
-    assert sum("before scaling" in t.name for t in fig.data) == 1 and sum("after scaling" in t.name for t in fig.data) == 1
+    assert sum("before scaling" in t.name for t in fig.data) == 1
+    assert sum("after scaling" in t.name for t in fig.data) == 1
     cm = figures.confusion_figure({"tp": 5, "fp": 1, "fn": 2, "tn": 7}, ["NORMAL", "PNEUMONIA"], "test")
     assert [list(r) for r in cm.data[0].z] == [[7, 1], [2, 5]]
     epochs = pd.DataFrame({"epoch": [1, 2], "train_loss": [0.5, 0.3], "val_loss": [0.6, 0.4],
