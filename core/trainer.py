@@ -209,7 +209,9 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def positive_probs(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
-    return torch.softmax(logits / temperature, dim=1)[:, 1].numpy()
+    # float64: a float32 written to CSV and read back is another number, so an image whose probability
+    # equals the threshold chosen on it could change sides between the training report and the views.
+    return torch.softmax(logits / temperature, dim=1)[:, 1].double().numpy()
 
 
 # ---------------------------------------------------------------- checkpoints

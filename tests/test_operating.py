@@ -72,3 +72,21 @@ def test_shift_warning_names_what_falls_outside(run):
     assert any(w.startswith("test specificity") and "outside validation's 95% interval" in w for w in warnings)
     assert shift_warnings(summary["sets"]["val"], summary["sets"]["val"]) == []
     assert format_interval(summary["sets"]["val"]["metrics"]["auc"]).count("[") == 1
+
+
+def test_probabilities_survive_the_csv_round_trip(tmp_path):
+    """The training report and the views read the same images on the same side of the threshold."""
+    import torch
+
+    from core.metrics import choose_threshold
+    from core.trainer import positive_probs
+
+    logits = torch.randn(500, 2, generator=torch.Generator().manual_seed(0))
+    probs = positive_probs(logits, 1.3)
+    labels = np.arange(500) % 2
+    threshold = choose_threshold(labels, probs, "youden")
+    pd.DataFrame({"path": [f"/x/{i}.png" for i in range(500)], "label": labels, "prob": probs}).to_csv(
+        tmp_path / "predictions_val.csv", index=False)
+    back = runs.read_predictions(tmp_path, "val")["prob"].to_numpy()
+    assert np.array_equal(back, probs)
+    assert ((back >= threshold) == (probs >= threshold)).all()
