@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 DEFAULT_RESAMPLES = 2000
+CHUNK_CELLS = 4_000_000  # resample rows are processed in chunks of about this many weights (memory bound)
 DEFAULT_SEED = 0
 CONFIDENCE = 0.95
 # Rates read at a threshold, and the threshold-free summaries; the order is the order they are shown in.
@@ -48,11 +49,19 @@ class PatientBootstrap:
         self.group_of_image = groups
         rng = np.random.default_rng(seed)
         g = max(self.n_patients, 1)
-        draws = rng.integers(0, g, size=(n_resamples, g))
-        # Row r of `counts` says how often each patient was drawn in resample r.
-        flat = (draws + np.arange(n_resamples)[:, None] * g).ravel()
-        counts = np.bincount(flat, minlength=n_resamples * g).reshape(n_resamples, g).astype(np.float32)
-        self.weights = counts[:, groups] if n_images else np.zeros((n_resamples, 0), np.float32)
+        # uint16: a patient is drawn at most g times, and 2 bytes per cell keep 2,000 resamples of 100,000
+        # images at 400 MB; the draws are made in chunks of resamples so their int64 temporaries stay small.
+        dtype = np.uint16 if g < 2**16 else np.uint32
+        self.weights = np.zeros((n_resamples, n_images), dtype)
+        step = max(1, CHUNK_CELLS // g)
+        for start in range(0, n_resamples, step):
+            rows = min(step, n_resamples - start)
+            draws = rng.integers(0, g, size=(rows, g))
+            # Row r of `counts` says how often each patient was drawn in resample start + r.
+            flat = (draws + np.arange(rows)[:, None] * g).ravel()
+            counts = np.bincount(flat, minlength=rows * g).reshape(rows, g).astype(dtype)
+            if n_images:
+                self.weights[start:start + rows] = counts[:, groups]
 
 
 def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -68,13 +77,20 @@ def rates_from_counts(tp, fp, fn, tn) -> dict[str, np.ndarray]:
             "accuracy": _ratio(tp + tn, tp + tn + fp + fn)}
 
 
+def _row_chunks(weights: np.ndarray):
+    step = max(1, CHUNK_CELLS // max(weights.shape[1], 1))
+    for start in range(0, len(weights), step):
+        yield weights[start:start + step]
+
+
 def weighted_counts(labels: np.ndarray, probs: np.ndarray, threshold: float,
                     weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(tp, fp, fn, tn) per row of `weights`, predicting positive when prob >= threshold."""
     pos = np.asarray(labels) == 1
     pred = np.asarray(probs) >= threshold
     cells = np.stack([pred & pos, pred & ~pos, ~pred & pos, ~pred & ~pos], axis=1).astype(np.float32)
-    counts = weights @ cells  # one matrix product for all resamples and all four cells
+    # One matrix product per chunk for all its resamples and all four cells.
+    counts = np.concatenate([chunk.astype(np.float32) @ cells for chunk in _row_chunks(np.atleast_2d(weights))])
     return counts[:, 0], counts[:, 1], counts[:, 2], counts[:, 3]
 
 
@@ -88,6 +104,11 @@ def weighted_ranking_metrics(labels: np.ndarray, probs: np.ndarray,
     if len(labels) == 0:
         nan = np.full(len(weights), np.nan)
         return {"auc": nan, "pr_auc": nan.copy()}
+    parts = [_ranking_chunk(labels, probs, chunk) for chunk in _row_chunks(weights)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("auc", "pr_auc")}
+
+
+def _ranking_chunk(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
     order = np.argsort(probs, kind="mergesort")
     sorted_probs = probs[order]
     starts = np.flatnonzero(np.r_[True, sorted_probs[1:] != sorted_probs[:-1]])  # one group per distinct score

@@ -18,7 +18,7 @@ def reliability_bins(labels: np.ndarray, probs: np.ndarray, n_bins: int = N_BINS
     the counts, which ECE and the diagram's hover need."""
     labels = np.asarray(labels, dtype=float)
     probs = np.asarray(probs, dtype=float)
-    edges = np.linspace(0, 1, n_bins + 1)
+    edges = np.arange(n_bins + 1) / n_bins  # exact edges: linspace puts 0.3 at 0.30000000000000004
     which = np.clip(np.digitize(probs, edges[1:-1], right=False), 0, n_bins - 1)
     count = np.bincount(which, minlength=n_bins)
     mean_prob = np.bincount(which, probs, minlength=n_bins) / np.maximum(count, 1)
@@ -68,8 +68,8 @@ def calibration_summary(labels: np.ndarray, calibrated: np.ndarray, uncalibrated
 def temperature_note(report: dict) -> str:
     """The fitted temperature in words, or why the fit was refused."""
     t = report.get("temperature")
-    fit = report.get("temperature_fit") or {}
-    if not isinstance(t, (int, float)) or not math.isfinite(t):
+    fit = report.get("temperature_fit") if isinstance(report.get("temperature_fit"), dict) else {}
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
         return "No temperature recorded for this run: probabilities are shown as saved."
     if fit.get("fitted") is False:
         return f"Temperature scaling was refused ({fit.get('note') or 'no reason recorded'}): T = 1, " \

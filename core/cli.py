@@ -193,7 +193,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     print(f"{'run':<48} {'state':<9} {'epoch':>7} {'threshold':>9}  test at the operating threshold, 95% intervals")
     for r in rows:
         epoch = f"{r['epoch'] or 0}/{r['epochs']}"
-        line, detail = f"{r['run']:<48} {r['state']:<9} {epoch:>7}", ""
+        line, detail = f"{r['run']:<48} {str(r['state']):<9} {epoch:>7}", ""
         if r["state"] == "finished":
             try:
                 summary = run_summary(Path(r["path"]), ["test"])
@@ -207,6 +207,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
                     line += (f"  AUC {format_interval(m['auc'])}  sens {format_interval(m['sensitivity'])}  "
                              f"spec {format_interval(m['specificity'])}")
                 detail = f"threshold {summary['operating'].describe()}"
+                if "test" in summary["errors"]:
+                    detail += f"; test metrics unavailable: {summary['errors']['test']}"
         print(line)
         if detail:
             print(f"    {detail}")

@@ -268,7 +268,7 @@ def scan_external(data: str, run_classes: list[str], class_map: dict[str, str] |
             if not images:
                 index.empty_folders.append(str(class_dir))
             label = run_classes.index(target)
-            index.records += [ExternalRecord(str(f), patient_id(f.name), label, target, class_dir.name,
+            index.records += [ExternalRecord(str(f), _external_patient(f, Path(root)), label, target, class_dir.name,
                                              split_name if layout.splits else None) for f in images]
     index.ignored_folders = list(ignored_by_folder.values())
     if not index.records:
@@ -392,6 +392,17 @@ def _seen_rows(run_dir: Path) -> pd.DataFrame | None:
 def _named_patient(path: str) -> bool:
     """Whether the file name carries a recognised patient id (not just its own stem)."""
     return patient_id(Path(path).name) != Path(path).stem
+
+
+def _external_patient(path: Path, root: Path) -> str:
+    """The patient id in the file name (person<N>, IM-<N>), else the file's path under the folder: without
+    an id, `NORMAL/1.png` and `PNEUMONIA/1.png` are two patients, not one."""
+    if _named_patient(str(path)):
+        return patient_id(path.name)
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 def training_overlap(run_dir: str | os.PathLike, paths: list[str], patients: list[str],
@@ -544,6 +555,32 @@ def read_external(run_dir: str | os.PathLike, name: str) -> dict:
     if not isinstance(summary, dict):
         raise ValueError(f"{path} is damaged (not a JSON object): evaluate the folder again, or delete this "
                          "evaluation.")
+    return _checked_summary(summary, path)
+
+
+_SUMMARY_TYPES = {"class_map": dict, "counts_by_folder": dict, "counts": dict, "threshold": dict, "overlap": dict,
+                  "refit": dict, "warnings": list, "skipped": list, "ignored_files": list, "ignored_folders": list}
+_REFIT_KEYS = {"rule_described": str, "threshold": (int, float), "operating_threshold": (int, float), "fit": dict,
+               "read": dict, "at_operating": dict, "at_refit": dict}
+
+
+def _checked_summary(summary: dict, path: Path) -> dict:
+    """Fields of the wrong type are dropped and named in a warning, so one damaged field never breaks a view."""
+    damaged = [k for k, kind in _SUMMARY_TYPES.items() if k in summary and not isinstance(summary[k], kind)]
+    for key in damaged:
+        summary.pop(key)
+    refit = summary.get("refit")
+    if isinstance(refit, dict) and not all(isinstance(refit.get(k), kind) for k, kind in _REFIT_KEYS.items()):
+        summary.pop("refit")
+        damaged.append("refit")
+    summary["warnings"] = [w for w in summary.get("warnings", []) if isinstance(w, str)]
+    summary["ignored_folders"] = [f for f in summary.get("ignored_folders", []) if isinstance(f, dict)]
+    for key in ("skipped", "ignored_files"):
+        if key in summary:
+            summary[key] = [v for v in summary[key] if isinstance(v, (str, dict))]
+    if damaged:
+        summary["warnings"].append(f"{path} has damaged fields ({', '.join(damaged)}): they are not shown. "
+                                   "Evaluate the folder again to rewrite it.")
     return summary
 
 

@@ -46,6 +46,16 @@ def roc_points(labels: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]:
     return {"fpr": fpr, "tpr": tpr, "threshold": np.clip(thresholds, 0, 1)}
 
 
+def _candidates(labels: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]:
+    """ROC points usable as thresholds in [0, 1]. roc_curve's first point (threshold +inf: nothing positive)
+    becomes threshold 1.0, which still calls images with probability exactly 1.0 positive: it is dropped
+    then, so that a rule never promises a rate its threshold does not give."""
+    pts = roc_points(labels, probs)
+    if len(pts["threshold"]) > 1 and np.max(probs) >= 1.0:
+        pts = {k: v[1:] for k, v in pts.items()}
+    return pts
+
+
 def pr_points(labels: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]:
     precision, recall, thresholds = precision_recall_curve(labels, probs)
     # sklearn returns one more precision/recall point than thresholds (recall 0 at threshold > max).
@@ -56,21 +66,21 @@ def pr_points(labels: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]:
 
 def threshold_for_recall(labels: np.ndarray, probs: np.ndarray, target: float) -> float:
     """Highest threshold whose sensitivity is at least `target` (fewest false positives)."""
-    pts = roc_points(labels, probs)
+    pts = _candidates(labels, np.asarray(probs))
     ok = np.nonzero(pts["tpr"] >= target)[0]
     return float(pts["threshold"][ok[0]]) if len(ok) else 0.0
 
 
 def threshold_for_specificity(labels: np.ndarray, probs: np.ndarray, target: float) -> float:
     """Lowest threshold whose specificity is at least `target` (most sensitivity)."""
-    pts = roc_points(labels, probs)
+    pts = _candidates(labels, np.asarray(probs))
     ok = np.nonzero(1 - pts["fpr"] >= target)[0]
     return float(pts["threshold"][ok[-1]]) if len(ok) else 1.0
 
 
 def threshold_youden(labels: np.ndarray, probs: np.ndarray) -> float:
     """Threshold maximising sensitivity + specificity - 1."""
-    pts = roc_points(labels, probs)
+    pts = _candidates(labels, np.asarray(probs))
     return float(pts["threshold"][int(np.argmax(pts["tpr"] - pts["fpr"]))])
 
 
@@ -85,7 +95,7 @@ def threshold_for_cost(labels: np.ndarray, probs: np.ndarray, cost_ratio: float)
     """Threshold minimising the expected cost when a missed positive costs `cost_ratio` false alarms:
     cost_ratio * FN + FP over every candidate threshold (the highest one on ties)."""
     labels = np.asarray(labels).astype(int)
-    pts = roc_points(labels, probs)
+    pts = _candidates(labels, np.asarray(probs))
     n_pos, n_neg = int(labels.sum()), int((labels == 0).sum())
     cost = cost_ratio * (1 - pts["tpr"]) * n_pos + pts["fpr"] * n_neg
     return float(pts["threshold"][int(np.argmin(cost))])
@@ -102,7 +112,7 @@ def threshold_for_ppv(labels: np.ndarray, probs: np.ndarray, target: float) -> f
 def threshold_for_npv(labels: np.ndarray, probs: np.ndarray, target: float) -> float:
     """Highest threshold whose NPV is at least `target` (most specificity); 0.0 when none is."""
     labels = np.asarray(labels).astype(int)
-    pts = roc_points(labels, probs)
+    pts = _candidates(labels, np.asarray(probs))
     n_pos, n_neg = int(labels.sum()), int((labels == 0).sum())
     tn, fn = (1 - pts["fpr"]) * n_neg, (1 - pts["tpr"]) * n_pos
     npv = np.divide(tn, tn + fn, out=np.zeros_like(tn), where=(tn + fn) > 0)

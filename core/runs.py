@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 ACTIVE_STATES = ("queued", "running")
@@ -47,8 +48,8 @@ def read_json(path: Path, default: Any = None) -> Any:
 
 
 def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False  # also a damaged status.json's pid ("abc", -1)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -201,18 +202,27 @@ def read_predictions(run_dir: Path, split: str) -> pd.DataFrame:
         raise ValueError(f"{path}: the label column must hold 0 or 1 on every row.")
     if not (prob.between(0, 1)).all():
         raise ValueError(f"{path}: the prob column must hold probabilities between 0 and 1 on every row.")
-    df["label"], df["prob"] = label.astype(int), prob.astype(float)
+    # Probabilities are float32 values (softmax in float32); older runs wrote them as float32 text, which
+    # reads back as another float64. Rounding to float32 restores the exact value the threshold was
+    # chosen on, and loses nothing for newer files.
+    df["label"], df["prob"] = label.astype(int), prob.astype(np.float32).astype(np.float64)
     if "patient" in df:
         df["patient"] = df["patient"].fillna("").astype(str)
     return df
 
 
 def read_config(run_dir: Path) -> dict:
-    return read_json(Path(run_dir) / "config.json", {}) or {}
+    """config.json as a dict; {} when missing or not a JSON object (the run then shows as damaged fields)."""
+    config = read_json(Path(run_dir) / "config.json", {})
+    return config if isinstance(config, dict) else {}
 
 
 def read_report(run_dir: Path) -> dict:
-    return read_json(Path(run_dir) / "report.json", {}) or {}
+    """report.json as a dict, with the per-split entries dropped unless they are objects."""
+    report = read_json(Path(run_dir) / "report.json", {})
+    if not isinstance(report, dict):
+        return {}
+    return {k: v for k, v in report.items() if k not in ("val", "test") or isinstance(v, dict)}
 
 
 def save_threshold(run_dir: Path, threshold: float, chosen_on: str, target: str, rule: str | None = None,
@@ -262,7 +272,10 @@ def operating_point(run_dir: Path) -> OperatingPoint:
         return OperatingPoint(float(saved["threshold"]), "saved", str(saved.get("target") or "set by hand"),
                               str(saved.get("chosen_on") or "val"))
     report = read_report(run_dir)
-    if _valid_threshold(report.get("threshold")):
+    if "threshold" in report:
+        if not _valid_threshold(report["threshold"]):
+            raise ValueError(f"{run_dir / 'report.json'} is damaged: its threshold is not a probability between 0 "
+                             "and 1. Save a threshold on the Thresholds page to use the run.")
         rule = str(report.get("threshold_rule") or "youden on validation").replace(" on validation", "")
         return OperatingPoint(float(report["threshold"]), "training", rule.replace("youden", "Youden"), "val")
     return OperatingPoint(0.5, "default", "default", "")
@@ -285,15 +298,12 @@ def list_runs(runs_dir: str | os.PathLike = "checkpoints") -> list[dict]:
     out = []
     for d in sorted((p for p in root.iterdir() if p.is_dir() and is_run_dir(p)),
                     key=lambda p: p.stat().st_mtime, reverse=True):
-        cfg, status, report = read_config(d), read_status(d), read_report(d)
+        cfg, status = read_config(d), read_status(d)
         out.append({
             "run": d.name, "path": str(d), "state": status.get("state"), "arch": cfg.get("arch"),
             "strategy": cfg.get("strategy"), "pretrained": cfg.get("pretrained"),
             "epoch": status.get("epoch"), "epochs": cfg.get("epochs"),
             "best_val_auc": status.get("best_val_auc"),
-            "test_auc": (report.get("test") or {}).get("auc"),
-            "test_sensitivity": (report.get("test") or {}).get("sensitivity"),
-            "test_specificity": (report.get("test") or {}).get("specificity"),
             "error": status.get("error") if status.get("state") in ("failed", "killed") else None,
         })
     return out

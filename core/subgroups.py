@@ -46,6 +46,7 @@ def groups_from_csv(paths: pd.Series, csv_path: str | Path, columns: list[str] |
     if key is None:
         raise ValueError(f"{csv_path} needs a column naming the image ({', '.join(PATH_COLUMNS)}); "
                          f"it has {', '.join(table.columns)}.")
+    table = table.dropna(subset=[key])
     group_columns = columns or [c for c in table.columns if c != key]
     missing = [c for c in group_columns if c not in table.columns]
     if missing or not group_columns:

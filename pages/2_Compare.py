@@ -51,6 +51,8 @@ def comparison_row(run: dict) -> dict:
     for split, s in summary["sets"].items():
         for key in METRICS:
             row[f"{split} {METRIC_SHORT[key]}"] = format_interval(s["metrics"][key])
+    if summary["errors"]:
+        row["problem"] = "; ".join(summary["errors"].values())
     return row
 
 

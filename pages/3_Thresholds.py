@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -105,10 +106,14 @@ names = runs.prediction_sets(run_dir)
 if "val" not in names:
     st.error(f"No validation predictions in `{run_dir}`: the run has not finished evaluating.")
     st.stop()
-try:
-    prepared = {n: prepared_set(str(run_dir), n, _mtime(runs.predictions_path(run_dir, n))) for n in names}
-except (FileNotFoundError, ValueError) as e:
-    st.error(str(e))
+prepared = {}
+for n in names:  # a damaged set is reported and left out; the others stay usable
+    try:
+        prepared[n] = prepared_set(str(run_dir), n, _mtime(runs.predictions_path(run_dir, n)))
+    except (FileNotFoundError, ValueError) as e:
+        st.error(f"{runs.set_label(n)} left out: {e}")
+names = list(prepared)
+if "val" not in prepared:
     st.stop()
 
 headline = st.empty()  # filled once a save on this run is handled
@@ -141,7 +146,9 @@ if not fit.both_classes:
     st.warning(f"The {runs.set_label(fit_on)} set holds only one class: curves and rules need both.")
 
 chosen = None
-if rule != "slider":
+if rule != "slider" and not fit.both_classes:
+    rule = "slider"  # a rule needs both classes: the threshold stays set by hand
+elif rule != "slider":
     chosen = choose_threshold(fit.labels, fit.probs, rule, value)
     st.session_state["thr_slider"] = chosen  # switching back to "by hand" starts from it
 slider_value = st.slider("Threshold (predict positive when probability ≥ threshold)", 0.0, 1.0, step=0.001,
@@ -211,7 +218,9 @@ for col, n in zip(matrices, shown):
 
 st.header("Calibration")
 report = runs.read_report(run_dir)
-temperature = report.get("temperature") if isinstance(report.get("temperature"), (int, float)) else 1.0
+temperature = report.get("temperature")
+if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
+    temperature = 1.0  # none recorded (or damaged): the probabilities are shown as saved
 st.caption(temperature_note(report))
 reliability, calibration_table = prepared_calibration(
     str(run_dir), tuple((n, colour_of(n, names), _mtime(runs.predictions_path(run_dir, n))) for n in shown or ["val"]),

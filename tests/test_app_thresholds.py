@@ -178,3 +178,13 @@ def test_choice_survives_switching_pages(run_copy):  # noqa: F811
     at.switch_page("pages/3_Thresholds.py").run()
     assert at.radio(key="thr_mode").value == "recall" and at.number_input(key="thr_x_recall").value == 0.99
     assert at.slider(key="thr_slider").value == chosen
+
+
+def test_a_damaged_external_set_is_left_out_not_the_page(run_copy):  # noqa: F811
+    ext = run_copy / "external" / "broken"
+    ext.mkdir(parents=True)
+    (ext / "predictions.csv").write_text("path,label,prob\n/x.png,1,abc\n")
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert any("external: broken left out" in e.value for e in at.error)
+    assert list(rates(at).columns) == ["validation", "test"]

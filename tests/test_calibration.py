@@ -67,3 +67,8 @@ def test_temperature_note_says_fitted_or_refused():
     refused = temperature_note({"temperature": 1.0, "temperature_fit": {"fitted": False, "note": "separated"}})
     assert "refused" in refused and "separated" in refused
     assert "No temperature" in temperature_note({"temperature": "abc"})
+
+
+def test_bin_edges_are_exact():
+    bins = reliability_bins(np.array([0, 1, 0]), np.array([0.3, 0.6, 0.7]))
+    assert bins["bin_low"].round(6).tolist() == [0.3, 0.6, 0.7]

@@ -99,3 +99,15 @@ def test_npv_rule_reaches_the_target_with_most_specificity(target):
 def test_bad_rule_values_are_refused(rule, value):
     with pytest.raises(ValueError):
         choose_threshold(LABELS, PROBS, rule, value)
+
+
+def test_rules_keep_their_promise_when_probabilities_reach_one():
+    labels = np.array([0, 1, 1, 1, 0, 0, 0])
+    probs = np.array([1.0, 0.9, 0.8, 0.7, 0.3, 0.2, 0.1])
+    t = choose_threshold(labels, probs, "specificity", 1.0)
+    assert t == 1.0 or metrics_at_threshold(labels, probs, t)["specificity"] >= 1.0
+    for rule, value in (("specificity", 0.75), ("recall", 1.0), ("npv", 1.0)):
+        t = choose_threshold(labels, probs, rule, value)
+        m = metrics_at_threshold(labels, probs, t)
+        key = {"specificity": "specificity", "recall": "sensitivity", "npv": "npv"}[rule]
+        assert m[key] >= value, (rule, t, m)

@@ -61,3 +61,9 @@ def test_subgroup_table_rates_with_intervals():
     assert np.isnan(bacterial["specificity"]["value"])  # no negatives in a pneumonia subtype
     im = row.loc[("normal series", "IM-")]
     assert im["negatives"] == 40 and 0 <= im["specificity"]["value"] <= 1
+
+
+def test_groups_csv_rows_without_a_path_are_skipped(tmp_path):
+    csv = tmp_path / "groups.csv"
+    csv.write_text("path,site\n,A\n/d/test/NORMAL/other.png,B\n")
+    assert groups_from_csv(PATHS, csv)["site"].tolist()[4] == "B"

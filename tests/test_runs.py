@@ -1,0 +1,65 @@
+"""The validating run reader: one damaged file in one run never breaks the listing of the others, and
+damaged thresholds are refused with a message naming the file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from core import runs
+from core.cli import main
+
+
+@pytest.fixture
+def two_runs(finished_run, tmp_path):
+    good = tmp_path / "runs" / "20000101-000000-good"
+    bad = tmp_path / "runs" / "20000101-000001-bad"
+    for d in (good, bad):
+        shutil.copytree(finished_run, d, ignore=shutil.ignore_patterns("last.pt"))
+    return good, bad
+
+
+@pytest.mark.parametrize("file,content", [
+    ("report.json", '{"test": 5, "val": [1, 2], "threshold": 0.4}'),
+    ("report.json", "[1, 2]"),
+    ("config.json", "[1]"),
+    ("status.json", '{"state": "running", "pid": "abc"}'),
+    ("status.json", '{"pid": -1}'),
+    ("metrics.jsonl", None),  # binary
+])
+def test_one_damaged_run_does_not_break_the_listing(two_runs, capsys, file, content):
+    good, bad = two_runs
+    if content is None:
+        (bad / file).write_bytes(bytes(range(256)) * 8)
+    else:
+        (bad / file).write_text(content)
+    listed = {r["run"]: r for r in runs.list_runs(good.parent)}
+    assert set(listed) == {good.name, bad.name}
+    runs.epoch_metrics(bad)  # no exception on a binary metrics file
+    assert main(["runs", "--runs-dir", str(good.parent)]) == 0
+    out = capsys.readouterr().out
+    assert good.name in out and bad.name in out
+
+
+def test_a_damaged_training_threshold_is_refused(two_runs):
+    _, bad = two_runs
+    report = json.loads((bad / "report.json").read_text())
+    report["threshold"] = "0.5"
+    (bad / "report.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match="report.json is damaged"):
+        runs.operating_point(bad)
+    # A saved threshold still makes the run usable.
+    runs.save_threshold(bad, 0.5, chosen_on="val", target="manual")
+    assert runs.operating_point(bad).threshold == 0.5
+
+
+def test_old_float32_text_reads_back_as_the_value_the_threshold_was_chosen_on(tmp_path):
+    import numpy as np
+
+    probs = np.float32([0.7599862217903137, 0.1, 0.5])
+    (tmp_path / "predictions_val.csv").write_text(
+        "path,label,prob\n" + "".join(f"/x{i}.png,1,{p}\n" for i, p in enumerate(probs)))  # float32 repr
+    back = runs.read_predictions(tmp_path, "val")["prob"].to_numpy()
+    assert back[0] == float(probs[0]) and back[0] >= 0.7599862217903137
