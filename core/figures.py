@@ -14,6 +14,8 @@ import plotly.graph_objects as go
 VALIDATE = False
 # Named colour scales are resolved by validation too; this is plotly's "Blues".
 BLUES = [[i / 8, c] for i, c in enumerate(pc.sequential.Blues)]
+# The chart toolbar down the right edge: across the top it covers the titles.
+MODEBAR = dict(orientation="v")
 # Legend below the x-axis title, not over it.
 LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.25)
 # One colour per prediction set, the same on every figure (Okabe-Ito: colour-blind safe).
@@ -61,7 +63,7 @@ def roc_figure(curves: dict[str, dict], markers: list[dict] | None = None, title
         fig.add_trace(_scatter(x=[m["fpr"]], y=[m["tpr"]], mode="markers", name=m["name"],
                                  marker=dict(symbol=m.get("symbol", "star"), size=m.get("size", 14),
                                              color=m.get("colour", "#DC143C"), line=dict(width=1, color="#000000"))))
-    fig.update_layout(title=_text(title), height=460, margin=dict(t=50, b=40), legend=LEGEND_BELOW)
+    fig.update_layout(modebar=MODEBAR, title=_text(title), height=460, margin=dict(t=50, b=40), legend=LEGEND_BELOW)
     fig.update_xaxes(title=_text("False positive rate (1 − specificity)"), range=[0, 1], constrain="domain")
     # Equal aspect: the diagonal is at 45° and curves compare by eye.
     fig.update_yaxes(title=_text("True positive rate (sensitivity)"), range=[0, 1.01], scaleanchor="x", scaleratio=1)
@@ -88,7 +90,7 @@ def pr_figure(curves: dict[str, dict], markers: list[dict] | None = None,
         fig.add_trace(_scatter(x=[m["recall"]], y=[m["precision"]], mode="markers", name=m["name"],
                                  marker=dict(symbol=m.get("symbol", "star"), size=m.get("size", 14),
                                              color=m.get("colour", "#DC143C"), line=dict(width=1, color="#000000"))))
-    fig.update_layout(title=_text(title), height=460, margin=dict(t=50, b=40), legend=LEGEND_BELOW)
+    fig.update_layout(modebar=MODEBAR, title=_text(title), height=460, margin=dict(t=50, b=40), legend=LEGEND_BELOW)
     fig.update_xaxes(title=_text("Recall (sensitivity)"), range=[0, 1])
     fig.update_yaxes(title=_text("Precision (PPV)"), range=[0, 1.01])
     return fig
@@ -102,7 +104,7 @@ def confusion_figure(counts: dict, names: list[str], title: str) -> go.Figure:
                          colorscale=BLUES, showscale=False,
                          hovertemplate="true %{y}<br>predicted %{x}<br>%{z} images<extra></extra>")
     fig = go.Figure(_validate=VALIDATE, data=heatmap)
-    fig.update_layout(title=_text(title), height=340, margin=dict(t=50, b=40))
+    fig.update_layout(modebar=MODEBAR, title=_text(title), height=340, margin=dict(t=50, b=40))
     fig.update_xaxes(title=_text("Predicted class"), type="category")
     fig.update_yaxes(title=_text("True class"), type="category", autorange="reversed")
     return fig
@@ -127,7 +129,7 @@ def reliability_figure(summaries: dict[str, dict], title: str = "Reliability dia
                 hovertemplate=f"{label} {word}<br>bin %{{customdata[1]:.1f}}–%{{customdata[2]:.1f}}: "
                               "%{customdata[0]} images<br>mean predicted %{x:.3f}<br>observed %{y:.3f}<extra></extra>"))
     n_bins = next(iter(summaries.values()))["n_bins"] if summaries else 10
-    fig.update_layout(title=_text(f"{title} ({n_bins} equal-width bins; marker size grows with images per bin)"),
+    fig.update_layout(modebar=MODEBAR, title=_text(f"{title} ({n_bins} equal-width bins)"),
                       height=480, margin=dict(t=50, b=40), legend=LEGEND_BELOW)
     fig.update_xaxes(title=_text("Mean predicted probability"), range=[0, 1], constrain="domain")
     fig.update_yaxes(title=_text("Observed share of positives"), range=[0, 1.01], scaleanchor="x", scaleratio=1)
@@ -140,7 +142,7 @@ def epoch_curves_figure(curves: dict[str, pd.DataFrame], column: str, title: str
     for name, epochs in curves.items():
         if column in epochs:
             fig.add_trace(_scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
-    fig.update_layout(title=_text(title), xaxis_title=_text("Epoch"), yaxis_title=_text(y_title),
+    fig.update_layout(modebar=MODEBAR, title=_text(title), xaxis_title=_text("Epoch"), yaxis_title=_text(y_title),
                       margin=dict(t=50, b=10), legend=LEGEND_BELOW, showlegend=True)
     fig.update_xaxes(tickformat="d", rangemode="tozero")  # whole epochs
     return fig
@@ -156,7 +158,7 @@ def loss_figure(epochs: pd.DataFrame, steps: pd.DataFrame, steps_per_epoch: int 
     for column, name in (("train_loss", "train (epoch mean)"), ("val_loss", "validation")):
         if not epochs.empty and column in epochs:
             fig.add_trace(_scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
-    fig.update_layout(title=_text("Loss"), xaxis_title=_text("Epoch"),
+    fig.update_layout(modebar=MODEBAR, title=_text("Loss"), xaxis_title=_text("Epoch"),
                       yaxis_title=_text("Cross-entropy loss (weighted)"),
                       margin=dict(t=50, b=10), legend=LEGEND_BELOW)
     fig.update_xaxes(rangemode="tozero")
@@ -170,7 +172,8 @@ def score_figure(epochs: pd.DataFrame) -> go.Figure:
                          ("val_auc", "validation AUC")):
         if not epochs.empty and column in epochs:
             fig.add_trace(_scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
-    fig.update_layout(title=_text("Accuracy and AUC"), xaxis_title=_text("Epoch"), yaxis_title=_text("Score (0–1)"),
+    fig.update_layout(modebar=MODEBAR, title=_text("Accuracy and AUC"), xaxis_title=_text("Epoch"),
+                      yaxis_title=_text("Score (0–1)"),
                       margin=dict(t=50, b=10), legend=LEGEND_BELOW)
     fig.update_yaxes(range=[0, 1.02])
     fig.update_xaxes(tickformat="d", rangemode="tozero")

@@ -156,6 +156,11 @@ slider_value = st.slider("Threshold (predict positive when probability ≥ thres
 # A rule's exact threshold, not the slider's rounding of it: recall >= X must hold.
 threshold = float(slider_value if chosen is None else chosen)
 rule_text = describe_rule(rule if rule != "slider" else "manual", value)
+if rule == "slider" and abs(threshold - operating.threshold) < 1e-9:
+    # Untouched, the slider holds the operating threshold: say how that one was chosen.
+    rule_text, fitted_on = operating.rule, operating.chosen_on or fit_on
+else:
+    fitted_on = fit_on
 
 if fit_on != "val":
     st.warning(f"You are fitting the threshold on **{runs.set_label(fit_on)}**. Numbers read on the set the "
@@ -182,14 +187,15 @@ top[1].metric("Operating threshold", f"{operating.threshold:.3f}", help=operatin
 if abs(threshold - operating.threshold) > 1e-12:
     top[2].caption(f"Not saved: the views use {operating.threshold:.3f} until you save.")
 
-if "test" in summaries:
-    gaps = shift_warnings(summaries["val"], summaries["test"])
+for other in [n for n in names if n != "val"]:
+    gaps = shift_warnings(summaries["val"], summaries[other], runs.set_label(other))
     if gaps:
-        st.warning("**Validation does not represent test.** " + "; ".join(gaps) + ". Validation is carved from "
-                   "Kermany's training pool (same acquisition period), test was collected separately: the "
-                   "threshold fitted on validation does not give validation's rates on test.")
+        where = ("Validation is carved from Kermany's training pool (same acquisition period), test was "
+                 "collected separately" if other == "test" else "This folder comes from elsewhere")
+        st.warning(f"**Validation does not represent {runs.set_label(other)}.** " + "; ".join(gaps) + f". {where}: "
+                   "the threshold fitted on validation does not give validation's rates there.")
 
-st.subheader(f"Metrics at threshold {threshold:.3f} ({rule_text}, fitted on {runs.set_label(fit_on)})")
+st.subheader(f"Metrics at threshold {threshold:.3f} ({rule_text}, fitted on {runs.set_label(fitted_on)})")
 st.dataframe(interval_table(summaries))
 st.caption("Value [95% interval]. A dash: undefined (no images of that kind, or too few resamples defined). "
            f"Positive class: {fit.class_names[1]}. PPV and NPV depend on each set's prevalence.")
@@ -229,7 +235,8 @@ cal_cols = st.columns([2, 1])
 cal_cols[0].plotly_chart(reliability, key="reliability")
 cal_cols[1].dataframe(calibration_table.style.format("{:.4f}"))
 cal_cols[1].caption(f"ECE: expected calibration error over {N_BINS} equal-width probability bins. Brier: mean "
-                    "squared error of the probability. Lower is better for both.")
+                    "squared error of the probability. Lower is better for both. Marker size grows with the images "
+                    "in a bin. Temperature scaling minimises validation log-loss, not ECE: ECE can rise a little.")
 
 st.header("Subgroups")
 read_on = st.selectbox("Set", names, index=names.index("test") if "test" in names else 0, format_func=runs.set_label,

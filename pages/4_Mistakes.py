@@ -104,9 +104,10 @@ except (FileNotFoundError, ValueError) as e:
 wrong = mistakes(predictions, threshold)
 n_fn = int((wrong["kind"] == "false negative").sum())
 which = "previewed" if preview else "operating"
-st.caption(f"At the {which} threshold {threshold:.3f}: {n_fn} false negatives and {len(wrong) - n_fn} false "
-           f"positives among {len(predictions)} {runs.set_label(set_name)} images. Most confident mistakes first: "
-           "confidence is the probability the model gave to the wrong class.")
+n_fp = len(wrong) - n_fn
+st.caption(f"At the {which} threshold {threshold:.3f}: {n_fn} false negative{'s' * (n_fn != 1)} and {n_fp} false "
+           f"positive{'s' * (n_fp != 1)} among {len(predictions)} {runs.set_label(set_name)} images. Most confident "
+           "mistakes first: confidence is the probability the model gave to the wrong class.")
 shown = wrong if kind == "both" else wrong[wrong["kind"] == kind].reset_index(drop=True)
 if shown.empty:
     st.success("No mistakes of this kind at this threshold.")
