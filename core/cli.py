@@ -89,9 +89,18 @@ def _report_finished(run_dir: Path) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    from . import runs
     from .trainer import train
 
     run_dir = Path(args.run)
+    if not runs.is_run_dir(run_dir):
+        raise ValueError(f"{run_dir} is not a run directory (no config.json).")
+    state = runs.read_status(run_dir).get("state")
+    # The dashboard's launcher queues a run, then starts this command on it with --launched.
+    if not args.launched and state in runs.ACTIVE_STATES:
+        raise ValueError(f"{run_dir.name} is {state} in another process: stop it first (python -m core stop).")
+    if not args.launched and state == "finished":
+        raise ValueError(f"{run_dir.name} has finished: there is nothing to resume. Train a new run to train more.")
     train(run_dir=run_dir, resume=True, show_progress=sys.stderr.isatty() and not args.quiet)
     return _report_finished(run_dir)
 
@@ -99,7 +108,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_stop(args: argparse.Namespace) -> int:
     from . import runs
 
-    runs.request_stop(Path(args.run))
+    run_dir = Path(args.run)
+    if not runs.is_run_dir(run_dir):
+        raise ValueError(f"{run_dir} is not a run directory (no config.json): nothing to stop.")
+    state = runs.read_status(run_dir).get("state")
+    if state not in runs.ACTIVE_STATES:
+        raise ValueError(f"{run_dir.name} is not training (state: {state}): nothing to stop.")
+    runs.request_stop(run_dir)
     print(f"Stop requested for {args.run}; it stops at its next step with a resumable checkpoint.")
     return 0
 
@@ -253,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="Continue a stopped, failed or killed run from its last checkpoint.")
     p.add_argument("run", help="Run directory.")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
+    p.add_argument("--launched", action="store_true", help=argparse.SUPPRESS)  # the dashboard's launcher
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("stop", help="Ask a training run (in another process) to stop at its next step.")

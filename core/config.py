@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ SCHEDULES = ("plateau", "cosine", "none")
 OPTIMIZERS = ("adamw", "adam")
 CLASS_WEIGHTS = ("inverse", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
+MAX_EPOCHS = 10_000
 
 
 def _opt(help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
@@ -70,16 +72,31 @@ class TrainConfig:
                           default="")
 
     def validate(self) -> None:
+        """Refuse, with a message naming the option, any value training cannot honour: checked before a run
+        folder is created, and again when a saved config.json is resumed."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = {"int": int, "float": (int, float), "str": str, "bool": bool}[str(f.type)]
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                raise ValueError(f"{f.name} must be of type {str(f.type)}, not {value!r}.")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, not {value}.")
         for name in ("arch", "strategy", "schedule", "optimizer", "class_weights", "precision"):
             choices = next(f for f in dataclasses.fields(self) if f.name == name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, not '{getattr(self, name)}'.")
         if self.arch == "smallcnn" and self.strategy != "full":
             raise ValueError("smallcnn trains from scratch: use strategy 'full'.")
-        if not 32 <= self.image_size <= 1024:
-            raise ValueError("image_size must be between 32 and 1024 pixels.")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs and batch_size must be at least 1 and lr positive.")
+        ranges = {  # name: (low, high, inclusive high)
+            "image_size": (32, 1024), "epochs": (1, MAX_EPOCHS), "batch_size": (1, 4096), "lr": (1e-8, 10.0),
+            "weight_decay": (0.0, 1.0), "patience": (0, MAX_EPOCHS), "max_steps_per_epoch": (0, 10**7),
+            "decode_workers": (0, 256), "seed": (0, 2**32 - 1), "aug_flip": (0.0, 1.0), "aug_rotation": (0.0, 180.0),
+            "aug_scale": (0.0, 0.9), "aug_shift": (0.0, 0.5), "aug_brightness": (0.0, 1.0),
+            "aug_contrast": (0.0, 1.0), "dropout": (0.0, 0.99)}
+        for name, (low, high) in ranges.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be between {low:g} and {high:g}, not {value}.")
         if not 0 < self.val_fraction < 0.5 or not 0 <= self.test_fraction < 0.5:
             raise ValueError("val_fraction must be in (0, 0.5) and test_fraction in [0, 0.5).")
 

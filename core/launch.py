@@ -17,7 +17,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 def _spawn(run_dir: Path, *extra: str) -> subprocess.Popen:
     log = open(run_dir / "process.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "core", "resume", str(run_dir), "--quiet", *extra],
+    proc = subprocess.Popen([sys.executable, "-m", "core", "resume", str(run_dir), "--quiet", "--launched", *extra],
                             cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True,  # survives the dashboard's restart or Ctrl-C
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})

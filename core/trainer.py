@@ -352,7 +352,13 @@ def train(config: TrainConfig | None = None, run_dir: Path | None = None, resume
         assert config is not None, "train() needs a config or an existing run directory"
         run_dir = create_run(config)
     run_dir = Path(run_dir)
-    config = TrainConfig.load(run_dir / "config.json")
+    try:  # a damaged config.json marks the run failed with the reason, like any other error
+        config = TrainConfig.load(run_dir / "config.json")
+        config.validate()
+    except (OSError, ValueError, TypeError) as e:
+        message = f"{run_dir / 'config.json'} is damaged: {e}"
+        runs.write_status(run_dir, state="failed", error=message)
+        raise ValueError(message) from None
     if resume and runs.read_status(run_dir).get("state") not in runs.ACTIVE_STATES:
         runs.clear_stop(run_dir)  # resuming overrides an earlier stop; a just-launched, queued run keeps it
     previous = runs.read_status(run_dir)

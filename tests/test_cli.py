@@ -111,3 +111,54 @@ def test_bad_data_folder_is_a_clear_error(tmp_path):
     assert "error: Dataset folder not found" in result.stderr and "Traceback" not in result.stderr
     listed = cli("runs", "--runs-dir", str(tmp_path)).stdout
     assert "failed" in listed and "Dataset folder not found" in listed  # the run and why it failed
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--epochs", "999999999999999999999", "epochs must be between"), ("--epochs", "0", "epochs must be between"),
+    ("--max-steps-per-epoch", "-3", "max_steps_per_epoch must be between"),
+    ("--aug-flip", "1.5", "aug_flip must be between"), ("--patience", "-1", "patience must be between"),
+    ("--lr", "nan", "lr must be a finite number"), ("--lr", "inf", "lr must be a finite number"),
+    ("--dropout", "-0.2", "dropout must be between"), ("--batch-size", "0", "batch_size must be between")])
+def test_bad_training_options_are_refused_before_anything_starts(tmp_path, capsys, option, value, message):
+    from core.cli import main
+
+    runs_dir = tmp_path / "runs"
+    assert main(["train", "--preset", "tiny", "--data", str(tmp_path), "--runs-dir", str(runs_dir),
+                 option, value]) == 1
+    assert message in capsys.readouterr().err
+    assert not runs_dir.exists()  # no run folder was created
+
+
+def test_resume_and_stop_refuse_what_they_cannot_do(trained_run, tmp_path, capsys):
+    from core import runs
+    from core.cli import main
+
+    run_dir, _ = trained_run
+    assert main(["resume", str(run_dir)]) == 1
+    assert "has finished: there is nothing to resume" in capsys.readouterr().err
+    assert runs.read_status(run_dir)["state"] == "finished"  # not marked failed, still listed as finished
+    assert main(["stop", str(tmp_path)]) == 1
+    assert "is not a run directory" in capsys.readouterr().err
+    assert main(["stop", str(run_dir)]) == 1
+    assert "is not training" in capsys.readouterr().err
+    assert not (run_dir / "STOP").exists()
+
+
+def test_resuming_a_run_with_a_damaged_config_marks_it_failed_with_the_reason(trained_run, tmp_path, capsys):
+    import json
+    import shutil
+
+    from core import runs
+    from core.cli import main
+
+    run_dir, _ = trained_run
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["epochs"] = "abc"
+    (copy / "config.json").write_text(json.dumps(config))
+    runs.write_status(copy, state="stopped")
+    assert main(["resume", str(copy)]) == 1
+    assert "config.json is damaged" in capsys.readouterr().err
+    status = runs.read_status(copy)
+    assert status["state"] == "failed" and "epochs must be of type int" in status["error"]
