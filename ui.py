@@ -15,16 +15,17 @@ from core import runs
 from core.predict import LoadedModel, load_run_model
 
 PROJECT_ROOT = Path(__file__).resolve().parent
-# The dashboard's pages in menu order: (script, menu title, icon). The first is the home page at /, the
+# The dashboard's pages in menu order: (script, menu title, icon). Emoji, not :material/...: icons: those
+# make the browser fetch an icon font from fonts.gstatic.com, which an offline machine cannot reach. The first is the home page at /, the
 # others are served at /<title>.
 PAGES = (
-    ("pages/0_Data.py", "Data", ":material/folder_open:"),
-    ("pages/1_Train.py", "Train", ":material/model_training:"),
-    ("pages/2_Compare.py", "Compare", ":material/compare_arrows:"),
-    ("pages/3_Thresholds.py", "Thresholds", ":material/tune:"),
-    ("pages/4_Mistakes.py", "Mistakes", ":material/report:"),
-    ("pages/5_Predict.py", "Predict", ":material/image_search:"),
-    ("pages/6_External.py", "External", ":material/travel_explore:"),
+    ("pages/0_Data.py", "Data", "📂"),
+    ("pages/1_Train.py", "Train", "🏋️"),
+    ("pages/2_Compare.py", "Compare", "⚖️"),
+    ("pages/3_Thresholds.py", "Thresholds", "🎚️"),
+    ("pages/4_Mistakes.py", "Mistakes", "🔍"),
+    ("pages/5_Predict.py", "Predict", "🩻"),
+    ("pages/6_External.py", "External", "🌍"),
 )
 
 
