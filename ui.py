@@ -15,9 +15,9 @@ from core import runs
 from core.predict import LoadedModel, load_run_model
 
 PROJECT_ROOT = Path(__file__).resolve().parent
-# The dashboard's pages in menu order: (script, menu title, icon). Emoji, not :material/...: icons: those
-# make the browser fetch an icon font from fonts.gstatic.com, which an offline machine cannot reach. The first is the home page at /, the
-# others are served at /<title>.
+# The dashboard's pages in menu order: (script, menu title, icon). The first is the home page at /, the
+# others are served at /<title>. Emoji, not :material/...: icons: those make the browser fetch an icon
+# font from fonts.gstatic.com, which an offline machine cannot reach.
 PAGES = (
     ("pages/0_Data.py", "Data", "📂"),
     ("pages/1_Train.py", "Train", "🏋️"),
@@ -69,9 +69,10 @@ def set_data_folder(path: str) -> None:
     save_setting("data_folder", path)
 
 
-def _mtime(path: Path) -> float:
+def file_mtime(path: Path) -> float:
+    """A file's modification time for cache keys (0 when missing): a rewritten file is read again."""
     try:
-        return path.stat().st_mtime
+        return Path(path).stat().st_mtime
     except OSError:
         return 0.0
 
@@ -84,7 +85,8 @@ def _cached_model(run_dir: str, checkpoint_mtime: float, threshold_mtime: float)
 
 def cached_model(run_dir: Path) -> LoadedModel:
     """The run's model, loaded once per checkpoint (and reloaded when it or the threshold changes)."""
-    return _cached_model(str(run_dir), _mtime(run_dir / "best.safetensors"), _mtime(run_dir / "threshold.json"))
+    return _cached_model(str(run_dir), file_mtime(run_dir / "best.safetensors"),
+                         file_mtime(run_dir / "threshold.json"))
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -93,7 +95,7 @@ def _cached_predictions(run_dir: str, split: str, file_mtime: float) -> pd.DataF
 
 
 def cached_predictions(run_dir: Path, split: str) -> pd.DataFrame:
-    return _cached_predictions(str(run_dir), split, _mtime(runs.predictions_path(run_dir, split)))
+    return _cached_predictions(str(run_dir), split, file_mtime(runs.predictions_path(run_dir, split)))
 
 
 def finished_runs() -> list[dict]:

@@ -31,13 +31,6 @@ RULES = {
 }
 
 
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
-
-
 # mtime is hashed (no leading underscore) so a re-evaluated set is recomputed. cache_resource: the
 # bootstrap's weight matrix is shared, not copied, on every slider move.
 @st.cache_resource(show_spinner="Resampling patients…", max_entries=32)
@@ -109,7 +102,7 @@ if "val" not in names:
 prepared = {}
 for n in names:  # a damaged set is reported and left out; the others stay usable
     try:
-        prepared[n] = prepared_set(str(run_dir), n, _mtime(runs.predictions_path(run_dir, n)))
+        prepared[n] = prepared_set(str(run_dir), n, ui.file_mtime(runs.predictions_path(run_dir, n)))
     except (FileNotFoundError, ValueError) as e:
         st.error(f"{runs.set_label(n)} left out: {e}")
 names = list(prepared)
@@ -228,9 +221,9 @@ temperature = report.get("temperature")
 if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
     temperature = 1.0  # none recorded (or damaged): the probabilities are shown as saved
 st.caption(temperature_note(report))
-reliability, calibration_table = prepared_calibration(
-    str(run_dir), tuple((n, colour_of(n, names), _mtime(runs.predictions_path(run_dir, n))) for n in shown or ["val"]),
-    float(temperature))
+calibration_sets = tuple((n, colour_of(n, names), ui.file_mtime(runs.predictions_path(run_dir, n)))
+                         for n in shown or ["val"])
+reliability, calibration_table = prepared_calibration(str(run_dir), calibration_sets, float(temperature))
 cal_cols = st.columns([2, 1])
 cal_cols[0].plotly_chart(reliability, key="reliability")
 cal_cols[1].dataframe(calibration_table.style.format("{:.4f}"))
@@ -243,8 +236,9 @@ read_on = st.selectbox("Set", names, index=names.index("test") if "test" in name
                        key="thr_subgroup_set")
 groups_csv = st.text_input("Groups CSV (optional): a path column plus group columns", key="thr_groups_csv")
 try:
-    subgroups = prepared_subgroups(str(run_dir), read_on, _mtime(runs.predictions_path(run_dir, read_on)),
-                                   groups_csv.strip(), _mtime(Path(groups_csv.strip())) if groups_csv.strip() else 0.0)
+    csv_path = groups_csv.strip()
+    subgroups = prepared_subgroups(str(run_dir), read_on, ui.file_mtime(runs.predictions_path(run_dir, read_on)),
+                                   csv_path, ui.file_mtime(Path(csv_path)) if csv_path else 0.0)
 except ValueError as e:
     st.error(str(e))
     subgroups = []

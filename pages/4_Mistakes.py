@@ -41,13 +41,6 @@ def thumbnail(path: str, mtime: float) -> np.ndarray | None:
         return None
 
 
-def _mtime(path: str) -> float:
-    try:
-        return Path(path).stat().st_mtime
-    except OSError:
-        return 0.0
-
-
 def describe(row: pd.Series) -> str:
     """'IM-0001-0001.jpeg · true NORMAL · p=0.912 · false positive': one image, from its own row."""
     true_name = row["class_name"] if isinstance(row.get("class_name"), str) else f"label {row['label']}"
@@ -138,7 +131,7 @@ for i, row in enumerate(rows.itertuples(index=False)):
     caption = (f"{row.kind} · true {true_name} · p={row.prob:.3f}"
                + (f" · {row.patient}" if isinstance(getattr(row, "patient", None), str) else ""))
     with grid[i % COLUMNS]:
-        pixels = thumbnail(str(row.path), _mtime(str(row.path)))
+        pixels = thumbnail(str(row.path), ui.file_mtime(row.path))
         if pixels is None:
             st.caption(f"file missing or unreadable: {Path(row.path).name}")
             st.caption(caption)

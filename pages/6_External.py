@@ -17,13 +17,6 @@ from core.metrics import TARGET_DEFAULTS, THRESHOLD_TARGETS, describe_rule
 EVALUATION_ERRORS = (DatasetError, ValueError, FileNotFoundError, OSError, RuntimeError)
 
 
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
-
-
 # The predictions file's mtime is a hashed argument so that a re-evaluation under the same name is recomputed.
 @st.cache_data(show_spinner="Bootstrapping intervals…", max_entries=32)
 def set_metrics(run_dir: str, name: str, threshold: float, predictions_mtime: float) -> dict:
@@ -192,7 +185,7 @@ def evaluation_view(run_dir: Path, entry: dict, threshold: float, threshold_text
         st.markdown(f"At the operating threshold {threshold_text}:")
         try:
             metrics = set_metrics(str(run_dir), name, threshold,
-                                  _mtime(external.external_dir(run_dir, name) / external.PREDICTIONS_FILE))
+                                  ui.file_mtime(external.external_dir(run_dir, name) / external.PREDICTIONS_FILE))
         except (FileNotFoundError, ValueError) as e:
             st.error(str(e))
         else:

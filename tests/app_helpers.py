@@ -24,6 +24,32 @@ PAGE_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 180
 
 
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+HAS_BROWSER = CHROMIUM.exists() and CHROMEDRIVER.exists()
+NO_BROWSER_REASON = (f"headless browser test needs {CHROMIUM} and {CHROMEDRIVER} "
+                     "(apt-get install chromium chromium-driver)")
+
+
+def headless_chromium(profile_dir: Path, page_load_timeout_s: float, logs: bool = False):
+    """Debian's Chromium under selenium, with the flags that keep it off the network on its own (no
+    background updates, sync or first-run pages); `logs` records the console and network events."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--window-size=1440,1800", f"--user-data-dir={profile_dir}"):
+        options.add_argument(arg)
+    if logs:
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    driver.set_page_load_timeout(page_load_timeout_s)
+    return driver
+
+
 def require_data(folder: Path) -> Path:
     if not folder.is_dir():
         pytest.skip(f"real X-rays not found at {folder} (expected ../shared/data beside the repo)")

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from app_helpers import HAS_BROWSER, NO_BROWSER_REASON, headless_chromium
 
 from core.report import SECTION_IDS, write_report
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = PROJECT_ROOT / "test-artifacts" / "screenshots"
 RENDER_TIMEOUT_S = 60
@@ -26,8 +25,7 @@ RENDER_TIMEOUT_S = 60
 SECTIONS_WITH_FIGURES = ("training", "operating-point", "curves", "calibration")
 
 pytestmark = pytest.mark.skipif(
-    not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-    reason=f"headless browser test needs {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium chromium-driver)")
+    not HAS_BROWSER, reason=NO_BROWSER_REASON)
 pytest.importorskip("selenium", reason="the browser test drives Chromium with selenium (pip install selenium)")
 
 # Every figure div that plotly.js has drawn carries the class js-plotly-plot and an SVG of its own.
@@ -53,19 +51,7 @@ def report_file(finished_run: Path, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def offline_browser(tmp_path_factory) -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", "--window-size=1440,1800",
-                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
-    driver.set_page_load_timeout(RENDER_TIMEOUT_S)
+    driver = headless_chromium(tmp_path_factory.mktemp("chromium-profile"), RENDER_TIMEOUT_S, logs=True)
     try:
         # The network off for the whole session: anything the page tried to fetch would fail and be logged.
         driver.execute_cdp_cmd("Network.enable", {})
