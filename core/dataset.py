@@ -14,9 +14,10 @@ import os
 import re
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -28,8 +29,9 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
 # Bump when decoding or resizing changes, so stale caches are not reused.
 PREPROCESSING_VERSION = 1
 NOT_AN_IMAGE = "not an image file (no known image format)"
-# Decompression-bomb guard: X-rays are at most a few thousand pixels a side.
-MAX_IMAGE_PIXELS = 100_000_000
+# Decompression-bomb guard, checked from the header before any pixel is decoded. The largest flat-panel
+# detectors give about 4,300 x 4,300 = 18.5 megapixels; 40 keeps the worst decode (RGBA) near 0.5 GB.
+MAX_IMAGE_PIXELS = 40_000_000
 
 _PATIENT_PATTERNS = [
     re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+", re.IGNORECASE),
@@ -59,6 +61,9 @@ class DatasetIndex:
     has_official_splits: bool
     records: list[ImageRecord]
     ignored_files: list[str] = field(default_factory=list)  # files without an image extension
+    # Entries that cannot be used, listed rather than dropped: escaped path -> why (a name that is not
+    # UTF-8, a broken or looping link, a link to a folder, something that is not a regular file).
+    unusable: dict[str, str] = field(default_factory=dict)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per official split (or 'all') and class."""
@@ -85,8 +90,37 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name.startswith("__")
 
 
-def _subdirs(p: Path) -> list[Path]:
-    return sorted(d for d in p.iterdir() if d.is_dir() and not _is_hidden(d.name))
+def display_path(path: str | os.PathLike) -> str:
+    """A path that can be printed, stored as JSON and shown on a page: bytes of a name that is not UTF-8
+    (kept by Python as surrogates) are written as \\xNN escapes."""
+    return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
+
+
+def has_valid_name(path: str | os.PathLike) -> bool:
+    """Whether the path is valid UTF-8 (anything else cannot be written to JSON, CSV or a page)."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+BAD_NAME = "its name is not valid UTF-8: rename it to use it"
+
+
+def _subdirs(p: Path, unusable: dict[str, str] | None = None) -> list[Path]:
+    """Visible sub-folders, sorted. Folders with a name that is not UTF-8 are left out and, when
+    `unusable` is given, listed there."""
+    out = []
+    for d in p.iterdir():
+        if _is_hidden(d.name) or not d.is_dir():
+            continue
+        if not has_valid_name(d):
+            if unusable is not None:
+                unusable[display_path(d)] = "folder " + BAD_NAME
+            continue
+        out.append(d)
+    return sorted(out)
 
 
 def _split_dirs(root: Path) -> dict[str, Path]:
@@ -116,10 +150,37 @@ def _find_dataset_root(root: Path) -> Path:
     return current
 
 
-def _class_files(class_dir: Path) -> tuple[list[Path], list[Path]]:
+def _unusable_reason(f: Path) -> str | None:
+    """Why an entry of a class folder cannot be read as a file, or None for a regular file or a folder
+    (folders are walked into)."""
+    if not has_valid_name(f):
+        return BAD_NAME
+    try:
+        if f.is_symlink():
+            if not f.exists():
+                return "broken symbolic link (its target is missing, or the link loops)"
+            if f.is_dir():
+                return "symbolic link to a folder (not followed: links can loop)"
+        if f.is_dir() or f.is_file():
+            return None
+        return "not a regular file (a device, socket or pipe)"
+    except OSError as e:
+        return f"cannot be inspected: {e.strerror or e}"
+
+
+def _class_files(class_dir: Path, unusable: dict[str, str] | None = None) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) under a class folder. Entries that cannot be used are listed in
+    `unusable` with the reason, never dropped silently."""
     images, ignored = [], []
     for f in sorted(class_dir.rglob("*")):
-        if not f.is_file() or any(_is_hidden(part) for part in f.relative_to(class_dir).parts):
+        if any(_is_hidden(part) for part in f.relative_to(class_dir).parts):
+            continue
+        reason = _unusable_reason(f)
+        if reason is not None:
+            if unusable is not None:
+                unusable[display_path(f)] = reason
+            continue
+        if f.is_dir():
             continue
         (images if f.suffix.lower() in IMAGE_EXTENSIONS else ignored).append(f)
     return images, ignored
@@ -139,8 +200,9 @@ def scan_dataset(root: str | os.PathLike, positive_class: str | None = None) -> 
 
     class_names: set[str] = set()
     per_split_classes: dict[str | None, list[Path]] = {}
+    unusable: dict[str, str] = {}
     for split, d in layout.items():
-        classes = _subdirs(d)
+        classes = _subdirs(d, unusable)
         if not classes:
             raise DatasetError(
                 f"No class folders in {d}. Expected one sub-folder per class, e.g. {d}/NORMAL and "
@@ -165,7 +227,7 @@ def scan_dataset(root: str | os.PathLike, positive_class: str | None = None) -> 
     ignored: list[str] = []
     for split, class_dirs in per_split_classes.items():
         for class_dir in class_dirs:
-            images, other = _class_files(class_dir)
+            images, other = _class_files(class_dir, unusable)
             ignored.extend(str(f) for f in other)
             if not images:
                 raise DatasetError(f"The class folder {class_dir} holds no images "
@@ -173,7 +235,7 @@ def scan_dataset(root: str | os.PathLike, positive_class: str | None = None) -> 
             label = classes.index(class_dir.name)
             for f in images:
                 records.append(ImageRecord(str(f), class_dir.name, label, patient_id(f.name), split))
-    return DatasetIndex(str(root_path), classes, positive_class, bool(split_dirs), records, ignored)
+    return DatasetIndex(str(root_path), classes, positive_class, bool(split_dirs), records, ignored, unusable)
 
 
 # ---------------------------------------------------------------- splits
@@ -265,13 +327,43 @@ def to_grayscale_uint8(img: Image.Image) -> Image.Image:
     return img.convert("RGB").convert("L")
 
 
+class ImageTooLargeError(ValueError):
+    """An image whose header declares more than MAX_IMAGE_PIXELS pixels; nothing of it was decoded."""
+
+
+@contextmanager
+def open_image(source: str | os.PathLike | bytes | BinaryIO) -> Iterator[Image.Image]:
+    """Open an image (a path, raw bytes or a file object) reading its header only, and refuse it before
+    anything is decoded when it declares more than MAX_IMAGE_PIXELS pixels. Pillow's own guard only
+    warns between one and two times its limit; here the limit is hard. Raises ValueError with a reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except UnidentifiedImageError:
+        # PIL's own message names an in-memory buffer object, which says nothing to a user.
+        raise ValueError(NOT_AN_IMAGE) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageTooLargeError(f"image too large: its header declares more than "
+                                 f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels; refused before decoding") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ValueError(f"{type(e).__name__}: {e}") from None
+    with img:
+        width, height = img.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ImageTooLargeError(f"image too large: {width} x {height} pixels (limit "
+                                     f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels); refused before decoding")
+        if width < 1 or height < 1:
+            raise ValueError(f"image has no pixels ({width} x {height})")
+        yield img
+
+
 def load_grayscale(path: str | os.PathLike | bytes | BinaryIO, size: int | None = None) -> np.ndarray:
     """Decode one image (a path, raw bytes or a file object) to a uint8 (size, size) array, stretched as
     the Kermany 224 release is.
     Raises ValueError with a readable reason for unreadable files."""
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
-        with Image.open(path if not isinstance(path, bytes) else io.BytesIO(path)) as img:
+        with open_image(path) as img:
             if size is not None and img.format == "JPEG":
                 # Let libjpeg downscale by a power of two while decoding: large originals decode ~4x faster.
                 img.draft("L" if img.mode == "L" else "RGB", (size, size))
@@ -280,22 +372,41 @@ def load_grayscale(path: str | os.PathLike | bytes | BinaryIO, size: int | None 
             if size is not None and gray.size != (size, size):
                 gray = gray.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
             return np.asarray(gray, dtype=np.uint8).copy()
-    except UnidentifiedImageError:
-        # PIL's own message names an in-memory buffer object, which says nothing to a user.
-        raise ValueError(NOT_AN_IMAGE) from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{type(e).__name__}: {e}") from None
+    except MemoryError:
+        raise ValueError("not enough memory to decode this image") from None
+
+
+def load_thumbnail(path: str | os.PathLike, max_px: int) -> np.ndarray:
+    """A grayscale copy at most `max_px` a side, aspect kept (for galleries). Raises ValueError like
+    load_grayscale."""
+    try:
+        with open_image(path) as img:
+            if img.format == "JPEG":
+                img.draft("L" if img.mode == "L" else "RGB", (max_px, max_px))  # decode large originals fast
+            gray = to_grayscale_uint8(img)
+            gray.thumbnail((max_px, max_px))
+            return np.asarray(gray, dtype=np.uint8).copy()
+    except (OSError, SyntaxError, EOFError) as e:
         raise ValueError(f"{type(e).__name__}: {e}") from None
 
 
+# A file that could not be read (permission denied, I/O error, gone) may be readable next time: such
+# verdicts are reported but never cached. Verdicts about a file's content are cached.
+READ_ERROR_PREFIX = "could not read the file: "
+
+
 def _decode_chunk(args: tuple[list[str], int]) -> list[tuple[np.ndarray | None, str | None, str]]:
-    """(pixels or None, error or None, sha256 of the file) per path; each file is read once."""
+    """(pixels or None, error or None, sha256 of the file) per path; each file is read once. A read
+    failure gives an empty sha256 and an error starting with READ_ERROR_PREFIX."""
     paths, size = args
     out: list[tuple[np.ndarray | None, str | None, str]] = []
     for p in paths:
         try:
             data = Path(p).read_bytes()
         except OSError as e:
-            out.append((None, f"{type(e).__name__}: {e}", ""))
+            out.append((None, READ_ERROR_PREFIX + (e.strerror or str(e)), ""))
             continue
         digest = hashlib.sha256(data).hexdigest()
         try:
@@ -305,8 +416,12 @@ def _decode_chunk(args: tuple[list[str], int]) -> list[tuple[np.ndarray | None, 
     return out
 
 
-def _file_key(path: str) -> list:
-    st = os.stat(path)
+def _file_key(path: str) -> list | None:
+    """(byte size, mtime) that identifies a file's version; None when it cannot be looked at now."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
     return [st.st_size, st.st_mtime_ns]
 
 
@@ -323,36 +438,74 @@ class DecodedImages:
     decoded_now: int  # images decoded in this call (0 when everything came from the cache)
 
 
+def _valid_cache_entry(entry: object, n_rows: int) -> bool:
+    if not isinstance(entry, dict) or not isinstance(entry.get("key"), list):
+        return False
+    if "error" in entry:
+        return isinstance(entry["error"], str)
+    row = entry.get("row")
+    return isinstance(row, int) and not isinstance(row, bool) and 0 <= row < n_rows
+
+
+def _read_cache(index_file: Path, array_file: Path, size: int) -> tuple[dict[str, dict], np.ndarray]:
+    """The shard's index and images; a damaged shard reads as empty (and is rebuilt), entry by entry
+    where only some entries are damaged."""
+    empty = np.zeros((0, size, size), np.uint8)
+    if not (index_file.exists() and array_file.exists()):
+        return {}, empty
+    try:
+        cached = json.loads(index_file.read_text())
+        stored = np.load(array_file, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        return {}, empty
+    if not isinstance(cached, dict) or stored.dtype != np.uint8 or stored.shape[1:] != (size, size):
+        return {}, empty
+    return {p: e for p, e in cached.items() if _valid_cache_entry(e, len(stored))}, stored
+
+
+def _write_cache(shard: Path, rows: np.ndarray, cached: dict[str, dict]) -> None:
+    """Replace the shard atomically; on failure (disk full, read-only) remove the temporary files and
+    raise OSError naming the folder."""
+    tmp_array, tmp_index = shard / "images.tmp.npy", shard / "index.tmp.json"
+    try:
+        shard.mkdir(parents=True, exist_ok=True)
+        np.save(tmp_array, rows)
+        tmp_index.write_text(json.dumps(cached))
+        os.replace(tmp_array, shard / "images.npy")  # atomic: a killed run never leaves a half-written cache
+        os.replace(tmp_index, shard / "index.json")
+    except OSError as e:
+        for tmp in (tmp_array, tmp_index):
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+        raise OSError(e.errno, f"could not write the decoded-image cache in {shard} "
+                               f"({e.strerror or e}); free space or set CXR_CACHE_DIR") from None
+
+
 def decode_images(paths: list[str], size: int, cache_dir: str | os.PathLike | None = None,
                   workers: int | None = None, progress=None, root: str | None = None) -> DecodedImages:
     """Decode images once, in parallel, and cache them as uint8 on disk.
 
     The cache is keyed by image size and each file's absolute path, byte size and mtime, so a second
     run on the same files decodes nothing and a changed or added file is decoded again on its own.
-    Unreadable files are remembered too and reported, not retried. One cache shard per dataset
-    `root` (default: the folder common to all paths) and size.
+    Files whose content is unreadable are remembered too and reported, not retried; files that could
+    not be read at all (permissions, I/O errors) are reported and retried next time. One cache shard per
+    dataset `root` (default: the folder common to all paths) and size.
     """
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
-    cache_root.mkdir(parents=True, exist_ok=True)
     abs_paths = [str(Path(p).resolve()) for p in paths]
     root = str(Path(root).resolve()) if root else (os.path.commonpath(abs_paths) if abs_paths else "")
-    key_src = json.dumps({"v": PREPROCESSING_VERSION, "size": size, "root": root})
+    key_src = json.dumps({"v": PREPROCESSING_VERSION, "size": size, "root": root}, ensure_ascii=True)
     shard = cache_root / f"{size}px-{hashlib.sha1(key_src.encode()).hexdigest()[:16]}"
-    index_file, array_file = shard / "index.json", shard / "images.npy"
-
-    cached: dict[str, dict] = {}
-    stored = np.zeros((0, size, size), np.uint8)
-    if index_file.exists() and array_file.exists():
-        try:
-            cached = json.loads(index_file.read_text())
-            stored = np.load(array_file, mmap_mode="r")
-        except (ValueError, OSError):
-            cached, stored = {}, np.zeros((0, size, size), np.uint8)
+    cached, stored = _read_cache(shard / "index.json", shard / "images.npy", size)
 
     keys = [_file_key(p) for p in abs_paths]
+    unreachable = {i for i, k in enumerate(keys) if k is None}
     todo = [i for i, (p, k) in enumerate(zip(abs_paths, keys))
-            if p not in cached or cached[p]["key"] != k]
+            if k is not None and (p not in cached or cached[p]["key"] != k)]
 
+    transient: dict[int, str] = {i: READ_ERROR_PREFIX + "it vanished or cannot be looked at" for i in unreachable}
     new_rows: list[np.ndarray] = []
     if todo:
         workers = workers or os.cpu_count() or 1
@@ -376,28 +529,29 @@ def decode_images(paths: list[str], size: int, cache_dir: str | os.PathLike | No
             if err is None:
                 cached[abs_paths[i]] = {"key": keys[i], "row": base + len(new_rows), "sha256": digest}
                 new_rows.append(arr)
+            elif err.startswith(READ_ERROR_PREFIX):
+                transient[i] = err
+                cached.pop(abs_paths[i], None)
             else:
                 cached[abs_paths[i]] = {"key": keys[i], "error": err, "sha256": digest}
         all_rows = np.concatenate([np.asarray(stored), np.stack(new_rows)]) if new_rows else np.asarray(stored)
-        shard.mkdir(parents=True, exist_ok=True)
-        tmp_array, tmp_index = shard / "images.tmp.npy", shard / "index.tmp.json"
-        np.save(tmp_array, all_rows)
-        tmp_index.write_text(json.dumps(cached))
-        os.replace(tmp_array, array_file)  # atomic: a killed run never leaves a half-written cache
-        os.replace(tmp_index, index_file)
+        _write_cache(shard, all_rows, cached)
         stored = all_rows
 
     ok_indices, rows, failed = [], [], {}
     for i, p in enumerate(abs_paths):
-        entry = cached[p]
-        if "error" in entry:
+        entry = cached.get(p) if i not in transient else None
+        if entry is None:
+            failed[paths[i]] = transient[i]
+        elif "error" in entry:
             failed[paths[i]] = entry["error"]
         else:
             ok_indices.append(i)
             rows.append(entry["row"])
     images = np.asarray(stored[np.array(rows, dtype=np.int64)]) if rows else np.zeros((0, size, size), np.uint8)
-    return DecodedImages(images, ok_indices, failed, [cached[p].get("sha256", "") for p in abs_paths],
-                         decoded_now=len(todo))
+    return DecodedImages(images, ok_indices, failed,
+                         [(cached.get(p) or {}).get("sha256", "") if i not in transient else ""
+                          for i, p in enumerate(abs_paths)], decoded_now=len(todo))
 
 
 def image_summary(paths: list[str], limit: int = 400) -> list[dict]:
@@ -405,10 +559,10 @@ def image_summary(paths: list[str], limit: int = 400) -> list[dict]:
     out = []
     for p in paths[:limit]:
         try:
-            with Image.open(p) as img:
+            with open_image(p) as img:
                 out.append({"path": p, "width": img.width, "height": img.height, "mode": img.mode,
                             "format": img.format})
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        except (OSError, ValueError) as e:
             out.append({"path": p, "width": None, "height": None, "mode": None, "format": None,
-                        "error": f"{type(e).__name__}: {e}"})
+                        "error": str(e)})
     return out

@@ -78,6 +78,7 @@ def dataset_overview(data: str, val_fraction: float = 0.15, test_fraction: float
         "n_images": len(paths),
         "unreadable": [{"path": p, "reason": r} for p, r in decoded.failed.items()],
         "ignored_non_image_files": index.ignored_files,
+        "unusable_entries": [{"path": p, "reason": r} for p, r in index.unusable.items()],
         "image_sizes": {
             "sampled": int(len(sizes)),
             "width_min": int(sizes["width"].min()) if len(sizes) else None,

@@ -187,6 +187,7 @@ class ExternalIndex:
     ignored_folders: list[dict] = field(default_factory=list)  # {"folder", "path", "files"} mapped to 'ignore'
     ignored_files: list[str] = field(default_factory=list)  # files without an image extension
     empty_folders: list[str] = field(default_factory=list)  # class folders holding no image
+    unusable: dict[str, str] = field(default_factory=dict)  # escaped path -> why (see DatasetIndex.unusable)
 
     def counts(self) -> dict[str, int]:
         """Images per run class."""
@@ -254,10 +255,11 @@ def scan_external(data: str, run_classes: list[str], class_map: dict[str, str] |
     for split_name in chosen:
         base = split_dirs[split_name] if layout.splits else root
         # Loose files beside the class folders are not images of any class: list them, never guess.
-        index.ignored_files += [str(f) for f in sorted(base.iterdir()) if f.is_file() and not f.name.startswith(".")]
-        for class_dir in dataset._subdirs(base):
+        index.ignored_files += [dataset.display_path(f) for f in sorted(base.iterdir())
+                                if f.is_file() and not f.name.startswith(".")]
+        for class_dir in dataset._subdirs(base, index.unusable):
             target = resolved[class_dir.name]
-            images, other = dataset._class_files(class_dir)
+            images, other = dataset._class_files(class_dir, index.unusable)
             if target == IGNORE:
                 entry = ignored_by_folder.setdefault(class_dir.name, {"folder": class_dir.name, "paths": [],
                                                                       "files": 0})
@@ -527,7 +529,8 @@ def evaluate_external(run_dir: str | os.PathLike, data: str, class_map: dict[str
                                                            sorted(set(predictions["source_class"]))),
         "n": int(len(predictions)), "n_patients": int(predictions["patient"].nunique()),
         "n_found": len(paths),
-        "skipped": [{"path": p, "reason": r} for p, r in decoded.failed.items()],
+        "skipped": [{"path": p, "reason": r} for p, r in decoded.failed.items()]
+        + [{"path": p, "reason": r} for p, r in index.unusable.items()],
         "ignored_folders": index.ignored_folders, "ignored_files": index.ignored_files,
         "created": _now(), "run": run_dir.name, "arch": loaded.arch, "image_size": loaded.image_size,
         "threshold": {"value": operating.threshold, "source": operating.source, "rule": operating.rule,

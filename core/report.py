@@ -448,6 +448,7 @@ def _data(ctx: _Context) -> str:
                         "note"))
     parts.append(_file_list("Unreadable images (skipped)", report.get("skipped")))
     parts.append(_file_list("Files that are not images (ignored)", report.get("ignored_non_image_files")))
+    parts.append(_file_list("Entries that could not be used (skipped)", report.get("unusable_entries")))
     parts.append(_leakage(report.get("leakage"), "Leakage between the splits used"))
     if "leakage_official_splits" in report:
         parts.append(_leakage(report.get("leakage_official_splits"), "Leakage between the official split folders"))

@@ -146,6 +146,7 @@ def prepare_data(config: TrainConfig, progress=None) -> PreparedData:
         "image_size": config.image_size, "counts": counts, "official_counts": official,
         "skipped": [{"path": p, "reason": r} for p, r in decoded.failed.items()],
         "ignored_non_image_files": index.ignored_files,
+        "unusable_entries": [{"path": p, "reason": r} for p, r in index.unusable.items()],
         "decoded_now": decoded.decoded_now, "from_cache": len(paths) - decoded.decoded_now,
         "leakage": leakage_report([r for r, u in zip(index.records, used) if u],
                                   list(table.loc[used, "split"]),

@@ -10,10 +10,9 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
-from PIL import Image, UnidentifiedImageError
 
 import ui
-from core.dataset import DatasetError, scan_dataset, to_grayscale_uint8
+from core.dataset import DatasetError, load_thumbnail, scan_dataset
 from core.evaluate import dataset_overview
 
 KAGGLE_DATASET = "paultimothymooney/chest-xray-pneumonia"
@@ -50,12 +49,8 @@ def sample_thumbnails(folder: str) -> dict[str, list[tuple[str, np.ndarray]]]:
         thumbs: list[tuple[str, np.ndarray]] = []
         for i in rng.permutation(len(paths))[:SAMPLES_PER_CLASS * 5]:
             try:
-                with Image.open(paths[i]) as img:
-                    img.draft("L", (2 * THUMBNAIL_PX, 2 * THUMBNAIL_PX))  # JPEG: decode at reduced size
-                    gray = to_grayscale_uint8(img.copy())
-                gray.thumbnail((2 * THUMBNAIL_PX, 2 * THUMBNAIL_PX))
-                thumbs.append((Path(paths[i]).name, np.asarray(gray)))
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+                thumbs.append((Path(paths[i]).name, load_thumbnail(paths[i], 2 * THUMBNAIL_PX)))
+            except (OSError, ValueError):
                 continue
             if len(thumbs) == SAMPLES_PER_CLASS:
                 break
@@ -237,7 +232,8 @@ else:
 st.header("Files left out")
 unreadable_col, ignored_col = st.columns(2)
 with unreadable_col:
-    show_file_list("Unreadable images (skipped by training)", overview["unreadable"], ["path", "reason"])
+    show_file_list("Unreadable or unusable (skipped by training)",
+                   overview["unreadable"] + overview.get("unusable_entries", []), ["path", "reason"])
 with ignored_col:
     show_file_list("Ignored non-image files", overview["ignored_non_image_files"], ["path"])
 

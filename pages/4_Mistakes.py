@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import streamlit as st
-from PIL import Image
 
 import ui
 from core import runs
 from core.cam import COLOUR_MAPS, DEFAULT_ALPHA, DEFAULT_COLOUR_MAP
-from core.dataset import to_grayscale_uint8
+from core.dataset import load_thumbnail
 from core.metrics import mistakes
 from core.predict import gradcam_display
 
@@ -31,13 +30,8 @@ WHO_USES_THE_OPERATING_THRESHOLD = ("Predict, Compare, `runs`, `evaluate` and th
 def thumbnail(path: str, mtime: float) -> np.ndarray | None:
     """A small grayscale copy for the gallery (aspect kept); None when the file is missing or unreadable."""
     try:
-        with Image.open(path) as img:
-            if img.format == "JPEG":
-                img.draft("L" if img.mode == "L" else "RGB", (THUMB_PX, THUMB_PX))  # decode large originals fast
-            gray = to_grayscale_uint8(img)
-            gray.thumbnail((THUMB_PX, THUMB_PX))
-            return np.asarray(gray, dtype=np.uint8).copy()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return load_thumbnail(path, THUMB_PX)
+    except (OSError, ValueError):
         return None
 
 
