@@ -333,11 +333,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0
     except (DatasetError, WeightsUnavailableError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, read-only folder, permission denied: the OS's words and the file
+        from .trainer import failure_reason
+
+        print(f"error: {failure_reason(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # output piped into `head` and the like
-        return 0
+    except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback with CXR_DEBUG=1
+        if os.environ.get("CXR_DEBUG"):
+            raise
+        from .trainer import failure_reason
+
+        print(f"error (unexpected): {failure_reason(e)}. Run again with CXR_DEBUG=1 for the traceback, and "
+              "please report it.", file=sys.stderr)
+        return 1

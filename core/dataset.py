@@ -247,6 +247,12 @@ def assign_splits(index: DatasetIndex, val_fraction: float = 0.15, test_fraction
     without split folders gets test the same way."""
     from sklearn.model_selection import StratifiedGroupKFold
 
+    official = {r.official_split for r in index.records}
+    if index.has_official_splits and "train" not in official:
+        found = ", ".join(s for s in SPLIT_NAMES if s in official)
+        raise DatasetError(f"{index.root} has split folders ({found}) but no train folder with images: add "
+                           f"{index.root}/train/<CLASS>/..., or point to a folder with one sub-folder per class "
+                           "and no split folders.")
     n = len(index.records)
     splits = ["train"] * n
     pool = []
@@ -261,10 +267,18 @@ def assign_splits(index: DatasetIndex, val_fraction: float = 0.15, test_fraction
             return candidates
         labels = np.array([index.records[i].label for i in candidates])
         groups = np.array([index.records[i].patient for i in candidates])
+        missing = [c for c_i, c in enumerate(index.classes) if not (labels == c_i).any()]
+        if missing:
+            where = "train and val folders" if index.has_official_splits else "class folders"
+            raise DatasetError(f"No {', '.join(missing)} images in the {where} of {index.root}: training needs "
+                               f"images of both classes ({' and '.join(index.classes)}).")
         n_splits = max(2, round(1 / fraction))
         if len(set(groups)) < n_splits or np.bincount(labels, minlength=2).min() < n_splits:
-            raise DatasetError(f"Too few patients or images per class in {index.root} to carve a "
-                               f"{name} split of {fraction:.0%} grouped by patient.")
+            per_class = ", ".join(f"{c} {n}" for c, n in zip(index.classes, np.bincount(labels, minlength=2)))
+            raise DatasetError(f"Too few patients or images per class in {index.root} to carve a {name} split of "
+                               f"{fraction:.0%} grouped by patient: it needs at least {n_splits} patients and "
+                               f"{n_splits} images of each class; found {len(set(groups))} patients ({per_class} "
+                               "images).")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # sklearn warns when groups make exact stratification impossible
             folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed + salt)

@@ -70,15 +70,73 @@ def write_status(run_dir: Path, **fields: Any) -> dict:
     return status
 
 
+def mark_failed(run_dir: Path, reason: str) -> None:
+    """Record a failed run with its reason, even on a full disk: when the atomic write (which needs room
+    for a second copy) fails, status.json is overwritten in place. Never raises."""
+    try:
+        write_status(run_dir, state="failed", error=reason)
+        return
+    except OSError:
+        pass
+    status = read_json(Path(run_dir) / "status.json", {})
+    status = status if isinstance(status, dict) else {}
+    status.update(state="failed", error=reason, updated=time.time())
+    try:
+        with open(Path(run_dir) / "status.json", "w") as f:  # truncating frees the old blocks first
+            f.write(json.dumps(status, default=str))
+    except OSError:
+        pass  # a read-only folder: the reader then explains the run as gone without a record
+
+
+def remove_temporary_files(run_dir: Path) -> list[str]:
+    """Delete half-written files (`*.tmp`) a failed write left in the run folder; returns their names."""
+    removed = []
+    for tmp in Path(run_dir).glob("*.tmp"):
+        try:
+            tmp.unlink()
+            removed.append(tmp.name)
+        except OSError:
+            pass
+    return removed
+
+
+def _last_output_line(run_dir: Path) -> str:
+    """The last line the background training process printed (process.log), e.g. its error message."""
+    try:
+        with open(Path(run_dir) / "process.log", "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+def killed_reason(run_dir: Path, status: dict) -> str:
+    """Why a run whose status says active is believed killed: its process is gone and left no outcome."""
+    pid = status.get("pid")
+    who = f"process {pid}" if isinstance(pid, int) and not isinstance(pid, bool) else "process"
+    phase = status.get("phase") if isinstance(status.get("phase"), str) else None
+    updated = status.get("updated")
+    when = (time.strftime(" (last update %Y-%m-%d %H:%M:%S)", time.localtime(updated))
+            if isinstance(updated, (int, float)) and not isinstance(updated, bool) and math.isfinite(updated)
+            and 0 < updated < 2**33 else "")
+    said = _last_output_line(run_dir)
+    cause = f"its output ends with: {said}" if said else \
+        "it was probably killed (Ctrl-C in another terminal, out of memory, or a restart)"
+    return (f"Believed killed: status.json says {status.get('state')}{f' ({phase})' if phase else ''}{when}, but the "
+            f"training {who} is no longer running; {cause}. Resume continues from the last epoch checkpoint.")
+
+
 def read_status(run_dir: Path) -> dict:
-    """status.json, with state 'killed' when it says running but its process is gone."""
+    """status.json, with state 'killed' (and why it is believed so) when it says queued or running but its
+    process is gone."""
     status = read_json(Path(run_dir) / "status.json", None)
     if not isinstance(status, dict):
         return {"state": "unknown", "error": "status.json is missing or unreadable"}
     if status.get("state") in ACTIVE_STATES and not pid_alive(status.get("pid")):
+        status["error"] = killed_reason(Path(run_dir), status)
         status["state"] = "killed"
-        status.setdefault("error", "The training process ended without reporting (killed?). "
-                                   "Resume continues from the last epoch checkpoint.")
     return status
 
 

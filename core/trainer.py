@@ -240,7 +240,19 @@ def _save_resume_state(path: Path, state: dict) -> None:
 
 
 def load_resume_state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The resumable state, loaded without running code from the file. A file that is damaged, or that
+    holds anything but tensors and plain values, is refused with a ValueError naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path} cannot be loaded safely ({type(e).__name__}: {first[:200]}); it is damaged or "
+                         "not a checkpoint this tool wrote. Delete it to restart the run from epoch 0.") from None
+    required = {"model": dict, "optimizer": dict, "aug_rng": torch.Tensor, "torch_rng": torch.Tensor, "progress": dict}
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), t) for k, t in required.items()):
+        raise ValueError(f"{path} is damaged (fields missing or of the wrong type). Delete it to restart the run "
+                         "from epoch 0.")
+    return state
 
 
 # ---------------------------------------------------------------- run directory
@@ -379,10 +391,25 @@ def train(config: TrainConfig | None = None, run_dir: Path | None = None, resume
         runs.write_status(run_dir, state="stopped")
         raise
     except BaseException as e:
-        runs.log(run_dir, "FAILED\n" + traceback.format_exc())
-        runs.write_status(run_dir, state="failed", error=f"{type(e).__name__}: {e}")
+        # Record the failure even when the disk is full or the folder read-only: each step on its own.
+        with contextlib.suppress(OSError):
+            runs.log(run_dir, "FAILED\n" + traceback.format_exc())
+        runs.mark_failed(run_dir, failure_reason(e))
+        removed = runs.remove_temporary_files(run_dir)
+        if removed:
+            with contextlib.suppress(OSError):
+                runs.log(run_dir, f"Removed half-written files: {', '.join(removed)}")
         raise
     return run_dir
+
+
+def failure_reason(error: BaseException) -> str:
+    """One line for status.json and the command line: what failed, and the file when the OS names one."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where}"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool) -> None:
@@ -463,13 +490,17 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
     last_path, best_path = run_dir / "last.pt", run_dir / "best.safetensors"
     if resuming:
         saved = load_resume_state(last_path)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        if scheduler is not None and saved.get("scheduler"):
-            scheduler.load_state_dict(saved["scheduler"])
-        aug_gen.set_state(saved["aug_rng"])
-        torch.set_rng_state(saved["torch_rng"])
-        state.update(saved["progress"])
+        try:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            if scheduler is not None and saved.get("scheduler"):
+                scheduler.load_state_dict(saved["scheduler"])
+            aug_gen.set_state(saved["aug_rng"])
+            torch.set_rng_state(saved["torch_rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{last_path} does not fit this run's model or optimizer ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}). Delete it to restart the run from epoch 0.") from None
+        state.update({k: v for k, v in saved["progress"].items() if k in state and type(v) is type(state[k])})
         runs.log(run_dir, f"Resumed after epoch {state['epoch']}, step {state['step_in_epoch']}")
 
     def save_last() -> None:

@@ -253,3 +253,18 @@ def test_a_cache_that_cannot_be_written_says_where_and_leaves_no_temporary_files
     with pytest.raises(OSError, match="No space left on device.*CXR_CACHE_DIR"):
         decode_images(paths, 32, tmp_path / "cache", workers=1)
     assert not list((tmp_path / "cache").rglob("*.tmp*"))
+
+
+def test_a_tree_without_a_train_folder_says_so_instead_of_training_on_val(tmp_path):
+    root = write_dataset(tmp_path / "d", {"NORMAL": 6, "PNEUMONIA": 6}, splits=("val", "test"))
+    with pytest.raises(DatasetError, match=r"no train folder.*\(val, test\)|split folders \(val, test\) but no train"):
+        assign_splits(scan_dataset(root))
+
+
+def test_one_class_in_train_names_the_missing_class(tmp_path):
+    root = write_dataset(tmp_path / "d", {"NORMAL": 6, "PNEUMONIA": 6}, splits=("train", "test"))
+    for f in (root / "train" / "NORMAL").iterdir():
+        f.unlink()
+    (root / "train" / "NORMAL").rmdir()
+    with pytest.raises(DatasetError, match="No NORMAL images in the train and val folders"):
+        assign_splits(scan_dataset(root))

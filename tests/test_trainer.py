@@ -156,3 +156,71 @@ def test_temperature_scaling_recovers_a_known_temperature():
     true_logits = torch.stack([torch.zeros(4000), (labels * 2 - 1) * 1.0 + torch.randn(4000)], 1)
     sampled = torch.bernoulli(torch.sigmoid(true_logits[:, 1] - true_logits[:, 0])).long()
     assert fit_temperature(true_logits * 3, sampled) == pytest.approx(3, rel=0.15)
+
+
+def test_disk_full_marks_the_run_failed_with_the_reason_and_removes_half_written_files(tiny_dataset, tmp_path,
+                                                                                       monkeypatch):
+    import core.trainer as trainer
+
+    real_save = trainer.save_file
+    calls = []
+
+    def save_then_fill_the_disk(state, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:  # the second epoch's best weights: half written, then the disk is full
+            Path(path).write_bytes(b"partial")
+            raise OSError(28, "No space left on device", path)
+        return real_save(state, path, metadata=metadata)
+
+    monkeypatch.setattr(trainer, "save_file", save_then_fill_the_disk)
+    monkeypatch.setattr(trainer, "safe_auc", lambda y, p: float(len(calls)))  # every epoch improves
+    with pytest.raises(OSError):
+        train(tiny_config(tiny_dataset, tmp_path / "runs", epochs=3))
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    status = runs.read_status(run_dir)
+    assert status["state"] == "failed" and status["error"].startswith("No space left on device: ")
+    assert not list(run_dir.glob("*.tmp"))
+    assert load_resume_state(run_dir / "last.pt")["progress"]["epoch"] == 1  # the last good checkpoint
+
+
+def test_mark_failed_still_records_the_reason_when_no_new_file_can_be_written(tmp_path, monkeypatch):
+    runs.write_status(tmp_path, state="running", pid=os.getpid())
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runs, "_write_json_atomic", full)
+    runs.mark_failed(tmp_path, "No space left on device: last.pt")
+    status = runs.read_status(tmp_path)
+    assert status["state"] == "failed" and status["error"] == "No space left on device: last.pt"
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tiny_dataset, tmp_path, monkeypatch):
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = train(tiny_config(tiny_dataset, tmp_path / "runs", epochs=1))
+    (run_dir / "last.pt").write_bytes(pickle.dumps({"model": _RunsCode()}))
+    runs.write_status(run_dir, state="stopped")
+    with pytest.raises(ValueError, match="last.pt cannot be loaded safely"):
+        train(run_dir=run_dir, resume=True)
+    assert not (tmp_path / "PWNED").exists()
+    status = runs.read_status(run_dir)
+    assert status["state"] == "failed" and "cannot be loaded safely" in status["error"]
+    (run_dir / "last.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="Delete it to restart"):
+        train(run_dir=run_dir, resume=True)
+
+
+def test_a_killed_run_says_why_it_is_believed_killed(tmp_path):
+    runs.write_status(tmp_path, state="running", pid=2**22 + 12345, phase="training")
+    status = runs.read_status(tmp_path)
+    assert status["state"] == "killed" and "no longer running" in status["error"]
+    assert "probably killed" in status["error"] and "(training)" in status["error"]
+    (tmp_path / "process.log").write_text("Starting\nerror: No space left on device: /runs/x/metrics.jsonl\n")
+    assert "its output ends with: error: No space left on device" in runs.read_status(tmp_path)["error"]
