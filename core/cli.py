@@ -101,7 +101,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise ValueError(f"{run_dir.name} is {state} in another process: stop it first (python -m core stop).")
     if not args.launched and state == "finished":
         raise ValueError(f"{run_dir.name} has finished: there is nothing to resume. Train a new run to train more.")
-    train(run_dir=run_dir, resume=True, show_progress=sys.stderr.isatty() and not args.quiet)
+    train(run_dir=run_dir, resume=True, show_progress=sys.stderr.isatty() and not args.quiet, launched=args.launched)
     return _report_finished(run_dir)
 
 
@@ -116,6 +116,28 @@ def cmd_stop(args: argparse.Namespace) -> int:
         raise ValueError(f"{run_dir.name} is not training (state: {state}): nothing to stop.")
     runs.request_stop(run_dir)
     print(f"Stop requested for {args.run}; it stops at its next step with a resumable checkpoint.")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from . import runs
+
+    for name in args.runs:
+        run_dir = Path(name)
+        if not (runs.is_run_dir(run_dir) or (run_dir / "status.json").exists()) or run_dir.is_symlink():
+            raise ValueError(f"{run_dir} is not a run folder (no config.json or status.json): nothing deleted.")
+        state = runs.read_status(run_dir).get("state")
+        files, size = runs.run_size(run_dir)
+        what = f"{run_dir} ({state}; {files} files, {size / 2**20:.1f} MB)"
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise ValueError(f"Deleting {what} cannot be undone: add --yes to delete without being asked.")
+            answer = input(f"Delete {what}? This cannot be undone. [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print(f"Kept {run_dir}.")
+                continue
+        runs.delete_run(run_dir)
+        print(f"Deleted {what}.")
     return 0
 
 
@@ -274,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stop", help="Ask a training run (in another process) to stop at its next step.")
     p.add_argument("run", help="Run directory.")
     p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("delete", help="Delete run folders (asks first; a queued or training run is refused).")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="Run directory.")
+    p.add_argument("--yes", action="store_true", help="Do not ask for confirmation (needed when not on a terminal).")
+    p.set_defaults(func=cmd_delete)
 
     p = sub.add_parser("evaluate", help="Metrics with 95%% intervals at the run's operating threshold, on its own "
                                          "sets or on another folder of X-rays (external validation).",

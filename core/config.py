@@ -100,6 +100,23 @@ class TrainConfig:
         if not 0 < self.val_fraction < 0.5 or not 0 <= self.test_fraction < 0.5:
             raise ValueError("val_fraction must be in (0, 0.5) and test_fraction in [0, 0.5).")
 
+    def command_line(self) -> str:
+        """The `python -m core train ...` command that trains this config (options that differ from the
+        defaults), e.g. to record what a dashboard launch amounts to."""
+        import shlex
+
+        words = ["python", "-m", "core", "train"]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value == f.default:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                words.append(flag if value else "--no-" + f.name.replace("_", "-"))
+            else:
+                words += [flag, str(value)]
+        return shlex.join(words)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -19,7 +19,6 @@ import io
 import json
 import math
 import os
-import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -525,19 +524,27 @@ def _config(ctx: _Context) -> str:
         env_part.append(_box("error", error))
     else:
         assert env is not None
-        argv = env.get("argv")
-        if isinstance(argv, list) and argv:
-            env_part.append(f"<p>Command:</p><pre><code>{_e(_command_line([str(a) for a in argv]))}</code></pre>")
-        env_part.append(_table(["item", "value"], [[k, _json_text(v)] for k, v in env.items() if k != "argv"],
-                               row_headers=True))
+        env_part.append(_commands(env))
+        shown = {k: v for k, v in env.items() if k not in ("argv", "started_by", "resumed_by")}
+        env_part.append(_table(["item", "value"], [[k, _json_text(v)] for k, v in shown.items()], row_headers=True))
     return f'<div class="columns"><div>{"".join(config_part)}</div><div>{"".join(env_part)}</div></div>'
 
 
-def _command_line(argv: list[str]) -> str:
-    """The command as the user typed it: `python -m core ...` when argv[0] is core's __main__."""
-    if Path(argv[0]).name == "__main__.py" and Path(argv[0]).parent.name == "core":
-        return "python -m core " + shlex.join(argv[1:])
-    return shlex.join(argv)
+def _commands(env: dict) -> str:
+    """The command that started the run (a dashboard launch with its equivalent command) and the resumes;
+    runs written before those fields existed recorded argv."""
+    def one(entry: object) -> str:
+        if not isinstance(entry, dict) or not isinstance(entry.get("command"), str):
+            return ""
+        equivalent = entry.get("equivalent_command")
+        text = entry["command"] + (f" (equivalent: {equivalent})" if isinstance(equivalent, str) else "")
+        return f"<pre><code>{_e(text)}</code></pre>"
+
+    started = one(env.get("started_by"))
+    if not started and isinstance(env.get("argv"), list) and env["argv"]:
+        started = f"<pre><code>{_e(runs.typed_command([str(a) for a in env['argv']]))}</code></pre>"
+    resumes = "".join(one(e) for e in env.get("resumed_by") or [] if isinstance(env.get("resumed_by"), list))
+    return (f"<p>Started by:</p>{started}" if started else "") + (f"<p>Resumed by:</p>{resumes}" if resumes else "")
 
 
 def _metrics_file_problem(path: Path) -> str | None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,13 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)  # readers never see a half-written file
+
+
+def typed_command(argv: list[str]) -> str:
+    """The command as the user typed it: `python -m core ...` when argv[0] is core's __main__."""
+    if argv and Path(argv[0]).name == "__main__.py" and Path(argv[0]).parent.name == "core":
+        return "python -m core " + shlex.join(argv[1:])
+    return shlex.join(argv)
 
 
 def read_json(path: Path, default: Any = None) -> Any:
@@ -128,12 +136,47 @@ def killed_reason(run_dir: Path, status: dict) -> str:
             f"training {who} is no longer running; {cause}. Resume continues from the last epoch checkpoint.")
 
 
+STATES = ("queued", "running", "finished", "failed", "stopped")
+_COUNT_FIELDS = ("epochs", "steps_per_epoch", "epoch", "step", "global_step", "total_steps", "best_epoch")
+_TIME_FIELDS = ("created", "queued_at", "started", "updated", "finished", "elapsed", "images_per_s")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _status_field_ok(key: str, value: Any) -> bool:
+    if key in _COUNT_FIELDS or key == "pid":
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+    if key in _TIME_FIELDS:
+        return _is_number(value) and value >= 0
+    if key == "best_val_auc":
+        return value is None or _is_number(value)
+    if key in ("phase", "device", "error"):
+        return value is None or isinstance(value, str)
+    return True  # fields this version does not use are kept as they are
+
+
 def read_status(run_dir: Path) -> dict:
-    """status.json, with state 'killed' (and why it is believed so) when it says queued or running but its
-    process is gone."""
-    status = read_json(Path(run_dir) / "status.json", None)
+    """status.json, validated: a field of the wrong type or range is dropped and named in `damaged`, an
+    unknown state reads as 'unknown' with the reason; state 'killed' (and why it is believed so) when it says
+    queued or running but its process is gone."""
+    path = Path(run_dir) / "status.json"
+    status = read_json(path, None)
     if not isinstance(status, dict):
-        return {"state": "unknown", "error": "status.json is missing or unreadable"}
+        return {"state": "unknown", "error": f"{path} is missing or unreadable (not a JSON object)"}
+    damaged = [k for k, v in status.items() if not _status_field_ok(k, v)]
+    for key in damaged:
+        status.pop(key)
+    if status.get("state") not in STATES:
+        state = status.get("state")
+        status["state"] = "unknown"
+        status["error"] = f"{path} is damaged: its state {json.dumps(state, default=str)[:40]} is not one of " \
+                          f"{', '.join(STATES)}"
+    if damaged:
+        status["damaged"] = damaged
+        note = f"{path} has damaged fields ({', '.join(damaged)}): they are ignored"
+        status["error"] = f"{status['error']}; {note}" if status.get("error") else note
     if status.get("state") in ACTIVE_STATES and not pid_alive(status.get("pid")):
         status["error"] = killed_reason(Path(run_dir), status)
         status["state"] = "killed"
@@ -348,20 +391,73 @@ def is_run_dir(path: Path) -> bool:
     return (Path(path) / "config.json").exists()
 
 
+def run_size(run_dir: Path) -> tuple[int, int]:
+    """(files, bytes) in a run folder, for a delete confirmation."""
+    files = size = 0
+    for p in Path(run_dir).rglob("*"):
+        try:
+            if p.is_file() and not p.is_symlink():
+                files, size = files + 1, size + p.stat().st_size
+        except OSError:
+            continue
+    return files, size
+
+
+def delete_run(run_dir: Path) -> None:
+    """Delete a run folder and everything in it. Refuses what is not a run, and a run that is queued or
+    training in a live process (stop it first). Raises ValueError or OSError with a message."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    if run_dir.is_symlink() or not run_dir.is_dir():
+        raise ValueError(f"{run_dir} is not a run folder: nothing deleted.")
+    if not (is_run_dir(run_dir) or (run_dir / "status.json").exists()):
+        raise ValueError(f"{run_dir} is not a run folder (no config.json or status.json): nothing deleted.")
+    state = read_status(run_dir).get("state")
+    if state in ACTIVE_STATES:
+        raise ValueError(f"{run_dir.name} is {state}: stop it first (python -m core stop, or Stop on Train), then "
+                         "delete it.")
+    try:
+        shutil.rmtree(run_dir)
+    except OSError as e:
+        raise OSError(e.errno, f"could not delete {run_dir} completely ({e.strerror or e}); what is left is "
+                               "listed there") from None
+
+
 def list_runs(runs_dir: str | os.PathLike = "checkpoints") -> list[dict]:
     """One summary per run directory, newest first."""
     root = Path(runs_dir)
     if not root.is_dir():
         return []
+    def mtime(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:  # deleted meanwhile
+            return 0.0
+
+    def printable(p: Path) -> bool:  # a folder name that is not UTF-8 cannot be shown or stored
+        try:
+            p.name.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+
     out = []
-    for d in sorted((p for p in root.iterdir() if p.is_dir() and is_run_dir(p)),
-                    key=lambda p: p.stat().st_mtime, reverse=True):
+    try:
+        found = [p for p in root.iterdir() if printable(p) and p.is_dir() and is_run_dir(p)]
+    except OSError:
+        return []
+    for d in sorted(found, key=mtime, reverse=True):
         cfg, status = read_config(d), read_status(d)
+        text = {k: cfg.get(k) if isinstance(cfg.get(k), str) else None for k in ("arch", "strategy")}
+        epochs = cfg.get("epochs")
         out.append({
-            "run": d.name, "path": str(d), "state": status.get("state"), "arch": cfg.get("arch"),
-            "strategy": cfg.get("strategy"), "pretrained": cfg.get("pretrained"),
-            "epoch": status.get("epoch"), "epochs": cfg.get("epochs"),
+            "run": d.name, "path": str(d), "state": status.get("state"), **text,
+            "pretrained": cfg.get("pretrained") if isinstance(cfg.get("pretrained"), bool) else None,
+            "epoch": status.get("epoch"),
+            "epochs": epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None,
             "best_val_auc": status.get("best_val_auc"),
-            "error": status.get("error") if status.get("state") in ("failed", "killed") else None,
+            "error": status.get("error") if status.get("state") in ("failed", "killed", "unknown") or
+            status.get("damaged") else None,
         })
     return out

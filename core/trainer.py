@@ -270,7 +270,7 @@ def environment_info(device: torch.device, bf16: bool) -> dict:
         "device": str(device), "device_name": device_names().get(
             f"cuda:{device.index or 0}" if device.type == "cuda" else device.type, device.type),
         "bf16_autocast": bf16, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "cuda": torch.version.cuda, "argv": sys.argv,
+        "cuda": torch.version.cuda,
     }
     with contextlib.suppress(Exception):
         import subprocess
@@ -278,6 +278,22 @@ def environment_info(device: torch.device, bf16: bool) -> dict:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                             cwd=Path(__file__).parent, timeout=5).stdout.strip()
     return info
+
+
+def record_command(run_dir: Path, config: TrainConfig, launched: bool, environment: dict) -> None:
+    """environment.json: this session's environment, the command that started the run (for a dashboard
+    launch, the equivalent `python -m core train ...`), and one entry per later resume."""
+    previous = runs.read_json(run_dir / "environment.json", None)
+    previous = previous if isinstance(previous, dict) else {}
+    now = time.strftime("%Y-%m-%d %H:%M:%S")
+    if launched:  # started by the dashboard through `resume --launched`: that internal command says nothing
+        this = {"command": "dashboard", "equivalent_command": config.command_line(), "at": now}
+    else:
+        this = {"command": runs.typed_command(sys.argv), "at": now}
+    started = previous.get("started_by") if isinstance(previous.get("started_by"), dict) else None
+    resumes = previous.get("resumed_by") if isinstance(previous.get("resumed_by"), list) else []
+    record = {**environment, "started_by": started or this, "resumed_by": resumes + ([this] if started else [])}
+    (run_dir / "environment.json").write_text(json.dumps(record, indent=2))
 
 
 def new_run_dir(config: TrainConfig) -> Path:
@@ -358,9 +374,10 @@ class _Progress:
 
 
 def train(config: TrainConfig | None = None, run_dir: Path | None = None, resume: bool = False,
-          show_progress: bool = False) -> Path:
+          show_progress: bool = False, launched: bool = False) -> Path:
     """Train (or resume) a run and return its directory. Errors are recorded in status.json
-    ('failed' with the message) and re-raised; a STOP request ends the run as 'stopped'."""
+    ('failed' with the message) and re-raised; a STOP request ends the run as 'stopped'. `launched`: started
+    by the dashboard's launcher (recorded as such in environment.json)."""
     if run_dir is None:
         assert config is not None, "train() needs a config or an existing run directory"
         run_dir = create_run(config)
@@ -382,7 +399,7 @@ def train(config: TrainConfig | None = None, run_dir: Path | None = None, resume
         with training_slot(run_dir):
             if runs.stop_requested(run_dir):
                 raise StopRequested()
-            _train(config, run_dir, resume, show_progress)
+            _train(config, run_dir, resume, show_progress, launched)
     except StopRequested:
         runs.log(run_dir, "Stopped on request; resume continues from the saved checkpoint.")
         runs.write_status(run_dir, state="stopped")
@@ -412,11 +429,11 @@ def failure_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool) -> None:
+def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool, launched: bool = False) -> None:
     started = time.time()
     device = select_device(config.device)
     bf16 = uses_bf16(device, config.precision)
-    (run_dir / "environment.json").write_text(json.dumps(environment_info(device, bf16), indent=2))
+    record_command(run_dir, config, launched, environment_info(device, bf16))
     runs.write_status(run_dir, state="running", pid=os.getpid(), started=started, phase="preparing data",
                       device=str(device))
     resuming = resume and (run_dir / "last.pt").exists()

@@ -177,6 +177,25 @@ def render_monitor(run_dir: Path, live: bool) -> None:
     st.code(runs.log_tail(run_dir, 30) or "(no log yet)", language="text")
     if live:
         st.caption(f"Updates every {REFRESH_SECONDS} s while the run is queued or running.")
+    else:
+        delete_control(run_dir, state)
+
+
+def delete_control(run_dir: Path, state: str) -> None:
+    """Delete a run that is not training, after an explicit confirmation (it cannot be undone)."""
+    with st.expander("Delete this run"):
+        files, size = runs.run_size(run_dir)
+        st.markdown(f"Deletes **{run_dir.name}** ({state}; {files} files, {size / 2**20:.1f} MB) and everything in "
+                    "it: checkpoints, predictions, saved threshold and external evaluations. This cannot be undone.")
+        confirmed = st.checkbox(f"Yes, delete {run_dir.name}", key=f"train_delete_confirm_{run_dir.name}")
+        if st.button("Delete run", key="train_delete", type="primary", disabled=not confirmed):
+            try:
+                runs.delete_run(run_dir)
+            except (ValueError, OSError) as e:
+                st.error(str(e))
+                return
+            st.session_state["train_deleted"] = run_dir.name
+            st.rerun()
 
 
 def finished_summary(run_dir: Path) -> None:
@@ -219,6 +238,9 @@ st.title("Train")
 training_form()
 
 st.header("Monitor")
+deleted = st.session_state.pop("train_deleted", None)
+if deleted:
+    st.success(f"Deleted **{deleted}**.")
 all_runs = runs.list_runs(ui.runs_dir())
 if not all_runs:
     st.info(f"No runs yet in `{ui.runs_dir()}`: launch one above (or `python -m core train --preset cpu "

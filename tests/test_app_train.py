@@ -147,3 +147,19 @@ def test_finished_failed_and_running_runs(app_env, finished_run):
     assert metric(at, "Time left (est.)") == "0:05"  # 2 s for 3 of 10 steps
     assert len(at.get("plotly_chart")) == 2  # per-step loss; the epoch curves are still empty
     assert "train_stop" in [b.key for b in at.button]
+
+
+def test_delete_a_run_after_confirming(app_env, finished_run):
+    keep = app_env / "keep"
+    shutil.copytree(finished_run, keep)
+    doomed = app_env / "doomed"
+    shutil.copytree(finished_run, doomed)
+    at = page(TRAIN_PAGE).run()
+    at.selectbox(key="train_monitor_run").select("doomed").run()
+    assert at.button(key="train_delete").disabled  # nothing happens without the confirmation
+    at.checkbox(key="train_delete_confirm_doomed").check().run()
+    at.button(key="train_delete").click().run()
+    assert not at.exception
+    assert not doomed.exists() and keep.exists()
+    assert "Deleted **doomed**" in at.success[0].value
+    assert at.selectbox(key="train_monitor_run").options == ["keep"]

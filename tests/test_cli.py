@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -162,3 +163,49 @@ def test_resuming_a_run_with_a_damaged_config_marks_it_failed_with_the_reason(tr
     assert "config.json is damaged" in capsys.readouterr().err
     status = runs.read_status(copy)
     assert status["state"] == "failed" and "epochs must be of type int" in status["error"]
+
+
+def test_delete_asks_refuses_active_runs_and_removes_only_run_folders(trained_run, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from core import runs
+    from core.cli import main
+
+    run_dir, _ = trained_run
+    copy = tmp_path / "runs" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    assert main(["delete", str(copy)]) == 1  # not a terminal and no --yes: refused, nothing lost
+    assert "add --yes" in capsys.readouterr().err and copy.exists()
+    assert main(["delete", str(tmp_path)]) == 1
+    assert "not a run folder" in capsys.readouterr().err and tmp_path.exists()
+    runs.write_status(copy, state="running", pid=os.getpid())
+    assert main(["delete", "--yes", str(copy)]) == 1
+    assert "stop it first" in capsys.readouterr().err and copy.exists()
+    runs.write_status(copy, state="stopped")
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    assert main(["delete", str(copy)]) == 0 and copy.exists()
+    monkeypatch.setattr("builtins.input", lambda prompt: "y")
+    assert main(["delete", str(copy)]) == 0 and not copy.exists()
+    assert "Deleted" in capsys.readouterr().out
+
+
+def test_a_damaged_status_never_breaks_runs_and_names_the_file(trained_run, tmp_path):
+    import json
+    import shutil
+
+    run_dir, _ = trained_run
+    runs_dir = tmp_path / "runs"
+    for name, status in {"pid": {"state": "running", "pid": "abc"},
+                         "types": {"state": "finished", "epoch": "x", "elapsed": [1], "images_per_s": float("nan")},
+                         "state": {"state": 7}, "list": [1, 2]}.items():
+        shutil.copytree(run_dir, runs_dir / f"damaged-{name}")
+        (runs_dir / f"damaged-{name}" / "status.json").write_text(json.dumps(status))
+    shutil.copytree(run_dir, runs_dir / "good")
+    result = cli("runs", "--runs-dir", str(runs_dir))
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert "status.json has damaged fields (epoch, elapsed, images_per_s)" in result.stdout
+    assert "status.json is damaged: its state 7" in result.stdout
+    assert "status.json is missing or unreadable" in result.stdout
+    good = [line for line in result.stdout.splitlines() if line.startswith("good")]
+    assert good and "finished" in good[0] and "AUC" in good[0]

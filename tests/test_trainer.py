@@ -119,6 +119,11 @@ def test_stop_from_another_process_then_resume_loses_nothing(tmp_path):
 
     train(run_dir=run_dir, resume=True)
     assert runs.read_status(run_dir)["state"] == "finished"
+    # environment.json names what the user did, not the launcher's internal `resume --launched`.
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["started_by"]["command"] == "dashboard"
+    assert env["started_by"]["equivalent_command"].startswith("python -m core train --data ")
+    assert len(env["resumed_by"]) == 1 and "--launched" not in json.dumps(env)
     steps = runs.step_metrics(run_dir)
     assert list(steps["global_step"]) == list(range(1, 12 * steps_per_epoch + 1))
     assert list(runs.epoch_metrics(run_dir)["epoch"]) == list(range(1, 13))
