@@ -265,9 +265,66 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from .evaluate import dataset_overview
 
-    overview = dataset_overview(args.data, val_fraction=args.val_fraction, seed=args.seed)
-    print(json.dumps(overview, indent=2, default=str))
+    if not 0 < args.val_fraction < 1 or not 0 < args.test_fraction < 1:
+        raise ValueError("--val-fraction and --test-fraction are shares between 0 and 1 (exclusive).")
+    overview = dataset_overview(args.data, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                                seed=args.seed)
+    if args.json:
+        print(json.dumps(overview, indent=2, default=str))
+    else:
+        print(format_overview(overview))
     return 0
+
+
+def _count_lines(counts: dict[str, dict[str, int]], classes: list[str]) -> list[str]:
+    order = [s for s in ("train", "val", "test", "all") if s in counts] + \
+        [s for s in counts if s not in ("train", "val", "test", "all")]
+    lines = [f"  {'split':<8}" + "".join(f"{c:>12}" for c in classes) + f"{'total':>10}"]
+    for split in order:
+        row = [int(counts[split].get(c, 0)) for c in classes]
+        lines.append(f"  {split:<8}" + "".join(f"{n:>12,}" for n in row) + f"{sum(row):>10,}")
+    return lines
+
+
+def _leakage_lines(report: dict) -> list[str]:
+    lines = []
+    for pair, item in (report.get("shared_patients") or {}).items():
+        if item.get("count"):
+            lines.append(f"  {item['count']:,} patients in both {pair.replace('-', ' and ')} "
+                         f"(e.g. {', '.join(item['examples'][:3])})")
+    across = report.get("identical_files_across_splits", 0)
+    lines.append(f"  byte-identical file groups: {report.get('identical_file_groups', 0):,}, "
+                 f"{across:,} of them across splits")
+    return lines or ["  none"]
+
+
+def format_overview(overview: dict) -> str:
+    """What `python -m core data` prints: counts, the split training will use, leakage, sizes, left-out files."""
+    classes = overview["classes"]
+    layout = "official train/val/test folders" if overview["has_official_splits"] else "no split folders"
+    lines = [f"{overview['n_images']:,} images in {overview['root']} ({layout}); classes {', '.join(classes)}, "
+             f"positive class {overview['positive_class']}.", "", "Images per split folder and class:"]
+    lines += _count_lines(overview["counts"], classes)
+    lines += ["", "Split training will use (grouped by patient, readable images only):"]
+    lines += _count_lines(overview["planned_counts"], classes)
+    if overview.get("leakage_official"):
+        lines += ["", "Leakage between the official split folders:"] + _leakage_lines(overview["leakage_official"])
+    lines += ["", "Leakage in the split training will use:"] + _leakage_lines(overview["leakage_planned"])
+    sizes = overview["image_sizes"]
+    if sizes["sampled"]:
+        modes = ", ".join(f"{m} {n:,}" for m, n in sizes["modes"].items())
+        lines += ["", f"Image sizes (headers of {sizes['sampled']:,} files): width {sizes['width_min']:,}-"
+                      f"{sizes['width_max']:,} px, height {sizes['height_min']:,}-{sizes['height_max']:,} px; "
+                      f"modes {modes}."]
+    left_out = overview["unreadable"] + overview.get("unusable_entries", [])
+    lines += ["", f"Skipped (unreadable or unusable): {len(left_out)}" + (":" if left_out else ".")]
+    lines += [f"  {item['path']}: {item['reason']}" for item in left_out]
+    ignored = overview["ignored_non_image_files"]
+    lines += [f"Ignored (not image files): {len(ignored)}" + (":" if ignored else ".")]
+    lines += [f"  {path}" for path in ignored[:20]]
+    if len(ignored) > 20:
+        lines.append(f"  ... and {len(ignored) - 20:,} more (--json lists them all)")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -345,10 +402,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", help="Folder of runs (default: $CXR_RUNS_DIR, else checkpoints).")
     p.set_defaults(func=cmd_runs)
 
-    p = sub.add_parser("data", help="Describe a dataset folder: counts, image sizes, leakage, unreadable files.")
-    p.add_argument("data", help="Dataset folder.")
-    p.add_argument("--val-fraction", type=float, default=0.15)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("data", help="Describe a dataset folder: counts, image sizes, leakage, unreadable files.",
+                       description="Scan and decode every image once (filling the cache training reuses), then print "
+                                   "counts per split and class, the patient-grouped split training would use, "
+                                   "leakage, image sizes, and every file left out with the reason.")
+    p.add_argument("data", help="Dataset folder: <root>/{train,val,test}/<CLASS>/* or <root>/<CLASS>/*.")
+    p.add_argument("--val-fraction", type=float, default=0.15,
+                   help="Share of the training pool held out for validation, as training would (default 0.15).")
+    p.add_argument("--test-fraction", type=float, default=0.15,
+                   help="Share held out for test when the folder has no test split folder (default 0.15).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the planned split (default 0).")
+    p.add_argument("--json", action="store_true", help="Print everything as JSON (every list complete).")
     p.set_defaults(func=cmd_data)
     return parser
 

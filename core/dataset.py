@@ -300,13 +300,14 @@ def leakage_report(records: list[ImageRecord], splits: list[str],
     patients: dict[str, set[str]] = {}
     for r, s in zip(records, splits):
         patients.setdefault(s, set()).add(r.patient)
-    names = sorted(patients)
+    order = {name: i for i, name in enumerate(SPLIT_NAMES)}  # train, val, test, then others by name
+    names = sorted(patients, key=lambda s: (order.get(s, len(order)), s))
     shared_patients = {}
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             both = patients[a] & patients[b]
             shared_patients[f"{a}-{b}"] = {"count": len(both), "examples": sorted(both)[:10]}
-    report: dict = {"patients_per_split": {s: len(p) for s, p in patients.items()},
+    report: dict = {"patients_per_split": {s: len(patients[s]) for s in names},
                     "shared_patients": shared_patients}
     if hashes is not None:
         by_hash: dict[str, list[int]] = {}

@@ -58,6 +58,13 @@ def sample_thumbnails(folder: str) -> dict[str, list[tuple[str, np.ndarray]]]:
     return samples
 
 
+def breakable(file_name: str) -> str:
+    """A long file name that wraps after its separators (a zero-width space after _ - .), never mid-word."""
+    for sep in "_-.":
+        file_name = file_name.replace(sep, sep + "\u200b")
+    return file_name
+
+
 def download_kaggle_dataset() -> str:
     """Download (or reuse kagglehub's cached copy of) the Kaggle release; returns its chest_xray folder."""
     import kagglehub
@@ -249,4 +256,4 @@ for class_name, thumbs in samples.items():
         st.write("No readable images.")
         continue
     for column, (name, pixels) in zip(st.columns(SAMPLES_PER_CLASS), thumbs, strict=False):
-        column.image(pixels, caption=name, width=THUMBNAIL_PX)
+        column.image(pixels, caption=breakable(name), width=THUMBNAIL_PX)

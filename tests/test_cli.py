@@ -209,3 +209,26 @@ def test_a_damaged_status_never_breaks_runs_and_names_the_file(trained_run, tmp_
     assert "status.json is missing or unreadable" in result.stdout
     good = [line for line in result.stdout.splitlines() if line.startswith("good")]
     assert good and "finished" in good[0] and "AUC" in good[0]
+
+
+def test_data_prints_a_readable_summary_listing_every_bad_file_and_json_on_request(tmp_path):
+    import json
+
+    from bad_inputs import write_bad_entries, write_bad_images
+    from conftest import write_dataset
+
+    data = write_dataset(tmp_path / "xrays", {"NORMAL": 8, "PNEUMONIA": 8})
+    bad = {**write_bad_images(data / "train" / "NORMAL"), **write_bad_entries(data / "train" / "PNEUMONIA")}
+    (data / "train" / "NORMAL" / "notes.txt").write_text("not an image")
+    result = cli("data", str(data))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "Images per split folder and class:" in result.stdout and "Split training will use" in result.stdout
+    assert f"Skipped (unreadable or unusable): {len(bad)}:" in result.stdout
+    for path in bad:
+        assert path in result.stdout
+    assert "Ignored (not image files): 1:" in result.stdout
+    as_json = json.loads(cli("data", str(data), "--json").stdout)
+    assert len(as_json["unreadable"]) + len(as_json["unusable_entries"]) == len(bad)
+    refused = cli("data", str(data), "--val-fraction", "1.5")
+    assert refused.returncode == 1 and "between 0 and 1" in refused.stderr
+    assert "--val-fraction" in cli("data", "--help").stdout and "leakage" in cli("data", "--help").stdout

@@ -103,6 +103,8 @@ def test_leakage_report_counts_shared_patients_and_identical_files(tmp_path):
     splits = ["train"] * 4 + ["test"] * 4
     hashes = ["a", "b", "c", "d", "a", "f", "g", "g"]
     report = leakage_report(records, splits, hashes)
+    assert list(report["patients_per_split"]) == ["train", "test"]  # listed in the order train, val, test
+    assert list(report["shared_patients"]) == ["train-test"]
     assert report["identical_file_groups"] == 2
     assert report["identical_files_across_splits"] == 1
 

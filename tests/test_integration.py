@@ -88,7 +88,7 @@ def test_dataset_overview_reports_kermany_counts_and_leakage(shared_data):
     assert overview["counts"]["val"] == {"NORMAL": 8, "PNEUMONIA": 8}
     assert overview["unreadable"] == []
     official = overview["leakage_official"]
-    assert official["shared_patients"]["test-train"]["count"] >= 170
+    assert official["shared_patients"]["train-test"]["count"] >= 170
     assert official["identical_file_groups"] == 30
     planned = overview["leakage_planned"]
     assert planned["shared_patients"]["train-val"]["count"] == 0
