@@ -85,7 +85,10 @@ def training_form() -> None:
         with data_col:
             st.number_input("Image size (pixels, square)", min_value=32, max_value=1024, step=16,
                             key="train_image_size")
-            st.checkbox("Augmentation (flip, rotation, zoom, shift, brightness, contrast)", key="train_augment")
+            # A short label (a long one is cut off in a narrow column); the list is in the help.
+            st.checkbox("Augment training images", key="train_augment",
+                        help="Random flip, rotation, zoom, shift, brightness and contrast on training batches "
+                             "(never at evaluation); strengths are options of `python -m core train`.")
             st.selectbox("Class weights", CLASS_WEIGHTS, key="train_class_weights",
                          help="inverse: weight the loss by inverse class frequency against the imbalance.")
             st.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key="train_seed")

@@ -71,3 +71,70 @@ def write_bad_entries(folder: Path) -> dict[str, str]:
     return {f"{folder}/bad\\xff name.jpeg": "not valid UTF-8", f"{folder}/dangling.jpeg": "broken symbolic link",
             f"{folder}/loop_a.png": "broken symbolic link", f"{folder}/loop_b.png": "broken symbolic link",
             f"{folder}/linked_folder": "link to a folder"}
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"\x00\xff\xfe garbage \x89PNG" * 20)
+
+
+def _json(value):
+    import json
+
+    return lambda path: path.write_text(json.dumps(value))
+
+
+def _edit_json(**fields):
+    import json
+
+    def edit(path: Path) -> None:
+        data = json.loads(path.read_text())
+        data.update(fields)
+        path.write_text(json.dumps(data))
+    return edit
+
+
+# variant name -> (file in the run folder, how it is damaged). Each leaves the rest of the run intact.
+RUN_DAMAGE = {
+    "status-types": ("status.json", _edit_json(pid="abc", epoch="x", elapsed=[1], images_per_s="fast", phase=3)),
+    "status-garbage": ("status.json", _garbage),
+    "report-types": ("report.json", _edit_json(test="abc", val=[1], best_epoch="x", temperature="hot")),
+    "report-threshold": ("report.json", _edit_json(threshold="abc")),
+    "report-garbage": ("report.json", _garbage),
+    "metrics-binary": ("metrics.jsonl", _garbage),
+    "metrics-types": ("metrics.jsonl", lambda p: p.write_text('{"kind": "epoch", "epoch": "x", "val_auc": "y"}\n'
+                                                              '[1, 2]\n{"kind": 5, "global_step": null}\n')),
+    "split-garbage": ("split.csv", _garbage),
+    "test-predictions-garbage": ("predictions_test.csv", _garbage),
+    "test-predictions-values": ("predictions_test.csv",
+                                lambda p: p.write_text("path,patient,label,class_name,prob\nx.jpeg,p1,1,P,abc\n")),
+    "val-predictions-missing": ("predictions_val.csv", lambda p: p.unlink()),
+    "threshold-nan": ("threshold.json", lambda p: p.write_text('{"threshold": NaN, "chosen_on": "val"}')),
+    "threshold-list": ("threshold.json", _json([0.5])),
+    "config-types": ("config.json", _edit_json(epochs="abc", arch=5, image_size=-1)),
+    "config-garbage": ("config.json", _garbage),
+    "environment-list": ("environment.json", _json([1, 2])),
+    "data-report-types": ("data_report.json", _json({"counts": "abc", "skipped": 5, "leakage": [1]})),
+    "checkpoint-garbage": ("best.safetensors", _garbage),
+    "checkpoint-metadata": ("best.safetensors", None),  # see damage_run: image size 0, one class
+    "checkpoint-missing": ("best.safetensors", lambda p: p.unlink()),
+}
+
+
+def damage_run(run_dir: Path, variant: str) -> None:
+    """Apply one RUN_DAMAGE variant to a copy of a finished run."""
+    name, damage = RUN_DAMAGE[variant]
+    path = run_dir / name
+    if variant == "checkpoint-metadata":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata())
+        metadata.update(image_size="0", classes='["ONLY"]', temperature="nan")
+        save_file(tensors, str(path), metadata=metadata)
+        return
+    if name == "threshold.json" and not path.exists():
+        path.write_text("{}")
+    damage(path)
