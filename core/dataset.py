@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageChops, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"}
 SPLIT_NAMES = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test"}
 # Bump when decoding or resizing changes, so stale caches are not reused.
-PREPROCESSING_VERSION = 1
+PREPROCESSING_VERSION = 2
 NOT_AN_IMAGE = "not an image file (no known image format)"
 # Decompression-bomb guard, checked from the header before any pixel is decoded. The largest flat-panel
 # detectors give about 4,300 x 4,300 = 18.5 megapixels; 40 keeps the worst decode (RGBA) near 0.5 GB.
@@ -335,10 +335,10 @@ def to_grayscale_uint8(img: Image.Image) -> Image.Image:
     if img.mode == "L":
         return img
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # Transparent pixels become black, the background of a radiograph.
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("L")
+        # Transparent pixels become black, the background of a radiograph: gray x alpha, which is compositing
+        # over black (within 2 gray levels of rounding) at half the time and memory of alpha_composite.
+        gray, alpha = img.convert("LA").split()
+        return ImageChops.multiply(gray, alpha)
     return img.convert("RGB").convert("L")
 
 

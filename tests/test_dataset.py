@@ -23,6 +23,7 @@ from core.dataset import (
     load_thumbnail,
     patient_id,
     scan_dataset,
+    to_grayscale_uint8,
 )
 
 
@@ -270,3 +271,11 @@ def test_one_class_in_train_names_the_missing_class(tmp_path):
     (root / "train" / "NORMAL").rmdir()
     with pytest.raises(DatasetError, match="No NORMAL images in the train and val folders"):
         assign_splits(scan_dataset(root))
+
+
+def test_transparent_pixels_become_black_like_a_radiographs_background():
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., :3] = 200
+    rgba[0, 0, 3], rgba[0, 1, 3], rgba[1, :, 3] = 0, 128, 255
+    gray = np.asarray(to_grayscale_uint8(Image.fromarray(rgba, "RGBA")))
+    assert gray[0, 0] == 0 and abs(int(gray[0, 1]) - 100) <= 2 and (gray[1] == 200).all()
