@@ -127,7 +127,7 @@ def refit_section(run_dir: Path, name: str, summary: dict) -> None:
         try:
             with st.spinner("Re-picking and bootstrapping…"):
                 summary["refit"] = external.refit_threshold(run_dir, name, rule, value, fraction)
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, OSError) as e:  # OSError: a full disk or read-only run folder
             st.error(str(e))
     if isinstance(summary.get("refit"), dict):
         show_refit(summary["refit"])
