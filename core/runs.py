@@ -72,7 +72,8 @@ def pid_alive(pid: int | None) -> bool:
 
 
 def write_status(run_dir: Path, **fields: Any) -> dict:
-    status = read_json(run_dir / "status.json", {}) or {}
+    status = read_json(run_dir / "status.json", {})
+    status = status if isinstance(status, dict) else {}  # a damaged file is replaced, not merged into
     status.update(fields, updated=time.time())
     _write_json_atomic(run_dir / "status.json", status)
     return status

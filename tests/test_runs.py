@@ -63,3 +63,10 @@ def test_old_float32_text_reads_back_as_the_value_the_threshold_was_chosen_on(tm
         "path,label,prob\n" + "".join(f"/x{i}.png,1,{p}\n" for i, p in enumerate(probs)))  # float32 repr
     back = runs.read_predictions(tmp_path, "val")["prob"].to_numpy()
     assert back[0] == float(probs[0]) and back[0] >= 0.7599862217903137
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"abc"', "\x00\xff", "null"])
+def test_writing_status_over_a_damaged_file_replaces_it(tmp_path, content):
+    (tmp_path / "status.json").write_text(content)
+    runs.write_status(tmp_path, state="stopped")
+    assert runs.read_status(tmp_path)["state"] == "stopped"
