@@ -106,6 +106,7 @@ def has_valid_name(path: str | os.PathLike) -> bool:
 
 
 BAD_NAME = "its name is not valid UTF-8: rename it to use it"
+HIDDEN = "hidden (the name starts with '.' or '__')"
 
 
 def _subdirs(p: Path, unusable: dict[str, str] | None = None) -> list[Path]:
@@ -173,7 +174,14 @@ def _class_files(class_dir: Path, unusable: dict[str, str] | None = None) -> tup
     `unusable` with the reason, never dropped silently."""
     images, ignored = [], []
     for f in sorted(class_dir.rglob("*")):
-        if any(_is_hidden(part) for part in f.relative_to(class_dir).parts):
+        parts = f.relative_to(class_dir).parts
+        if any(_is_hidden(part) for part in parts):
+            # Report the hidden folder once, and hidden image-like files; skip OS clutter like .DS_Store.
+            if _is_hidden(parts[-1]) and not any(_is_hidden(p) for p in parts[:-1]) and unusable is not None:
+                if f.is_dir() and not f.is_symlink():
+                    unusable[display_path(f)] = HIDDEN + " folder: skipped with everything in it"
+                elif f.suffix.lower() in IMAGE_EXTENSIONS:
+                    unusable[display_path(f)] = HIDDEN + " file: skipped (macOS writes '._' copies that are not images)"
             continue
         reason = _unusable_reason(f)
         if reason is not None:
@@ -201,6 +209,23 @@ def scan_dataset(root: str | os.PathLike, positive_class: str | None = None) -> 
     class_names: set[str] = set()
     per_split_classes: dict[str | None, list[Path]] = {}
     unusable: dict[str, str] = {}
+    ignored: list[str] = []
+    # What lies beside the folders that are read (loose files, folders that are not splits) is listed.
+    beside = [root_path] + (list(layout.values()) if split_dirs else [])
+    for folder in beside:
+        for entry in sorted(folder.iterdir()):
+            if _is_hidden(entry.name) or entry in layout.values():
+                continue
+            if folder == root_path and split_dirs and entry.is_dir():
+                unusable[display_path(entry)] = ("folder that is not a split folder (train, val, test): skipped"
+                                                 if has_valid_name(entry) else "folder " + BAD_NAME)
+            elif not entry.is_dir() and has_valid_name(entry) and not entry.is_symlink() and entry.is_file():
+                if entry.suffix.lower() in IMAGE_EXTENSIONS:
+                    unusable[display_path(entry)] = "image outside the class folders (its class is unknown): skipped"
+                else:
+                    ignored.append(str(entry))
+            elif not entry.is_dir():
+                unusable[display_path(entry)] = _unusable_reason(entry) or "not a regular file"
     for split, d in layout.items():
         classes = _subdirs(d, unusable)
         if not classes:
@@ -224,17 +249,22 @@ def scan_dataset(root: str | os.PathLike, positive_class: str | None = None) -> 
     classes = sorted(c for c in class_names if c != positive_class) + [positive_class]
 
     records: list[ImageRecord] = []
-    ignored: list[str] = []
+    empty: list[Path] = []
     for split, class_dirs in per_split_classes.items():
         for class_dir in class_dirs:
             images, other = _class_files(class_dir, unusable)
             ignored.extend(str(f) for f in other)
             if not images:
-                raise DatasetError(f"The class folder {class_dir} holds no images "
-                                   f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))}).")
+                empty.append(class_dir)
+                unusable[display_path(class_dir)] = "class folder without images"
             label = classes.index(class_dir.name)
             for f in images:
                 records.append(ImageRecord(str(f), class_dir.name, label, patient_id(f.name), split))
+    for class_name in classes:
+        if not any(r.class_name == class_name for r in records):
+            folders = ", ".join(str(d) for d in empty if d.name == class_name)
+            raise DatasetError(f"The class folder {folders} holds no images "
+                               f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))}).")
     return DatasetIndex(str(root_path), classes, positive_class, bool(split_dirs), records, ignored, unusable)
 
 

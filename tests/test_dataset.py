@@ -279,3 +279,23 @@ def test_transparent_pixels_become_black_like_a_radiographs_background():
     rgba[0, 0, 3], rgba[0, 1, 3], rgba[1, :, 3] = 0, 128, 255
     gray = np.asarray(to_grayscale_uint8(Image.fromarray(rgba, "RGBA")))
     assert gray[0, 0] == 0 and abs(int(gray[0, 1]) - 100) <= 2 and (gray[1] == 200).all()
+
+
+def test_files_and_folders_outside_the_class_folders_are_listed_not_dropped(tmp_path):
+    root = write_dataset(tmp_path / "d", {"NORMAL": 6, "PNEUMONIA": 6}, splits=("train", "val", "test"))
+    make_xray().save(root / "train" / "loose.png")
+    (root / "train" / "README.txt").write_text("notes")
+    write_dataset(root / "extra", {"NORMAL": 1}, splits=None)
+    make_xray().save(root / "train" / "NORMAL" / ".hidden.png")
+    (root / "train" / "NORMAL" / ".ipynb_checkpoints").mkdir()
+    make_xray().save(root / "train" / "NORMAL" / ".ipynb_checkpoints" / "x.png")
+    for f in (root / "val" / "NORMAL").iterdir():  # an empty class folder in val is a note, not an error
+        f.unlink()
+    index = scan_dataset(root)
+    assert "outside the class folders" in index.unusable[str(root / "train" / "loose.png")]
+    assert "not a split folder" in index.unusable[str(root / "extra")]
+    assert "hidden" in index.unusable[str(root / "train" / "NORMAL" / ".hidden.png")]
+    assert "hidden" in index.unusable[str(root / "train" / "NORMAL" / ".ipynb_checkpoints")]
+    assert "without images" in index.unusable[str(root / "val" / "NORMAL")]
+    assert str(root / "train" / "README.txt") in index.ignored_files
+    assert index.counts()["train"] == {"NORMAL": 6, "PNEUMONIA": 6}
