@@ -148,6 +148,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     if not runs.is_run_dir(run_dir):
         raise ValueError(f"{run_dir} is not a run directory (no config.json).")
+    if args.out and (Path(args.out).is_dir() or not Path(args.out).resolve().parent.is_dir()):
+        raise ValueError(f"--out {args.out}: give a CSV file name in an existing folder.")
     operating = runs.operating_point(run_dir)
     threshold = operating.threshold if args.threshold is None else args.threshold
     if not 0 <= threshold <= 1:

@@ -16,6 +16,7 @@ OPTIMIZERS = ("adamw", "adam")
 CLASS_WEIGHTS = ("inverse", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
 MAX_EPOCHS = 10_000
+MAX_NAME_LENGTH = 64
 
 
 def _opt(help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
@@ -99,6 +100,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be between {low:g} and {high:g}, not {value}.")
         if not 0 < self.val_fraction < 0.5 or not 0 <= self.test_fraction < 0.5:
             raise ValueError("val_fraction must be in (0, 0.5) and test_fraction in [0, 0.5).")
+        if len(self.name) > MAX_NAME_LENGTH:  # it becomes part of a folder name, which the OS limits
+            raise ValueError(f"name must be at most {MAX_NAME_LENGTH} characters, not {len(self.name)}.")
 
     def command_line(self) -> str:
         """The `python -m core train ...` command that trains this config (options that differ from the

@@ -524,8 +524,8 @@ def _write_cache(shard: Path, rows: np.ndarray, cached: dict[str, dict]) -> None
                 tmp.unlink(missing_ok=True)
             except OSError:
                 pass
-        raise OSError(e.errno, f"could not write the decoded-image cache in {shard} "
-                               f"({e.strerror or e}); free space or set CXR_CACHE_DIR") from None
+        raise OSError(e.errno, f"could not write the decoded-image cache in {shard} ({e.strerror or e}); free "
+                               "space there, or choose another cache folder (--cache-dir or CXR_CACHE_DIR)") from None
 
 
 def decode_images(paths: list[str], size: int, cache_dir: str | os.PathLike | None = None,

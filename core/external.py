@@ -308,9 +308,13 @@ def default_name(data: str | os.PathLike, split: str = "all") -> str:
     return sanitize_name(base if split == "all" else f"{base}-{split}")
 
 
+MAX_NAME_LENGTH = 64  # a folder name: the OS limits its length
+
+
 def sanitize_name(name: str) -> str:
-    """Letters, digits, '_', '.' and '-' only; never hidden, never '.' or '..'; 'external' when nothing is left."""
-    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", name.strip()).strip("._-")
+    """Letters, digits, '_', '.' and '-' only, at most MAX_NAME_LENGTH; never hidden, never '.' or '..';
+    'external' when nothing is left."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", name.strip()).strip("._-")[:MAX_NAME_LENGTH].rstrip("._-")
     return cleaned or "external"
 
 

@@ -993,6 +993,8 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike,
                  externals: list[str] | None = None) -> Path:
     """Write the report of `run_dir` to `out` (atomically: a reader never sees half a file) and return its path."""
     out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"{out} is a folder: give the report's file name, e.g. {out / 'report.html'}.")
     document = build_report_html(run_dir, externals)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")

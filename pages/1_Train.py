@@ -11,7 +11,15 @@ import streamlit as st
 import ui
 from core import runs
 from core.bootstrap import format_interval
-from core.config import ARCHITECTURES, CLASS_WEIGHTS, PRESETS, SCHEDULES, STRATEGIES, config_from_preset
+from core.config import (
+    ARCHITECTURES,
+    CLASS_WEIGHTS,
+    MAX_NAME_LENGTH,
+    PRESETS,
+    SCHEDULES,
+    STRATEGIES,
+    config_from_preset,
+)
 from core.dataset import scan_dataset
 from core.figures import loss_figure, score_figure
 from core.launch import launch_resume, launch_training
@@ -94,7 +102,8 @@ def training_form() -> None:
             st.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key="train_seed")
             st.number_input("Max steps per epoch (0 = whole training set)", min_value=0, max_value=100_000,
                             step=1, key="train_max_steps_per_epoch")
-        st.text_input("Run name (optional)", key="train_name", help="Appended to the run folder's name.")
+        st.text_input("Run name (optional)", key="train_name", max_chars=MAX_NAME_LENGTH,
+                      help="Appended to the run folder's name.")
         submitted = st.form_submit_button("Launch training", type="primary")
 
     if submitted:

@@ -54,7 +54,7 @@ def evaluate_section(run_dir: Path, classes: list[str], folder: str) -> None:
             name, options, index=options.index(match) if match else None, placeholder="choose a class",
             key=f"ext_map:{layout.root}:{name}")
     evaluation_name = st.text_input("Name of this evaluation", value=external.default_name(folder, split),
-                                    key=f"ext_name:{layout.root}:{split}",
+                                    key=f"ext_name:{layout.root}:{split}", max_chars=external.MAX_NAME_LENGTH,
                                     help="Letters, digits, '_', '.' and '-'; the same name replaces an earlier "
                                          "evaluation.")
     # The name the evaluation will be saved under: an empty name falls back to the folder's, as in core.

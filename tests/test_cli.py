@@ -232,3 +232,21 @@ def test_data_prints_a_readable_summary_listing_every_bad_file_and_json_on_reque
     refused = cli("data", str(data), "--val-fraction", "1.5")
     assert refused.returncode == 1 and "between 0 and 1" in refused.stderr
     assert "--val-fraction" in cli("data", "--help").stdout and "leakage" in cli("data", "--help").stdout
+
+
+def test_output_paths_and_names_the_os_cannot_hold_are_refused_before_the_work(trained_run, tmp_path, capsys):
+    from core.cli import main
+
+    run_dir, data = trained_run
+    assert main(["evaluate", str(run_dir), "--out", str(tmp_path)]) == 1
+    assert "give a CSV file name" in capsys.readouterr().err
+    assert main(["evaluate", str(run_dir), "--out", str(tmp_path / "missing" / "x.csv")]) == 1
+    assert "in an existing folder" in capsys.readouterr().err
+    assert main(["report", str(run_dir), "--out", str(tmp_path)]) == 1
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["train", "--preset", "tiny", "--data", str(data), "--runs-dir", str(tmp_path / "r"),
+                 "--name", "x" * 300]) == 1
+    assert "name must be at most 64 characters" in capsys.readouterr().err
+    assert main(["train", "--preset", "tiny", "--data", str(data), "--runs-dir", str(run_dir / "config.json")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "config.json" in err
