@@ -60,7 +60,7 @@ def pid_alive(pid: int | None) -> bool:
         return False  # also a damaged status.json's pid ("abc", -1)
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):  # also a pid no process can have (10**30)
         return False
     except PermissionError:
         return True
@@ -148,7 +148,7 @@ def _is_number(value: Any) -> bool:
 
 def _status_field_ok(key: str, value: Any) -> bool:
     if key in _COUNT_FIELDS or key == "pid":
-        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31
     if key in _TIME_FIELDS:
         return _is_number(value) and value >= 0
     if key == "best_val_auc":
@@ -214,6 +214,9 @@ def epoch_metrics(run_dir: Path) -> pd.DataFrame:
         return pd.DataFrame()
     ep = df[df["kind"] == "epoch"]
     if ep.empty:  # first epoch still running: only step records so far
+        return pd.DataFrame()
+    ep = ep.assign(epoch=pd.to_numeric(ep["epoch"], errors="coerce")).dropna(subset=["epoch"])
+    if ep.empty:  # damaged records only
         return pd.DataFrame()
     ep = ep.dropna(axis=1, how="all")
     return ep.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)

@@ -70,3 +70,9 @@ def test_writing_status_over_a_damaged_file_replaces_it(tmp_path, content):
     (tmp_path / "status.json").write_text(content)
     runs.write_status(tmp_path, state="stopped")
     assert runs.read_status(tmp_path)["state"] == "stopped"
+
+
+def test_a_pid_no_process_can_have_reads_as_killed(tmp_path):
+    runs.write_status(tmp_path, state="running", pid=10**30)
+    assert runs.read_status(tmp_path)["state"] == "killed"
+    assert runs.pid_alive(10**30) is False
