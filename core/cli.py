@@ -124,7 +124,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
     for name in args.runs:
         run_dir = Path(name)
-        if not (runs.is_run_dir(run_dir) or (run_dir / "status.json").exists()) or run_dir.is_symlink():
+        if not runs.is_run_folder(run_dir):
             raise ValueError(f"{run_dir} is not a run folder (no config.json or status.json): nothing deleted.")
         state = runs.read_status(run_dir).get("state")
         files, size = runs.run_size(run_dir)

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .dataset import has_valid_name
+
 ACTIVE_STATES = ("queued", "running")
 
 
@@ -376,6 +378,11 @@ def operating_point(run_dir: Path) -> OperatingPoint:
                              "again on the Thresholds page, or delete the file to use the training threshold.")
         return OperatingPoint(float(saved["threshold"]), "saved", str(saved.get("target") or "set by hand"),
                               str(saved.get("chosen_on") or "val"))
+    finished = read_status(run_dir).get("state") == "finished"
+    if finished and not isinstance(read_json(run_dir / "report.json", None), dict):
+        # Never fall back to 0.5 without a word: the figures would change under the user.
+        raise ValueError(f"{run_dir / 'report.json'} is missing or damaged, so the run's training threshold is "
+                         "unknown. Save a threshold on the Thresholds page to use the run.")
     report = read_report(run_dir)
     if "threshold" in report:
         if not _valid_threshold(report["threshold"]):
@@ -393,6 +400,12 @@ def operating_threshold(run_dir: Path) -> float:
 
 def is_run_dir(path: Path) -> bool:
     return (Path(path) / "config.json").exists()
+
+
+def is_run_folder(path: Path) -> bool:
+    """A real folder (not a link) holding config.json or status.json: damaged runs included, for deletion."""
+    path = Path(path)
+    return not path.is_symlink() and path.is_dir() and (is_run_dir(path) or (path / "status.json").exists())
 
 
 def run_size(run_dir: Path) -> tuple[int, int]:
@@ -413,9 +426,7 @@ def delete_run(run_dir: Path) -> None:
     import shutil
 
     run_dir = Path(run_dir)
-    if run_dir.is_symlink() or not run_dir.is_dir():
-        raise ValueError(f"{run_dir} is not a run folder: nothing deleted.")
-    if not (is_run_dir(run_dir) or (run_dir / "status.json").exists()):
+    if not is_run_folder(run_dir):
         raise ValueError(f"{run_dir} is not a run folder (no config.json or status.json): nothing deleted.")
     state = read_status(run_dir).get("state")
     if state in ACTIVE_STATES:
@@ -439,16 +450,9 @@ def list_runs(runs_dir: str | os.PathLike = "checkpoints") -> list[dict]:
         except OSError:  # deleted meanwhile
             return 0.0
 
-    def printable(p: Path) -> bool:  # a folder name that is not UTF-8 cannot be shown or stored
-        try:
-            p.name.encode("utf-8")
-        except UnicodeEncodeError:
-            return False
-        return True
-
     out = []
     try:
-        found = [p for p in root.iterdir() if printable(p) and p.is_dir() and is_run_dir(p)]
+        found = [p for p in root.iterdir() if has_valid_name(p.name) and p.is_dir() and is_run_dir(p)]
     except OSError:
         return []
     for d in sorted(found, key=mtime, reverse=True):
