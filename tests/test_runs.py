@@ -76,3 +76,13 @@ def test_a_pid_no_process_can_have_reads_as_killed(tmp_path):
     runs.write_status(tmp_path, state="running", pid=10**30)
     assert runs.read_status(tmp_path)["state"] == "killed"
     assert runs.pid_alive(10**30) is False
+
+
+@pytest.mark.parametrize("content", ["", "[1]", "\x00garbage"])
+def test_a_damaged_report_is_named_never_replaced_by_threshold_one_half(tmp_path, content):
+    runs.write_status(tmp_path, state="finished")
+    (tmp_path / "report.json").write_text(content)
+    with pytest.raises(ValueError, match="report.json is missing or damaged"):
+        runs.operating_point(tmp_path)
+    runs.save_threshold(tmp_path, 0.3, chosen_on="val", target="by hand")
+    assert runs.operating_point(tmp_path).threshold == 0.3  # a saved threshold makes the run usable again
