@@ -68,8 +68,80 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("error: --data DIR is required", file=sys.stderr)
         return 2
     config.validate()
+    from .model import check_weights
+
+    check_weights(config.arch, config.pretrained, config.weights_file)  # fails before a run folder exists
     run_dir = train(config, show_progress=sys.stderr.isatty() and not args.quiet)
     return _report_finished(run_dir)
+
+
+def _find_study(runs_dir: str, name: str):
+    from .study import STUDIES_FOLDER, read_study
+
+    folder = Path(name)
+    if not (folder / "study.json").exists():
+        folder = Path(runs_dir) / STUDIES_FOLDER / name
+    return read_study(folder)
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from . import runs
+    from .study import create_study, parse_arms, run_study, study_progress
+
+    runs_dir = args.runs_dir or TrainConfig.runs_dir
+    if args.show or args.resume:
+        study = _find_study(runs_dir, args.show or args.resume)
+        if args.show:
+            print(format_study(study))
+            return 0
+        if study_progress(study)["running"]:
+            raise ValueError(f"{study.id} is already running in another process.")
+    else:
+        config = _config_from_args(args)
+        if not config.data:
+            print("error: --data DIR is required", file=sys.stderr)
+            return 2
+        study = create_study(config, parse_arms(args.strategies), args.seeds, runs.typed_command(sys.argv))
+        print(f"study {study.id}: {len(study.arms)} arms x {len(study.seeds)} seeds = {len(study.plan())} runs "
+              f"({study.folder}); resume it with: python -m core study --resume {study.id}"
+              + (f" --runs-dir {runs_dir}" if args.runs_dir else ""))
+    run_study(study, show_progress=sys.stderr.isatty() and not args.quiet)
+    print(format_study(study))
+    return 0 if study_progress(study)["finished"] == len(study.plan()) else 1
+
+
+def format_study(study) -> str:
+    """The study as text: progress, per-arm table and the paired comparisons with their verdicts."""
+    from .study import ARM_HELP, study_progress, study_results
+
+    progress, results = study_progress(study), study_results(study)
+    lines = [f"study {study.id}: {progress['finished']}/{progress['total']} runs finished"
+             + (f", {progress['failed']} failed or killed" if progress["failed"] else "")
+             + (f", about {progress['minutes_left']:.0f} min left" if progress["minutes_left"] else ""),
+             f"test set: {results['n_test']} images; sensitivity and specificity at each run's threshold chosen on "
+             f"validation (Youden); 95% intervals: t-interval over seeds", ""]
+
+    def iv(d: dict, digits: int = 3) -> str:
+        if d["n"] == 0:
+            return "-"
+        if d["n"] == 1:
+            return f"{d['mean']:.{digits}f} (1 seed)"
+        return f"{d['mean']:.{digits}f} ± {d['sd']:.{digits}f} [{d['low']:.{digits}f}, {d['high']:.{digits}f}]"
+
+    for arm in results["arms"]:
+        lines.append(f"{arm['arm']:<12} {ARM_HELP[arm['arm']]} ({arm['arch']}, {arm['runs']} runs)")
+        lines.append(f"  test AUC {iv(arm['auc'])}  sensitivity {iv(arm['sensitivity'])}  "
+                     f"specificity {iv(arm['specificity'])}")
+        lines.append(f"  wall time per run {iv(arm['minutes'], 1)} min; trainable parameters {arm['trainable']:,} of "
+                     f"{arm['total']:,}" + (f" ({', '.join(arm['trains'])} + head)" if arm["strategy"] == "partial"
+                                           else ""))
+    if results["pairs"]:
+        lines += ["", "Paired comparisons of mean test AUC (bootstrap of patients and seeds, Holm-adjusted; "
+                      "DeLong p on seed-averaged scores as a check):"]
+        lines += [f"  {p['verdict']} (DeLong p = {p['delong_p']:.3g})" for p in results["pairs"]]
+    for problem in results["problems"]:
+        lines.append(f"note: {problem}")
+    return "\n".join(lines)
 
 
 def _report_finished(run_dir: Path) -> int:
@@ -340,11 +412,29 @@ def build_parser() -> argparse.ArgumentParser:
                                    "own values, and options given explicitly override both.")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="Start from a preset (cpu: small CNN from scratch, fits 2 CPU cores; gpu: ResNet-18 "
-                        "ImageNet full fine-tuning; cpu-transfer: frozen ResNet-18; tiny: smoke test). "
+                        "ImageNet full fine-tuning; cpu-transfer: frozen EfficientNet-Lite0, offline; tiny: smoke test). "
                         "Options given explicitly override it.")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
     _add_config_options(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("study", help="Train every fine-tuning strategy with several seeds on one fixed split and "
+                                     "compare them with paired tests on the same test images.",
+                       description="Runs every arm x seed one after another (finished runs are kept when the "
+                                   "study is resumed), then prints per-arm mean ± sd with 95%% intervals and a "
+                                   "paired comparison of every two arms (Holm-adjusted).")
+    p.add_argument("--strategies", default="frozen,partial,full,scratch",
+                   help="Arms, comma-separated, from frozen, partial, full (ImageNet backbone), scratch (the small "
+                        "CNN), random-init (the backbone without ImageNet weights). Default: %(default)s.")
+    p.add_argument("--seeds", type=int, default=3, help="Training seeds per arm: --seed, --seed+1, ... The split "
+                   "is the same for every run (--split-seed, default --seed). Default: %(default)s.")
+    p.add_argument("--resume", metavar="STUDY", help="Continue a study (its id under --runs-dir/studies, or its "
+                                                     "folder): finished runs are kept, the interrupted one resumes.")
+    p.add_argument("--show", metavar="STUDY", help="Print a study's progress, table and paired tests.")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="Start from a preset; options override it.")
+    p.add_argument("--quiet", action="store_true", help="No progress bar.")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("resume", help="Continue a stopped, failed or killed run from its last checkpoint.")
     p.add_argument("run", help="Run directory.")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ARCHITECTURES = ("smallcnn", "resnet18", "densenet121", "efficientnet_b0")
+ARCHITECTURES = ("smallcnn", "resnet18", "densenet121", "efficientnet_b0", "efficientnet_lite0")
 STRATEGIES = ("frozen", "partial", "full")
 SCHEDULES = ("plateau", "cosine", "none")
 OPTIMIZERS = ("adamw", "adam")
@@ -32,8 +32,9 @@ class TrainConfig:
     runs_dir: str = _opt("Folder that holds run directories.", default="checkpoints")
     name: str = _opt("Optional label appended to the run directory name.", default="")
     arch: str = _opt("Architecture.", ARCHITECTURES, default="resnet18")
-    pretrained: bool = _opt("Start from ImageNet weights (torchvision; needs internet once, "
-                            "cached under TORCH_HOME). Ignored for smallcnn.", default=True)
+    pretrained: bool = _opt("Start from ImageNet weights: efficientnet_lite0's come with the install (offline); "
+                            "torchvision's are downloaded once, cached under TORCH_HOME. Ignored for smallcnn.",
+                            default=True)
     weights_file: str = _opt("Local ImageNet weights (.pth state dict or .safetensors) to use instead "
                              "of downloading.", default="")
     strategy: str = _opt("Fine-tuning: frozen backbone (head only), partial (last stage + head), full.",
@@ -64,6 +65,9 @@ class TrainConfig:
                                 default=0.15)
     positive_class: str = _opt("Positive class folder (default PNEUMONIA when present).", default="")
     seed: int = _opt("Random seed for splits, initialisation, shuffling and augmentation.", default=0)
+    split_seed: int = _opt("Seed of the train/val/test split alone (-1 = the seed above). A study fixes it so "
+                           "every arm and seed trains and is tested on the same images.", default=-1)
+    study: str = _opt("The study this run belongs to (set by `python -m core study`).", default="")
     device: str = _opt("cpu, cuda, cuda:N, mps, or auto.", default="auto")
     precision: str = _opt("auto = bf16 autocast on CUDA, fp32 elsewhere.", PRECISIONS, default="auto")
     max_steps_per_epoch: int = _opt("Cap on training steps per epoch (0 = whole training set).",
@@ -91,7 +95,8 @@ class TrainConfig:
         ranges = {  # name: (low, high, inclusive high)
             "image_size": (32, 1024), "epochs": (1, MAX_EPOCHS), "batch_size": (1, 4096), "lr": (1e-8, 10.0),
             "weight_decay": (0.0, 1.0), "patience": (0, MAX_EPOCHS), "max_steps_per_epoch": (0, 10**7),
-            "decode_workers": (0, 256), "seed": (0, 2**32 - 1), "aug_flip": (0.0, 1.0), "aug_rotation": (0.0, 180.0),
+            "decode_workers": (0, 256), "seed": (0, 2**32 - 1),
+            "split_seed": (-1, 2**32 - 1), "aug_flip": (0.0, 1.0), "aug_rotation": (0.0, 180.0),
             "aug_scale": (0.0, 0.9), "aug_shift": (0.0, 0.5), "aug_brightness": (0.0, 1.0),
             "aug_contrast": (0.0, 1.0), "dropout": (0.0, 0.99)}
         for name, (low, high) in ranges.items():
@@ -102,6 +107,10 @@ class TrainConfig:
             raise ValueError("val_fraction must be in (0, 0.5) and test_fraction in [0, 0.5).")
         if len(self.name) > MAX_NAME_LENGTH:  # it becomes part of a folder name, which the OS limits
             raise ValueError(f"name must be at most {MAX_NAME_LENGTH} characters, not {len(self.name)}.")
+
+    @property
+    def data_split_seed(self) -> int:
+        return self.seed if self.split_seed < 0 else self.split_seed
 
     def command_line(self) -> str:
         """The `python -m core train ...` command that trains this config (options that differ from the
@@ -143,7 +152,7 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(arch="smallcnn", pretrained=False, strategy="full", image_size=128, epochs=24,
                 batch_size=64, lr=2e-3, schedule="cosine", patience=0),
-    "cpu-transfer": dict(arch="resnet18", pretrained=True, strategy="frozen", image_size=224,
+    "cpu-transfer": dict(arch="efficientnet_lite0", pretrained=True, strategy="frozen", image_size=224,
                          epochs=20, batch_size=64, lr=1e-3, schedule="cosine", patience=5),
     "gpu": dict(arch="resnet18", pretrained=True, strategy="full", image_size=224, epochs=15,
                 batch_size=64, lr=3e-4, schedule="cosine", patience=5),

@@ -178,3 +178,25 @@ def score_figure(epochs: pd.DataFrame) -> go.Figure:
     fig.update_yaxes(range=[0, 1.02])
     fig.update_xaxes(tickformat="d", rangemode="tozero")
     return fig
+
+
+def study_seed_figure(rows: list[dict], arms: list[dict]) -> go.Figure:
+    """Test AUC of every seed by arm (one dot per run, labelled with its seed), the arm's mean as a bar
+    with its 95% t-interval over seeds."""
+    fig = go.Figure(_validate=VALIDATE)
+    order = [a["arm"] for a in arms]
+    means = [a["auc"]["mean"] for a in arms]
+    err_plus = [a["auc"]["high"] - a["auc"]["mean"] if a["auc"]["n"] > 1 else 0 for a in arms]
+    err_minus = [a["auc"]["mean"] - a["auc"]["low"] if a["auc"]["n"] > 1 else 0 for a in arms]
+    fig.add_trace(go.Scatter(_validate=VALIDATE, x=order, y=means, mode="markers", name="mean (95% t-interval)",
+                             marker=dict(symbol="line-ew-open", size=28, color="#000000", line=dict(width=2)),
+                             error_y=dict(type="data", symmetric=False, array=err_plus, arrayminus=err_minus,
+                                          color="#777777")))
+    done = [r for r in rows if "auc" in r]
+    fig.add_trace(_scatter(x=[r["arm"] for r in done], y=[r["auc"] for r in done], mode="markers+text",
+                           name="one run (seed)", text=[f"seed {r['seed']}" for r in done], textposition="middle right",
+                           marker=dict(size=10, color="#0072B2", opacity=0.8)))
+    fig.update_layout(modebar=MODEBAR, title=_text("Test AUC per seed, by arm"), xaxis_title=_text("Arm"),
+                      yaxis_title=_text("Test ROC AUC"), margin=dict(t=50, b=10), legend=LEGEND_BELOW)
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=order)
+    return fig

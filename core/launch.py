@@ -10,6 +10,8 @@ from pathlib import Path
 
 from . import runs
 from .config import TrainConfig
+from .model import check_weights
+from .study import record_process
 from .trainer import create_run
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +33,8 @@ def launch_training(config: TrainConfig) -> Path:
     trains wait their turn (state 'queued'). Returns the run directory at once."""
     config = dataclasses.replace(config, runs_dir=str(Path(config.runs_dir).resolve()),
                                  data=str(Path(config.data).expanduser().resolve()))
+    config.validate()
+    check_weights(config.arch, config.pretrained, config.weights_file)  # fail now, not after queueing
     run_dir = create_run(config)
     _spawn(run_dir)
     return run_dir
@@ -46,12 +50,14 @@ def launch_resume(run_dir: Path) -> None:
     _spawn(Path(run_dir))
 
 
-def strategy_study(base: TrainConfig) -> list[TrainConfig]:
-    """Frozen vs partial vs full fine-tuning of `base.arch` (an ImageNet backbone), and the small CNN
-    from scratch: same data, seed, image size and epochs."""
-    arch = base.arch if base.arch != "smallcnn" else "resnet18"
-    configs = [dataclasses.replace(base, arch=arch, strategy=s, name=f"study-{s}")
-               for s in ("frozen", "partial", "full")]
-    configs.append(dataclasses.replace(base, arch="smallcnn", pretrained=False, strategy="full",
-                                       name="study-scratch"))
-    return configs
+def launch_study(study_dir: Path) -> subprocess.Popen:
+    """Run (or continue) a study in a background process that outlives the page: `python -m core study
+    --resume`, its output in the study folder's process.log."""
+    study_dir = Path(study_dir)
+    log = open(study_dir / "process.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "core", "study", "--resume", str(study_dir), "--quiet"],
+                            cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log.close()
+    record_process(study_dir, pid=proc.pid, state="starting")  # the page sees it running from now on
+    return proc

@@ -112,7 +112,7 @@ class PreparedData:
 def prepare_data(config: TrainConfig, progress=None) -> PreparedData:
     """Scan, split by patient, decode (cached) and report: counts, skipped files, leakage."""
     index = scan_dataset(config.data, config.positive_class or None)
-    split_names = assign_splits(index, config.val_fraction, config.test_fraction, config.seed)
+    split_names = assign_splits(index, config.val_fraction, config.test_fraction, config.data_split_seed)
     paths = [r.path for r in index.records]
     decoded = decode_images(paths, config.image_size, config.cache_dir or None,
                             config.decode_workers or None, progress=progress, root=index.root)

@@ -23,6 +23,7 @@ from core.config import (
 from core.dataset import scan_dataset
 from core.figures import loss_figure, score_figure
 from core.launch import launch_resume, launch_training
+from core.model import WeightsUnavailableError
 from core.operating import run_summary
 from core.trainer import available_devices, device_names
 
@@ -64,7 +65,8 @@ def training_form() -> None:
 
     st.selectbox("Preset", list(PRESETS), key="train_preset", on_change=apply_preset,
                  help="Fills the form with a starting point: 'cpu' trains a small CNN from scratch (about 6 "
-                      "minutes on 2 cores), 'gpu' and 'cpu-transfer' fine-tune an ImageNet ResNet-18, "
+                      "minutes on 2 cores), 'gpu' fine-tunes an ImageNet ResNet-18, 'cpu-transfer' trains a "
+                      "head on a frozen ImageNet EfficientNet-Lite0 (weights installed, works offline), "
                       "'tiny' is a smoke test.")
     devices = available_devices()
     names = device_names()
@@ -74,8 +76,9 @@ def training_form() -> None:
         with model_col:
             st.selectbox("Architecture", ARCHITECTURES, key="train_arch")
             st.checkbox("ImageNet weights (pretrained)", key="train_pretrained",
-                        help="Downloaded once by torchvision (needs internet) unless a weights file is given. "
-                             "Ignored for smallcnn.")
+                        help="efficientnet_lite0's come with the install and work offline; torchvision's "
+                             "(resnet18, densenet121, efficientnet_b0) are downloaded once (needs internet) unless a "
+                             "weights file is given. Ignored for smallcnn.")
             st.text_input("Weights file (optional)", key="train_weights_file",
                           help="Local ImageNet weights (.pth state dict or .safetensors), for offline machines.")
             st.selectbox("Fine-tuning strategy", STRATEGIES, key="train_strategy",
@@ -121,8 +124,8 @@ def launch_from_form() -> None:
                                     runs_dir=str(ui.runs_dir()), name=st.session_state.get("train_name", "").strip())
         config.validate()
         scan_dataset(config.data)  # a bad folder is reported here rather than as a failed run
-        run_dir = launch_training(config)
-    except (ValueError, OSError) as e:  # ValueError covers DatasetError and TrainConfig.validate
+        run_dir = launch_training(config)  # refuses, queueing nothing, when ImageNet weights cannot be had
+    except (ValueError, OSError, WeightsUnavailableError) as e:  # ValueError: DatasetError, TrainConfig.validate
         st.error(str(e))
         return
     # Set before the monitor's selectbox is created further down this run.

@@ -1,5 +1,5 @@
-"""Compare runs: validation curves overlaid, a sortable table of validation and test metrics, and a
-one-click study of fine-tuning strategies (frozen, partial, full, and a small CNN from scratch)."""
+"""Compare runs: validation curves overlaid, a sortable table of validation and test metrics, and strategy
+studies (frozen, partial, full fine-tuning, a small CNN from scratch; several seeds; paired tests)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import ui
 from core import runs
 from core.bootstrap import format_interval
 from core.config import ARCHITECTURES, TrainConfig
-from core.dataset import scan_dataset
-from core.figures import epoch_curves_figure
-from core.launch import launch_training, strategy_study
+from core.figures import epoch_curves_figure, study_seed_figure
+from core.launch import launch_study
+from core.model import WeightsUnavailableError
 from core.operating import run_summary
+from core.study import ARM_HELP, ARMS, MAX_SEEDS, Study, create_study, list_studies, study_progress, study_results
 
 MAX_DEFAULT_RUNS = 8
 METRICS = ("auc", "sensitivity", "specificity", "ppv", "npv", "f1", "accuracy")
@@ -69,46 +70,131 @@ def training_time_row(run: dict) -> dict:
 
 
 def study_form() -> None:
-    st.markdown("Trains the same data, seed, image size and epochs four ways: an ImageNet backbone with a "
-                "**frozen** backbone (head only), **partial** (last stage + head) and **full** fine-tuning, and "
-                "the **small CNN from scratch**. The runs queue and train one after another.")
-    transfer_archs = [a for a in ARCHITECTURES if a != "smallcnn"]
+    st.markdown("Trains every chosen **arm** with several **seeds** on one fixed split, so all runs are tested on "
+                "the same images: an ImageNet backbone **frozen** (head only), **partial** (last blocks + head) and "
+                "**full** fine-tuning, the **small CNN from scratch**, and the backbone with **random init**. The "
+                "runs train one after another in a background process; `efficientnet_lite0`'s ImageNet weights "
+                "come with the install, so it runs offline.")
+    transfer_archs = sorted((a for a in ARCHITECTURES if a != "smallcnn"), key=lambda a: a != "efficientnet_lite0")
     with st.form("study_form"):
         data = st.text_input("Dataset folder", value=ui.data_folder(), key="study_data")
+        arms = st.multiselect("Arms", list(ARMS), default=["frozen", "partial", "full", "scratch"], key="study_arms",
+                              help="; ".join(f"{a}: {ARM_HELP[a]}" for a in ARMS))
         arch_col, size_col, seed_col = st.columns(3)
         arch = arch_col.selectbox("Backbone", transfer_archs, key="study_arch")
-        pretrained = arch_col.checkbox("ImageNet weights (pretrained)", value=True, key="study_pretrained",
-                                       help="Downloaded once (needs internet) unless a weights file is given.")
-        weights_file = arch_col.text_input("Weights file (optional)", key="study_weights_file")
-        epochs = size_col.number_input("Epochs", min_value=1, max_value=500, value=10, key="study_epochs")
-        image_size = size_col.number_input("Image size (pixels)", min_value=32, max_value=1024, value=224,
+        weights_file = arch_col.text_input("Weights file (optional)", key="study_weights_file",
+                                           help="Local ImageNet weights for the backbone (.pth state dict or "
+                                                ".safetensors), for backbones whose weights cannot be downloaded.")
+        epochs = size_col.number_input("Epochs", min_value=1, max_value=500, value=4, key="study_epochs")
+        image_size = size_col.number_input("Image size (pixels)", min_value=32, max_value=1024, value=96,
                                            step=16, key="study_image_size")
-        batch_size = seed_col.number_input("Batch size (images)", min_value=1, max_value=1024, value=32,
+        batch_size = size_col.number_input("Batch size (images)", min_value=1, max_value=1024, value=64,
                                            key="study_batch_size")
-        seed = seed_col.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, key="study_seed")
-        submitted = st.form_submit_button("Launch the 4 study runs", type="primary")
+        n_seeds = seed_col.number_input("Seeds per arm", min_value=1, max_value=MAX_SEEDS, value=3,
+                                        key="study_seeds")
+        seed = seed_col.number_input("First seed", min_value=0, max_value=2**31 - 1, value=0, key="study_seed",
+                                     help="Seeds are this one, +1, +2 ...; the split uses this one for every run.")
+        lr = seed_col.number_input("Learning rate", min_value=1e-6, max_value=1.0, value=1e-3, format="%.4f",
+                                   key="study_lr")
+        submitted = st.form_submit_button("Launch the study", type="primary")
     if not submitted:
         return
     if not data.strip():
         st.error("Choose a dataset folder first (type it above, or pick it on the Data page).")
         return
-    base = TrainConfig(data=data.strip(), runs_dir=str(ui.runs_dir()), arch=arch, pretrained=pretrained,
+    if not arms:
+        st.error("Choose at least one arm.")
+        return
+    base = TrainConfig(data=data.strip(), runs_dir=str(ui.runs_dir()), arch=arch, pretrained=True,
                        weights_file=weights_file.strip(), epochs=int(epochs), image_size=int(image_size),
-                       batch_size=int(batch_size), seed=int(seed))
+                       batch_size=int(batch_size), seed=int(seed), lr=float(lr), schedule="cosine", patience=0)
     try:
-        configs = strategy_study(base)
-        for config in configs:
-            config.validate()
-        scan_dataset(base.data)  # a bad folder is reported here rather than as four failed runs
-        launched = [launch_training(config).name for config in configs]
-    except (ValueError, OSError) as e:  # ValueError covers DatasetError and TrainConfig.validate
+        study = create_study(base, arms, int(n_seeds), command="dashboard")
+        launch_study(study.folder)
+    except (ValueError, OSError, WeightsUnavailableError) as e:  # nothing was queued
         st.error(str(e))
         return
-    st.success("Launched " + ", ".join(f"**{name}**" for name in launched) + ". Follow them on **Train**; "
-               "select them above once they have epochs to compare.")
-    if pretrained and not weights_file.strip():
-        st.info("The ImageNet runs download their weights first; without internet they fail with a clear "
-                "error (shown below and on Train). Give a local weights file to run them offline.")
+    st.session_state["study_pick"] = study.id
+    st.success(f"Launched **{study.id}**: {len(study.plan())} runs, one after another. Its progress and results "
+               "are below; each run is also on **Train**.")
+
+
+def study_view() -> None:
+    studies = list_studies(ui.runs_dir())
+    if not studies:
+        st.caption("No study yet.")
+        return
+    names = [s.id if isinstance(s, Study) else s[0] for s in studies]
+    if st.session_state.get("study_pick") not in names:
+        st.session_state["study_pick"] = names[0]
+    name = st.selectbox("Study", names, key="study_pick")
+    study = studies[names.index(name)]
+    if not isinstance(study, Study):
+        st.error(f"{name} cannot be read: {study[1]}")
+        return
+    progress = study_progress(study)
+    left = f", about {progress['minutes_left']:.0f} min left" if progress["minutes_left"] else ""
+    st.progress(progress["finished"] / progress["total"],
+                text=f"{progress['finished']} of {progress['total']} runs finished{left}")
+    if progress["running"]:
+        current = progress["current"]
+        st.caption("Running" + (f": {current[0]}, seed {current[1]}" if current else "") + ". Reload to update.")
+    elif progress["finished"] < progress["total"]:
+        st.warning(f"{progress['total'] - progress['finished']} runs are not finished and no process is running "
+                   "the study (stopped, killed or failed). Resuming keeps the finished runs and continues the "
+                   "interrupted one.")
+        if st.button("Resume the study", key="study_resume"):
+            launch_study(study.folder)
+            st.rerun()
+    results = study_results(study)
+    if not any("auc" in r for r in results["rows"]):
+        st.info("No run of this study has finished yet.")
+    else:
+        st.dataframe(pd.DataFrame([arm_row(a) for a in results["arms"]]), hide_index=True)
+        st.caption(f"Test set: {results['n_test']} images, the same for every run. AUC, sensitivity and specificity "
+                   "on test, at each run's threshold chosen on validation (Youden); mean ± sd over seeds and the "
+                   "95% t-interval of the mean. Wall time: data, training and evaluation of one run.")
+        st.plotly_chart(study_seed_figure(results["rows"], results["arms"]))
+        if results["pairs"]:
+            st.subheader("Paired comparisons")
+            for pair in results["pairs"]:
+                st.markdown(f"- {pair['verdict']}")
+            st.dataframe(pd.DataFrame([pair_row(p) for p in results["pairs"]]), hide_index=True)
+            st.caption("Difference in mean test AUC over seeds (first arm minus second), on the same test images. "
+                       "Interval and p: 2,000 bootstrap resamples of patients (shared by both arms) and of seeds "
+                       "within each arm; p Holm-adjusted across all pairs. DeLong's test on the seed-averaged scores "
+                       "(images as independent) is shown as a check.")
+    with st.expander("Runs of this study"):
+        st.dataframe(pd.DataFrame([{k: r.get(k) for k in ("arm", "seed", "state", "run", "threshold", "auc",
+                                                          "sensitivity", "specificity", "minutes")}
+                                   for r in results["rows"]]), hide_index=True)
+        if study.command:
+            st.caption(f"Started by: {study.command}")
+    for problem in results["problems"]:
+        st.warning(problem)
+
+
+def _iv(d: dict, digits: int = 3) -> str:
+    if d["n"] == 0:
+        return ""
+    if d["n"] == 1:
+        return f"{d['mean']:.{digits}f} (1 seed)"
+    return f"{d['mean']:.{digits}f} ± {d['sd']:.{digits}f} [{d['low']:.{digits}f}, {d['high']:.{digits}f}]"
+
+
+def arm_row(arm: dict) -> dict:
+    trains = {"frozen": "head", "full": "every layer"}.get(arm["strategy"], ", ".join(arm["trains"]) + " + head")
+    return {"arm": arm["arm"], "backbone": arm["arch"], "init": arm["init"], "runs": arm["runs"],
+            "test AUC": _iv(arm["auc"]), "sensitivity": _iv(arm["sensitivity"]),
+            "specificity": _iv(arm["specificity"]), "wall time (min)": _iv(arm["minutes"], 1),
+            "trainable parameters": f"{arm['trainable']:,} of {arm['total']:,}", "trains": trains}
+
+
+def pair_row(pair: dict) -> dict:
+    return {"pair": f"{pair['a']} − {pair['b']}", "AUC difference": round(pair["difference"], 4),
+            "95% interval": f"[{pair['low']:+.3f}, {pair['high']:+.3f}]", "p": round(pair["p"], 4),
+            "p (Holm)": round(pair["p_holm"], 4), "DeLong p": float(f"{pair['delong_p']:.3g}"),
+            "seeds": f"{pair['n_seeds_a']} vs {pair['n_seeds_b']}"}
 
 
 st.title("Compare runs")
@@ -159,4 +245,6 @@ else:
                     "them again with a local weights file, without pretrained weights, or as smallcnn.")
 
 st.header("Strategy study")
-study_form()
+study_view()
+with st.expander("Launch a new study", expanded=not list_studies(ui.runs_dir())):
+    study_form()
