@@ -412,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "own values, and options given explicitly override both.")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="Start from a preset (cpu: small CNN from scratch, fits 2 CPU cores; gpu: ResNet-18 "
-                        "ImageNet full fine-tuning; cpu-transfer: frozen EfficientNet-Lite0, offline; tiny: smoke test). "
+                        "ImageNet full fine-tuning; cpu-transfer: frozen EfficientNet-Lite0, offline; "
+                        "tiny: smoke test). "
                         "Options given explicitly override it.")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
     _add_config_options(p)
