@@ -1,11 +1,14 @@
-"""The Compare page under AppTest: empty state, a finished run's curves and metrics, and the
-one-click strategy study (whose ImageNet runs fail cleanly offline)."""
+"""The Compare page under AppTest: empty state, a finished run's curves and metrics, and the strategy study
+(launched from its form, run in the background, shown with its paired tests; refused when weights are missing)."""
 
 from __future__ import annotations
 
 import math
 import shutil
+import time
+import urllib.error
 
+import torch
 from app_helpers import (
     ORIGINAL_SUBSET,
     first_epoch_run,
@@ -13,12 +16,12 @@ from app_helpers import (
     page,
     require_data,
     run_dirs_in,
-    wait_until_settled,
 )
 
 from core import runs
 from core.bootstrap import format_interval
 from core.operating import run_summary
+from core.study import list_studies, read_study, study_progress
 
 COMPARE_PAGE = "pages/2_Compare.py"
 
@@ -71,34 +74,50 @@ def test_finished_run_metrics(app_env, finished_run):
     assert "Pick one or more runs" in at.info[0].value
 
 
-def test_strategy_study(app_env):
+def test_study_that_needs_unavailable_weights_queues_nothing(app_env, monkeypatch, tmp_path):
     data = require_data(ORIGINAL_SUBSET)
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     at = page(COMPARE_PAGE).run()
     at.text_input(key="study_data").input(str(data))
-    at.number_input(key="study_epochs").set_value(1)
-    at.number_input(key="study_image_size").set_value(64)
-    at.button(key="FormSubmitter:study_form-Launch the 4 study runs").click().run()
+    at.selectbox(key="study_arch").set_value("resnet18")
+    at.button(key="FormSubmitter:study_form-Launch the study").click().run()
     assert not at.exception
-    assert not at.error
+    assert "ImageNet weights for resnet18" in at.error[0].value and "--weights-file" in at.error[0].value
+    assert list(app_env.iterdir()) == []  # no run, no study
+
+
+def test_study_button_runs_every_arm_and_seed_and_shows_the_paired_tests(app_env):
+    data = require_data(ORIGINAL_SUBSET)
+    at = page(COMPARE_PAGE).run()
+    assert at.selectbox(key="study_arch").value == "efficientnet_lite0"  # works offline: the default
+    at.text_input(key="study_data").input(str(data))
+    at.multiselect(key="study_arms").set_value(["frozen", "scratch"])
+    at.number_input(key="study_seeds").set_value(2)
+    at.number_input(key="study_epochs").set_value(1)
+    at.number_input(key="study_image_size").set_value(32)
+    at.button(key="FormSubmitter:study_form-Launch the study").click().run()
+    assert not at.exception and not at.error
     assert "Launched" in at.success[0].value
-    launched = run_dirs_in(app_env)
+    (study,) = list_studies(app_env)
+    deadline = time.monotonic() + 600
     try:
-        assert sorted(runs.read_config(d)["strategy"] + "/" + runs.read_config(d)["arch"] for d in launched) == [
-            "frozen/resnet18", "full/resnet18", "full/smallcnn", "partial/resnet18"]
-        states = wait_until_settled(launched)
+        while study_progress(study)["running"] and time.monotonic() < deadline:
+            time.sleep(1)
     finally:
-        kill_active(launched)
-    scratch = next(d.name for d in launched if d.name.endswith("study-scratch"))
-    assert states[scratch] == "finished"
-    # Offline the ImageNet runs fail with core's message; where the weights are cached they finish.
-    assert all(s in ("finished", "failed") for s in states.values()), states
+        kill_active(run_dirs_in(app_env))
+    study = read_study(study.folder)
+    assert study_progress(study)["finished"] == 4, (study.folder / "process.log").read_text()[-2000:]
 
     at = page(COMPARE_PAGE).run()
-    assert not at.exception
-    table = at.dataframe[0].value
-    assert len(table) == 4
-    assert table.set_index("run").loc[scratch, "test AUC"].startswith("0.")
-    failed = [name for name, s in states.items() if s == "failed"]
-    assert len(at.error) == len(failed)
-    for name in failed:
-        assert any(name in e.value and "ImageNet weights" in e.value for e in at.error)
+    assert not at.exception and not at.error
+    assert at.selectbox(key="study_pick").value == study.id
+    arms = next(d.value for d in at.dataframe if "trainable parameters" in d.value.columns)
+    assert list(arms["arm"]) == ["frozen", "scratch"] and list(arms["runs"]) == [2, 2]
+    assert arms.set_index("arm").loc["frozen", "test AUC"].startswith("0.")
+    assert any("frozen vs scratch" in m.value and "(Holm)" in m.value for m in at.markdown)
+    assert any(t.type == "plotly_chart" for t in at.get("plotly_chart"))
