@@ -150,6 +150,15 @@ def _report_finished(run_dir: Path) -> int:
 
     status = runs.read_status(run_dir)
     print(f"run: {run_dir}  ({status.get('state')})")
+    data_report = runs.read_json(run_dir / "data_report.json", {})
+    skipped = data_report.get("skipped") if isinstance(data_report, dict) else None
+    if isinstance(skipped, list) and skipped:
+        print(f"skipped {len(skipped)} unreadable or unusable files (also in data_report.json):")
+        for item in skipped[:20]:
+            if isinstance(item, dict):
+                print(f"  {item.get('path')}: {item.get('reason')}")
+        if len(skipped) > 20:
+            print(f"  ... and {len(skipped) - 20} more")
     report = runs.read_report(run_dir)
     if report and status.get("state") == "finished":
         print(f"best epoch {report.get('best_epoch')}, temperature {_fmt(report.get('temperature'), 3)}")
@@ -173,6 +182,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise ValueError(f"{run_dir.name} is {state} in another process: stop it first (python -m core stop).")
     if not args.launched and state == "finished":
         raise ValueError(f"{run_dir.name} has finished: there is nothing to resume. Train a new run to train more.")
+    if not (run_dir / "last.pt").exists() and runs.epoch_metrics(run_dir).shape[0] > 0:
+        note = "last.pt (the checkpoint to resume from) is missing: training restarts from epoch 0."
+        print(f"note: {note}", file=sys.stderr)
+        runs.log(run_dir, note)
     train(run_dir=run_dir, resume=True, show_progress=sys.stderr.isatty() and not args.quiet, launched=args.launched)
     return _report_finished(run_dir)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be between {low:g} and {high:g}, not {value}.")
         if not 0 < self.val_fraction < 0.5 or not 0 <= self.test_fraction < 0.5:
             raise ValueError("val_fraction must be in (0, 0.5) and test_fraction in [0, 0.5).")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d{1,3})?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, not '{self.device}'.")
         if len(self.name) > MAX_NAME_LENGTH:  # it becomes part of a folder name, which the OS limits
             raise ValueError(f"name must be at most {MAX_NAME_LENGTH} characters, not {len(self.name)}.")
 

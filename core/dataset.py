@@ -27,7 +27,7 @@ SPLIT_NAMES = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test"}
 # Bump when decoding or resizing changes, so stale caches are not reused.
-PREPROCESSING_VERSION = 2
+PREPROCESSING_VERSION = 3  # 3: multi-frame images and all-NaN float images refused
 NOT_AN_IMAGE = "not an image file (no known image format)"
 # Decompression-bomb guard, checked from the header before any pixel is decoded. The largest flat-panel
 # detectors give about 4,300 x 4,300 = 18.5 megapixels; 40 keeps the worst decode (RGBA) near 0.5 GB.
@@ -359,7 +359,11 @@ def to_grayscale_uint8(img: Image.Image) -> Image.Image:
     """Any PIL mode (L, LA, P, RGB, RGBA, CMYK, I;16, I, F) to 8-bit single channel."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
+        finite = np.isfinite(arr)
+        if not finite.any():
+            raise ValueError("image has no finite pixel values (all NaN or infinite)")
+        lo, hi = float(arr[finite].min()), float(arr[finite].max())
+        arr = np.where(finite, arr, lo)  # NaN or infinite pixels (no data) read as the darkest value
         scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
         return Image.fromarray(scaled.round().astype(np.uint8))
     if img.mode == "L":
@@ -400,6 +404,9 @@ def open_image(source: str | os.PathLike | bytes | BinaryIO) -> Iterator[Image.I
                                      f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels); refused before decoding")
         if width < 1 or height < 1:
             raise ValueError(f"image has no pixels ({width} x {height})")
+        frames = getattr(img, "n_frames", 1)
+        if isinstance(frames, int) and frames > 1:  # which frame is the X-ray is anyone's guess
+            raise ValueError(f"image has {frames} frames (an animation or a stack): give one still image")
         yield img
 
 

@@ -148,6 +148,17 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _is_plain_number(value: Any) -> bool:
+    """A finite number a table column can hold (a JSON integer can be any size; float64 and Arrow cannot)."""
+    return _is_number(value) and abs(value) < 2**53
+
+
+def _plain_numbers(record: dict) -> dict:
+    """A JSON object with numbers out of any table's range (and NaN or infinities) left out."""
+    return {k: v for k, v in record.items() if not isinstance(v, (int, float)) or isinstance(v, bool)
+            or _is_plain_number(v)}
+
+
 def _status_field_ok(key: str, value: Any) -> bool:
     if key in _COUNT_FIELDS or key == "pid":
         return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31
@@ -206,7 +217,14 @@ def read_metrics(run_dir: Path) -> pd.DataFrame:
                     rows.append(record)
     except OSError:
         pass
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    # Every field but `kind` is a number: text, huge integers and infinities (a damaged file) read as missing,
+    # so a chart or table never meets a mixed column.
+    for column in df.columns:
+        if column != "kind":
+            df[column] = pd.to_numeric(df[column].map(lambda v: v if _is_plain_number(v) else None),
+                                       errors="coerce").astype(float)
+    return df
 
 
 def epoch_metrics(run_dir: Path) -> pd.DataFrame:
@@ -313,9 +331,27 @@ def read_predictions(run_dir: Path, split: str) -> pd.DataFrame:
     # reads back as another float64. Rounding to float32 restores the exact value the threshold was
     # chosen on, and loses nothing for newer files.
     df["label"], df["prob"] = label.astype(int), prob.astype(np.float32).astype(np.float64)
+    paths = df["path"]
+    if not paths.map(lambda p: isinstance(p, str) and p.strip() != "").all():
+        raise ValueError(f"{path}: the path column must name an image on every row.")
     if "patient" in df:
         df["patient"] = df["patient"].fillna("").astype(str)
+    expected = _split_size(Path(run_dir), split)
+    if expected is not None and expected != len(df):
+        raise ValueError(f"{path} has {len(df)} rows but split.csv lists {expected} {split} images: the file is "
+                         f"truncated or was edited. Evaluate the run again to rewrite it.")
     return df
+
+
+def _split_size(run_dir: Path, split: str) -> int | None:
+    """How many images split.csv puts in a run's own split ('val', 'test'); None when unknown."""
+    if split not in ("val", "test"):
+        return None
+    try:
+        table = pd.read_csv(run_dir / "split.csv", usecols=["split"])
+    except Exception:  # missing or damaged split.csv: nothing to check against (pandas raises several types)
+        return None
+    return int((table["split"] == split).sum())
 
 
 def read_config(run_dir: Path) -> dict:
@@ -329,7 +365,8 @@ def read_report(run_dir: Path) -> dict:
     report = read_json(Path(run_dir) / "report.json", {})
     if not isinstance(report, dict):
         return {}
-    return {k: v for k, v in report.items() if k not in ("val", "test") or isinstance(v, dict)}
+    return {k: _plain_numbers(v) if isinstance(v, dict) else v for k, v in _plain_numbers(report).items()
+            if k not in ("val", "test") or isinstance(v, dict)}
 
 
 def save_threshold(run_dir: Path, threshold: float, chosen_on: str, target: str, rule: str | None = None,
@@ -463,7 +500,8 @@ def list_runs(runs_dir: str | os.PathLike = "checkpoints") -> list[dict]:
             "run": d.name, "path": str(d), "state": status.get("state"), **text,
             "pretrained": cfg.get("pretrained") if isinstance(cfg.get("pretrained"), bool) else None,
             "epoch": status.get("epoch"),
-            "epochs": epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None,
+            "epochs": epochs if isinstance(epochs, int) and not isinstance(epochs, bool) and 0 < epochs < 2**31
+            else None,
             "best_val_auc": status.get("best_val_auc"),
             "error": status.get("error") if status.get("state") in ("failed", "killed", "unknown") or
             status.get("damaged") else None,

@@ -36,6 +36,23 @@ def jpeg_bytes(seed: int = 0) -> bytes:
     return out.getvalue()
 
 
+def animated_png(frames: int = 3) -> bytes:
+    """An animated PNG with a normal .png name: which frame is the X-ray cannot be known."""
+    images = [make_xray(seed=i) for i in range(frames)]
+    out = io.BytesIO()
+    images[0].save(out, format="PNG", save_all=True, append_images=images[1:])
+    return out.getvalue()
+
+
+def all_nan_tiff() -> bytes:
+    """A 32-bit float TIFF whose every pixel is NaN."""
+    import numpy as np
+
+    out = io.BytesIO()
+    Image.fromarray(np.full((40, 40), np.nan, np.float32)).save(out, format="TIFF")
+    return out.getvalue()
+
+
 # name -> (file bytes, the reason's words a user must see)
 BAD_IMAGE_FILES: dict[str, tuple[bytes, str]] = {
     "zero_bytes.jpeg": (b"", "not an image"),
@@ -44,6 +61,8 @@ BAD_IMAGE_FILES: dict[str, tuple[bytes, str]] = {
     "header_bomb.png": (png_header_only(30_000, 30_000), "too large"),
     "just_over_limit.png": (png_header_only(7_000, 6_000), "too large"),
     "no_pixels.png": (png_header_only(0, 10), ""),
+    "animated.png": (animated_png(), "3 frames"),
+    "all_nan.tiff": (all_nan_tiff(), "no finite pixel values"),
 }
 
 

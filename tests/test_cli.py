@@ -250,3 +250,29 @@ def test_output_paths_and_names_the_os_cannot_hold_are_refused_before_the_work(t
     assert main(["train", "--preset", "tiny", "--data", str(data), "--runs-dir", str(run_dir / "config.json")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "config.json" in err
+
+
+def test_resume_without_its_checkpoint_says_it_restarts(run_copy):
+    from core import runs
+
+    runs.write_status(run_copy, state="stopped")
+    (run_copy / "last.pt").unlink(missing_ok=True)
+    result = cli("resume", str(run_copy), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "last.pt (the checkpoint to resume from) is missing: training restarts from epoch 0" in result.stderr
+    assert "restarts from epoch 0" in runs.log_tail(run_copy, 200)
+
+
+def test_train_lists_the_files_it_skipped_and_refuses_an_unknown_device(tmp_path):
+    from bad_inputs import write_bad_images
+    from conftest import write_dataset
+
+    data = write_dataset(tmp_path / "xrays", {"NORMAL": 12, "PNEUMONIA": 12})
+    bad = write_bad_images(data / "train" / "NORMAL")
+    refused = cli("train", "--data", str(data), "--device", "bogus", "--runs-dir", str(tmp_path / "runs"))
+    assert refused.returncode == 1 and "device must be auto, cpu, cuda, cuda:N or mps, not 'bogus'" in refused.stderr
+    result = cli("train", "--data", str(data), "--preset", "tiny", "--runs-dir", str(tmp_path / "runs"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert f"skipped {len(bad)} unreadable or unusable files" in result.stdout
+    for path in bad:
+        assert path in result.stdout

@@ -86,3 +86,51 @@ def test_a_damaged_report_is_named_never_replaced_by_threshold_one_half(tmp_path
         runs.operating_point(tmp_path)
     runs.save_threshold(tmp_path, 0.3, chosen_on="val", target="by hand")
     assert runs.operating_point(tmp_path).threshold == 0.3  # a saved threshold makes the run usable again
+
+
+def test_metric_records_with_wrong_types_read_as_missing_numbers(two_runs):
+    _, bad = two_runs
+    with open(bad / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "epoch", "epoch": 3, "val_auc": "high", "val_loss": 10**30,
+                            "train_loss": float("inf")}) + "\n")
+        f.write(json.dumps({"kind": "step", "global_step": "x", "loss": [1]}) + "\n")
+    epochs, steps = runs.epoch_metrics(bad), runs.step_metrics(bad)
+    for df in (epochs, steps):
+        numeric = df.drop(columns=["kind"])
+        assert all(str(t) == "float64" for t in numeric.dtypes), numeric.dtypes
+    last = epochs[epochs["epoch"] == 3].iloc[0]
+    assert last[["val_auc", "val_loss", "train_loss"]].isna().all()
+
+
+def test_huge_numbers_in_report_and_config_are_left_out_of_tables(two_runs):
+    import pandas as pd
+    import pyarrow as pa
+
+    _, bad = two_runs
+    report = json.loads((bad / "report.json").read_text())
+    report["best_epoch"] = 10**30
+    report["test"]["auc"] = 10**40
+    (bad / "report.json").write_text(json.dumps(report))
+    config = json.loads((bad / "config.json").read_text())
+    config["epochs"] = 10**30
+    (bad / "config.json").write_text(json.dumps(config))
+    read = runs.read_report(bad)
+    assert "best_epoch" not in read and "auc" not in read["test"]
+    listed = {r["run"]: r for r in runs.list_runs(bad.parent)}
+    assert listed[bad.name]["epochs"] is None
+    pa.Table.from_pandas(pd.DataFrame(list(listed.values())))  # a table the dashboard can show
+
+
+def test_predictions_with_empty_paths_or_missing_rows_are_refused_with_the_file_named(two_runs):
+    import pandas as pd
+
+    _, bad = two_runs
+    path = bad / "predictions_test.csv"
+    table = pd.read_csv(path)
+    table.iloc[:-3].to_csv(path, index=False)  # truncated
+    with pytest.raises(ValueError, match=r"predictions_test.csv has \d+ rows but split.csv lists \d+ test images"):
+        runs.read_predictions(bad, "test")
+    table.loc[0, "path"] = ""
+    table.to_csv(path, index=False)
+    with pytest.raises(ValueError, match="path column must name an image"):
+        runs.read_predictions(bad, "test")
