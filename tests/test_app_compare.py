@@ -121,3 +121,35 @@ def test_study_button_runs_every_arm_and_seed_and_shows_the_paired_tests(app_env
     assert arms.set_index("arm").loc["frozen", "test AUC"].startswith("0.")
     assert any("frozen vs scratch" in m.value and "(Holm)" in m.value for m in at.markdown)
     assert any(t.type == "plotly_chart" for t in at.get("plotly_chart"))
+
+
+def test_an_interrupted_study_resumes_from_its_button_keeping_finished_runs(app_env, finished_run):
+    import json
+
+    done, interrupted = app_env / "20000101-000000-done", app_env / "20000101-000001-interrupted"
+    for d in (done, interrupted):
+        shutil.copytree(finished_run, d)
+    runs.write_status(interrupted, state="stopped")
+    finished_at = runs.read_status(done)["finished"]
+    folder = app_env / "studies" / "study-20000101-000000"
+    folder.mkdir(parents=True)
+    (folder / "study.json").write_text(json.dumps({
+        "id": folder.name, "base": runs.read_config(finished_run), "arms": ["scratch"], "seeds": [0, 1],
+        "runs": {"scratch/0": done.name, "scratch/1": interrupted.name}}))
+    at = page(COMPARE_PAGE).run()
+    assert not at.exception
+    assert "1 runs are not finished" in at.warning[0].value
+    at.button(key="study_resume").click().run()
+    assert not at.exception
+    study = read_study(folder)
+    deadline = time.monotonic() + 300
+    try:
+        while study_progress(study)["running"] and time.monotonic() < deadline:
+            time.sleep(1)
+    finally:
+        kill_active([done, interrupted])
+    assert runs.read_status(interrupted)["state"] == "finished", (folder / "process.log").read_text()[-2000:]
+    assert runs.read_status(done)["finished"] == finished_at  # kept, not trained again
+    at = page(COMPARE_PAGE).run()
+    assert not at.exception and not at.warning
+    assert "2 of 2 runs finished" in at.get("progress")[0].proto.text
