@@ -65,6 +65,9 @@ def parse_class_map(text: str) -> dict[str, str]:
         if previous is None:  # a repeated entry keeps its first spelling
             seen[folder.lower()] = folder
             out[folder] = target
+    if text and text.strip() and not out:
+        raise ValueError(f"The class map '{text}' has no FOLDER=CLASS entry. Write it as "
+                         "'No_findings=NORMAL,Pneumonia=PNEUMONIA'.")
     return out
 
 

@@ -47,7 +47,7 @@ def test_parse_class_map_reads_entries_and_refuses_bad_syntax():
         "Bacterial": "PNEUMONIA", "Viral": "PNEUMONIA", "Other": "ignore"}
     assert external.parse_class_map("") == {}
     assert external.parse_class_map("a=NORMAL,A=normal") == {"a": "NORMAL"}  # the same entry twice is fine
-    for bad in ("No_findings", "=NORMAL", "No_findings=", "a=b=c", "a=NORMAL,A=PNEUMONIA"):
+    for bad in ("No_findings", "=NORMAL", "No_findings=", "a=b=c", "a=NORMAL,A=PNEUMONIA", ",,,", " , "):
         with pytest.raises(ValueError, match="No_findings=NORMAL,Pneumonia=PNEUMONIA|twice"):
             external.parse_class_map(bad)
     assert external.parse_class_map(external.format_class_map({"x": "NORMAL"})) == {"x": "NORMAL"}
