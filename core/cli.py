@@ -132,13 +132,18 @@ def format_study(study) -> str:
         lines.append(f"{arm['arm']:<12} {ARM_HELP[arm['arm']]} ({arm['arch']}, {arm['runs']} runs)")
         lines.append(f"  test AUC {iv(arm['auc'])}  sensitivity {iv(arm['sensitivity'])}  "
                      f"specificity {iv(arm['specificity'])}")
-        lines.append(f"  wall time per run {iv(arm['minutes'], 1)} min; trainable parameters {arm['trainable']:,} of "
-                     f"{arm['total']:,}" + (f" ({', '.join(arm['trains'])} + head)" if arm["strategy"] == "partial"
-                                           else ""))
+        params = (f"{arm['trainable']:,} of {arm['total']:,}" if arm["trainable"] is not None else "unknown") + (
+            f" ({', '.join(arm['trains'])} + head)" if arm["strategy"] == "partial" and arm["trains"] else "")
+        lines.append(f"  wall time per run {iv(arm['minutes'], 1)} min; trainable parameters {params}")
     if results["pairs"]:
-        lines += ["", "Paired comparisons of mean test AUC (bootstrap of patients and seeds, Holm-adjusted; "
-                      "DeLong p on seed-averaged scores as a check):"]
-        lines += [f"  {p['verdict']} (DeLong p = {p['delong_p']:.3g})" for p in results["pairs"]]
+        lines += ["", "Paired comparisons of mean test AUC over seeds (95% interval and p: patient bootstrap of the "
+                      "test set plus the spread over seeds, Welch t; p Holm-adjusted; DeLong p on the seed-averaged "
+                      "scores as a check):"]
+        for p in results["pairs"]:
+            checks = [] if p["seed_variance"] else ["seed variation not included: an arm has one seed"]
+            if p["delong_p"] == p["delong_p"]:  # not NaN
+                checks.append(f"DeLong p = {p['delong_p']:.3g}")
+            lines.append(f"  {p['verdict']}" + (f" ({'; '.join(checks)})" if checks else ""))
     for problem in results["problems"]:
         lines.append(f"note: {problem}")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Paired comparisons of classifiers scored on the same test images: DeLong's test for two correlated ROC
-AUCs, a paired bootstrap of patients (and of training seeds) for the difference between two arms of a study,
-and Holm's correction across several comparisons."""
+AUCs, the difference between two arms of a study (a paired bootstrap of patients for the test set's share of
+its uncertainty, the spread over training seeds for the rest), and Holm's correction across comparisons."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
-from .bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, PatientBootstrap, percentile_interval, weighted_ranking_metrics
+from .bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, PatientBootstrap, weighted_ranking_metrics
 
 ALPHA = 0.05
 
@@ -58,27 +58,18 @@ def holm_adjust(p_values: Sequence[float]) -> list[float]:
     return out.tolist()
 
 
-def bootstrap_p_value(differences: np.ndarray) -> float:
-    """Two-sided p-value of 'no difference' from bootstrap differences: twice the share on the far side of 0,
-    with the +1 correction so it is never exactly 0 from a finite number of resamples."""
-    d = np.asarray(differences, dtype=np.float64)
-    d = d[np.isfinite(d)]
-    if len(d) == 0:
-        return float("nan")
-    below = (1 + np.sum(d <= 0)) / (len(d) + 1)
-    above = (1 + np.sum(d >= 0)) / (len(d) + 1)
-    return float(min(1.0, 2 * min(below, above)))
-
-
 def compare_arms(labels: Sequence[int], patients: Sequence[str] | None, arm_scores: dict[str, list[np.ndarray]],
                  n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> list[dict]:
     """Every pair of arms of a study, each arm a list of per-image test scores, one per training seed, all on
     the same images in the same order.
 
-    The difference is in mean test AUC over seeds. Its interval and p-value come from a paired bootstrap that
-    resamples patients (the same draw for both arms, so they stay paired) and, within each arm, its seeds: so
-    the interval carries both test-set and training-seed variation. p-values are Holm-adjusted across the
-    pairs. DeLong's test on the seed-averaged scores (images as independent) is given beside it as a check.
+    The difference is in mean test AUC over seeds. Its variance has two parts: the test set's, from a paired
+    bootstrap that resamples patients (the same draw for both arms, so they stay paired; seeds held fixed), and
+    the training seeds', s_a^2/n_a + s_b^2/n_b from the spread of each arm's per-seed AUCs (all on the same test
+    images, so that spread is training variation alone). The interval and p-value use Student's t with
+    Welch-Satterthwaite degrees of freedom (normal when no arm has two seeds, and then seed variation is not in
+    the interval: `seed_variance` says so). p-values are Holm-adjusted across the pairs. Where both arms have
+    the same number of seeds, DeLong's test on their seed-averaged (ensemble) scores is given as a check.
     """
     y = np.asarray(labels).astype(int)
     arms = [a for a in arm_scores if arm_scores[a]]
@@ -87,24 +78,38 @@ def compare_arms(labels: Sequence[int], patients: Sequence[str] | None, arm_scor
             if len(s) != len(y):
                 raise ValueError(f"{arm}: {len(s)} scores for {len(y)} test images; arms must share the test set.")
     boot = PatientBootstrap(patients, len(y), n_resamples, seed)
-    rng = np.random.default_rng(seed + 1)
     resampled_mean: dict[str, np.ndarray] = {}
-    point: dict[str, float] = {}
+    per_seed: dict[str, np.ndarray] = {}
     for arm in arms:
         runs = [np.asarray(s, dtype=np.float64) for s in arm_scores[arm]]
-        per_run = np.stack([weighted_ranking_metrics(y, s, boot.weights)["auc"] for s in runs])  # seeds x R
-        full = np.array([weighted_ranking_metrics(y, s, np.ones((1, len(y))))["auc"][0] for s in runs])
-        point[arm] = float(full.mean())
-        picks = rng.integers(0, len(runs), size=(n_resamples, len(runs)))  # seeds drawn with replacement
-        resampled_mean[arm] = per_run[picks, np.arange(n_resamples)[:, None]].mean(axis=1)
+        resampled_mean[arm] = np.stack([weighted_ranking_metrics(y, s, boot.weights)["auc"] for s in runs]).mean(0)
+        per_seed[arm] = np.array([weighted_ranking_metrics(y, s, np.ones((1, len(y))))["auc"][0] for s in runs])
     pairs = []
     for a, b in itertools.combinations(arms, 2):
+        difference = float(per_seed[a].mean() - per_seed[b].mean())
         d = resampled_mean[a] - resampled_mean[b]
-        low, high = percentile_interval(d)
-        delong = delong_test(y, np.mean(arm_scores[a], axis=0), np.mean(arm_scores[b], axis=0))
-        pairs.append({"a": a, "b": b, "auc_a": point[a], "auc_b": point[b], "difference": point[a] - point[b],
-                      "low": low, "high": high, "p": bootstrap_p_value(d), "delong_p": delong["p"],
-                      "n_seeds_a": len(arm_scores[a]), "n_seeds_b": len(arm_scores[b])})
+        test_var = float(np.nanvar(d, ddof=1))
+        seed_terms = [float(np.var(per_seed[x], ddof=1) / len(per_seed[x])) if len(per_seed[x]) > 1 else 0.0
+                      for x in (a, b)]
+        welch = sum(t**2 / (len(per_seed[x]) - 1) for t, x in zip(seed_terms, (a, b)) if len(per_seed[x]) > 1)
+        total = test_var + sum(seed_terms)
+        df = min(total**2 / welch, 1e6) if welch > 0 else np.inf
+        se = float(np.sqrt(total))
+        q = float(stats.t.ppf(0.975, df))
+        if se > 0:
+            p = float(2 * stats.t.sf(abs(difference) / se, df))
+        else:
+            p = 1.0 if difference == 0 else 0.0
+        delong_p = float("nan")
+        if len(per_seed[a]) == len(per_seed[b]):
+            try:
+                delong_p = delong_test(y, np.mean(arm_scores[a], axis=0), np.mean(arm_scores[b], axis=0))["p"]
+            except ValueError:  # fewer than two images of a class: no DeLong
+                pass
+        pairs.append({"a": a, "b": b, "auc_a": float(per_seed[a].mean()), "auc_b": float(per_seed[b].mean()),
+                      "difference": difference, "low": difference - q * se, "high": difference + q * se, "se": se,
+                      "df": float(df), "p": p, "delong_p": delong_p, "n_seeds_a": len(per_seed[a]),
+                      "n_seeds_b": len(per_seed[b]), "seed_variance": len(per_seed[a]) > 1 and len(per_seed[b]) > 1})
     for pair, adjusted in zip(pairs, holm_adjust([p["p"] for p in pairs])):
         pair["p_holm"] = adjusted
         pair["verdict"] = verdict(pair)
@@ -120,7 +125,7 @@ def verdict(pair: dict) -> str:
     if not p < ALPHA:
         return f"{head}: no evidence of a difference in test AUC"
     better, worse = (pair["a"], pair["b"]) if pair["difference"] > 0 else (pair["b"], pair["a"])
-    return f"{head}: {better} has the higher test AUC than {worse}"
+    return f"{head}: {better} has a higher test AUC than {worse}"
 
 
 def mean_interval(values: Sequence[float], low_bound: float = -np.inf, high_bound: float = np.inf

@@ -11,6 +11,7 @@ kept, an interrupted one resumes from its checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import time
@@ -134,14 +135,15 @@ def read_study(folder: Path) -> Study:
     if not isinstance(data, dict):
         raise ValueError(f"{path} is missing or not a JSON object.")
     arms, seeds, run_names = data.get("arms"), data.get("seeds"), data.get("runs", {})
-    if not isinstance(arms, list) or not arms or any(a not in ARMS for a in arms):
-        raise ValueError(f"{path}: 'arms' must be a list of {', '.join(ARMS)}.")
-    if not isinstance(seeds, list) or not seeds or any(type(s) is not int or s < 0 for s in seeds):
-        raise ValueError(f"{path}: 'seeds' must be a list of non-negative integers.")
+    if not isinstance(arms, list) or not arms or any(a not in ARMS for a in arms) or len(set(arms)) != len(arms):
+        raise ValueError(f"{path}: 'arms' must be a list of distinct arms from {', '.join(ARMS)}.")
+    if (not isinstance(seeds, list) or not seeds or any(type(s) is not int or not 0 <= s < 2**32 for s in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise ValueError(f"{path}: 'seeds' must be a list of distinct non-negative integers.")
     if not isinstance(data.get("base"), dict):
         raise ValueError(f"{path}: 'base' must be a config object.")
     if not isinstance(run_names, dict) or any(not isinstance(v, str) or not runs.has_valid_name(v) or "/" in v
-                                               for v in run_names.values()):
+                                               or v in ("", ".", "..") for v in run_names.values()):
         raise ValueError(f"{path}: 'runs' must map '<arm>/<seed>' to run folder names.")
     created = data.get("created")
     return Study(folder.name, folder, data["base"], arms, seeds, dict(run_names),
@@ -179,13 +181,23 @@ def run_study(study: Study, show_progress: bool = False, say: Callable[[str], No
     goes on. Returns the progress at the end."""
     from .trainer import create_run, train
 
-    base = _base_config(study)
+    # Runs go where the study is now, even if its folder was moved since it was planned.
+    base = dataclasses.replace(_base_config(study), runs_dir=str(study.runs_dir))
+    lock = open(study.folder / "study.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ValueError(f"{study.id} is already running in another process.") from None
     record_process(study.folder, state="running")
     try:
         for arm, seed in study.plan():
             run_dir = study.run_dir(arm, seed)
             state = runs.read_status(run_dir).get("state") if run_dir and run_dir.is_dir() else None
             if state == "finished":
+                continue
+            if state in runs.ACTIVE_STATES:  # resumed by hand (Train page, CLI) and still alive: leave it be
+                say(f"{study.id}: {arm}, seed {seed} ({run_dir.name}) is {state} in another process; skipped")
                 continue
             if run_dir is None or state is None:
                 run_dir = create_run(arm_config(base, arm, seed, study.id))
@@ -206,6 +218,7 @@ def run_study(study: Study, show_progress: bool = False, say: Callable[[str], No
                 + (f", about {progress['minutes_left']:.0f} min left" if progress["minutes_left"] else ""))
     finally:
         record_process(study.folder, state="done", pid=None)
+        lock.close()  # releases the lock
     return study_progress(study)
 
 
@@ -215,7 +228,7 @@ def record_process(folder: Path, **fields) -> None:
     current = runs.read_json(path, {})
     current = current if isinstance(current, dict) else {}
     current.update({"pid": os.getpid(), **fields, "updated": time.time()})
-    tmp = Path(folder) / "process.json.tmp"
+    tmp = Path(folder) / f"process.json.{os.getpid()}.tmp"  # the page and the study process may both write
     tmp.write_text(json.dumps(current))
     os.replace(tmp, path)
 
@@ -228,11 +241,14 @@ def study_process_alive(study: Study) -> bool:
 
 
 def wall_seconds(status: dict) -> float | None:
-    """Seconds from the start of the run's last session to its end (data, training and final evaluation)."""
-    started, finished = status.get("started"), status.get("finished")
-    if isinstance(started, (int, float)) and isinstance(finished, (int, float)) and finished >= started:
-        return float(finished - started)
-    return None
+    """Seconds the run took: its last session from start to end (data, features, training and evaluation), or
+    for a resumed run its training time over all sessions when that is longer."""
+    started, finished, elapsed = status.get("started"), status.get("finished"), status.get("elapsed")
+    last = float(finished - started) if isinstance(started, (int, float)) and isinstance(finished, (int, float)) \
+        and finished >= started else None
+    total = float(elapsed) if isinstance(elapsed, (int, float)) and elapsed >= 0 else None
+    candidates = [v for v in (last, total) if v is not None]
+    return max(candidates) if candidates else None
 
 
 def study_progress(study: Study) -> dict:
@@ -271,7 +287,7 @@ def trainable_parameters(arch: str, strategy: str) -> tuple[int, int, list[str]]
 def study_results(study: Study, n_resamples: int = 2000) -> dict:
     """Per-run rows, per-arm summaries (mean, sd and the 95% t-interval over seeds of test AUC, sensitivity
     and specificity at each run's validation-chosen threshold) and the paired comparisons of the arms."""
-    rows, scores, reference = [], {}, None
+    rows, scores, reference, reference_run = [], {}, None, ""
     problems: list[str] = []
     for arm, seed in study.plan():
         run_dir = study.run_dir(arm, seed)
@@ -292,10 +308,14 @@ def study_results(study: Study, n_resamples: int = 2000) -> dict:
         except (OSError, ValueError) as e:
             problems.append(f"{run_dir.name}: {e}")
             continue
+        if runs.read_config(run_dir).get("study") != study.id:
+            problems.append(f"{run_dir.name} does not belong to {study.id} (its config names another study): left "
+                            f"out.")
+            continue
         if reference is None:
-            reference = preds
+            reference, reference_run = preds, run_dir.name
         elif len(preds) != len(reference) or (preds["path"].values != reference["path"].values).any():
-            problems.append(f"{run_dir.name} was tested on other images than {rows[0]['run']}: left out of the "
+            problems.append(f"{run_dir.name} was tested on other images than {reference_run}: left out of the "
                             f"paired tests.")
             continue
         m = metrics_at_threshold(preds["label"].to_numpy(), preds["prob"].to_numpy(), float(threshold))
@@ -303,12 +323,22 @@ def study_results(study: Study, n_resamples: int = 2000) -> dict:
                    specificity=m["specificity"], minutes=(wall_seconds(status) or float("nan")) / 60)
         scores.setdefault(arm, []).append(preds["prob"].to_numpy())
     arms = []
+    try:
+        base = _base_config(study)
+    except ValueError as e:
+        problems.append(str(e))
+        base = None
     for arm in study.arms:
         done = [r for r in rows if r["arm"] == arm and "auc" in r]
-        config = arm_config(_base_config(study), arm, 0, study.id)
-        trainable, total, blocks = trainable_parameters(config.arch, config.strategy)
-        arms.append({"arm": arm, "arch": config.arch, "init": "ImageNet" if config.pretrained and
-                     config.arch != "smallcnn" else "random", "strategy": config.strategy, "runs": len(done),
+        config = arm_config(base, arm, 0, study.id) if base is not None else None
+        try:
+            trainable, total, blocks = trainable_parameters(config.arch, config.strategy) if config else (None,) * 3
+        except (RuntimeError, ValueError) as e:  # e.g. the backbone's package is not installed here
+            problems.append(f"{arm}: cannot count its parameters: {e}")
+            trainable = total = blocks = None
+        arms.append({"arm": arm, "arch": config.arch if config else None,
+                     "init": None if config is None else "ImageNet" if config.pretrained and config.arch != "smallcnn"
+                     else "random", "strategy": config.strategy if config else None, "runs": len(done),
                      "trainable": trainable, "total": total, "trains": blocks,
                      **{k: mean_interval([r[k] for r in done], 0.0, 1.0) for k in ("auc", "sensitivity",
                                                                                   "specificity")},

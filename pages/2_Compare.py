@@ -16,7 +16,17 @@ from core.figures import epoch_curves_figure, study_seed_figure
 from core.launch import launch_study
 from core.model import WeightsUnavailableError
 from core.operating import run_summary
-from core.study import ARM_HELP, ARMS, MAX_SEEDS, Study, create_study, list_studies, study_progress, study_results
+from core.study import (
+    ARM_HELP,
+    ARMS,
+    MAX_SEEDS,
+    Study,
+    create_study,
+    list_studies,
+    read_study,
+    study_progress,
+    study_results,
+)
 
 MAX_DEFAULT_RUNS = 8
 METRICS = ("auc", "sensitivity", "specificity", "ppv", "npv", "f1", "accuracy")
@@ -114,7 +124,7 @@ def study_form() -> None:
     except (ValueError, OSError, WeightsUnavailableError) as e:  # nothing was queued
         st.error(str(e))
         return
-    st.session_state["study_pick"] = study.id
+    st.session_state["study_pick_next"] = study.id  # the picker above already exists: applied on the rerun
     st.success(f"Launched **{study.id}**: {len(study.plan())} runs, one after another. Its progress and results "
                "are below; each run is also on **Train**.")
 
@@ -125,6 +135,8 @@ def study_view() -> None:
         st.caption("No study yet.")
         return
     names = [s.id if isinstance(s, Study) else s[0] for s in studies]
+    if st.session_state.get("study_pick_next") in names:
+        st.session_state["study_pick"] = st.session_state.pop("study_pick_next")
     if st.session_state.get("study_pick") not in names:
         st.session_state["study_pick"] = names[0]
     name = st.selectbox("Study", names, key="study_pick")
@@ -144,9 +156,17 @@ def study_view() -> None:
                    "the study (stopped, killed or failed). Resuming keeps the finished runs and continues the "
                    "interrupted one.")
         if st.button("Resume the study", key="study_resume"):
-            launch_study(study.folder)
+            try:
+                launch_study(study.folder)
+            except OSError as e:  # e.g. a read-only or full disk: process.log cannot be written
+                st.error(f"Could not start the study: {e}")
+                return
             st.rerun()
-    results = study_results(study)
+    try:
+        results = cached_study_results(str(study.folder), study_signature(study))
+    except (OSError, ValueError) as e:
+        st.error(f"The results of {study.id} cannot be computed: {e}")
+        return
     if not any("auc" in r for r in results["rows"]):
         st.info("No run of this study has finished yet.")
     else:
@@ -161,9 +181,10 @@ def study_view() -> None:
                 st.markdown(f"- {pair['verdict']}")
             st.dataframe(pd.DataFrame([pair_row(p) for p in results["pairs"]]), hide_index=True)
             st.caption("Difference in mean test AUC over seeds (first arm minus second), on the same test images. "
-                       "Interval and p: 2,000 bootstrap resamples of patients (shared by both arms) and of seeds "
-                       "within each arm; p Holm-adjusted across all pairs. DeLong's test on the seed-averaged scores "
-                       "(images as independent) is shown as a check.")
+                       "Interval and p: the test set's uncertainty from 2,000 bootstrap resamples of patients (the "
+                       "same draw for both arms) plus the spread over seeds (Welch t); p Holm-adjusted across all "
+                       "pairs. DeLong's test on the seed-averaged scores (images as independent) is shown as a check "
+                       "where both arms have as many seeds.")
     with st.expander("Runs of this study"):
         st.dataframe(pd.DataFrame([{k: r.get(k) for k in ("arm", "seed", "state", "run", "threshold", "auc",
                                                           "sensitivity", "specificity", "minutes")}
@@ -172,6 +193,21 @@ def study_view() -> None:
             st.caption(f"Started by: {study.command}")
     for problem in results["problems"]:
         st.warning(problem)
+
+
+def study_signature(study: Study) -> tuple:
+    """What the results depend on: the study file and each run's status and test predictions."""
+    files = [study.folder / "study.json"]
+    for arm, seed in study.plan():
+        run_dir = study.run_dir(arm, seed)
+        if run_dir is not None:
+            files += [run_dir / "status.json", run_dir / "report.json", run_dir / "predictions_test.csv"]
+    return tuple(ui.file_mtime(f) for f in files)
+
+
+@st.cache_data(show_spinner="Comparing the arms…", max_entries=8)
+def cached_study_results(folder: str, signature: tuple) -> dict:
+    return study_results(read_study(Path(folder)))
 
 
 def _iv(d: dict, digits: int = 3) -> str:
@@ -183,18 +219,20 @@ def _iv(d: dict, digits: int = 3) -> str:
 
 
 def arm_row(arm: dict) -> dict:
-    trains = {"frozen": "head", "full": "every layer"}.get(arm["strategy"], ", ".join(arm["trains"]) + " + head")
+    trains = {"frozen": "head", "full": "every layer"}.get(arm["strategy"], ", ".join(arm["trains"] or []) + " + head")
+    params = f"{arm['trainable']:,} of {arm['total']:,}" if arm["trainable"] is not None else "unknown"
     return {"arm": arm["arm"], "backbone": arm["arch"], "init": arm["init"], "runs": arm["runs"],
             "test AUC": _iv(arm["auc"]), "sensitivity": _iv(arm["sensitivity"]),
             "specificity": _iv(arm["specificity"]), "wall time (min)": _iv(arm["minutes"], 1),
-            "trainable parameters": f"{arm['trainable']:,} of {arm['total']:,}", "trains": trains}
+            "trainable parameters": params, "trains": trains}
 
 
 def pair_row(pair: dict) -> dict:
     return {"pair": f"{pair['a']} − {pair['b']}", "AUC difference": round(pair["difference"], 4),
             "95% interval": f"[{pair['low']:+.3f}, {pair['high']:+.3f}]", "p": round(pair["p"], 4),
             "p (Holm)": round(pair["p_holm"], 4), "DeLong p": float(f"{pair['delong_p']:.3g}"),
-            "seeds": f"{pair['n_seeds_a']} vs {pair['n_seeds_b']}"}
+            "seeds": f"{pair['n_seeds_a']} vs {pair['n_seeds_b']}" + ("" if pair["seed_variance"] else
+                                                                       " (seed variation not included)")}
 
 
 st.title("Compare runs")

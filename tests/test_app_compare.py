@@ -122,6 +122,25 @@ def test_study_button_runs_every_arm_and_seed_and_shows_the_paired_tests(app_env
     assert any("frozen vs scratch" in m.value and "(Holm)" in m.value for m in at.markdown)
     assert any(t.type == "plotly_chart" for t in at.get("plotly_chart"))
 
+    # A second study, launched while the first is shown, becomes the one shown.
+    at.text_input(key="study_data").input(str(data))
+    at.multiselect(key="study_arms").set_value(["scratch"])
+    at.number_input(key="study_seeds").set_value(1)
+    at.number_input(key="study_epochs").set_value(1)
+    at.number_input(key="study_image_size").set_value(32)
+    at.button(key="FormSubmitter:study_form-Launch the study").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert "Launched" in at.success[0].value
+    second = next(s for s in list_studies(app_env) if s.id != study.id)
+    try:
+        deadline = time.monotonic() + 300
+        while study_progress(second)["running"] and time.monotonic() < deadline:
+            time.sleep(1)
+    finally:
+        kill_active(run_dirs_in(app_env))
+    at.run()
+    assert not at.exception and at.selectbox(key="study_pick").value == second.id
+
 
 def test_an_interrupted_study_resumes_from_its_button_keeping_finished_runs(app_env, finished_run):
     import json
