@@ -489,7 +489,8 @@ def list_runs(runs_dir: str | os.PathLike = "checkpoints") -> list[dict]:
 
     out = []
     try:
-        found = [p for p in root.iterdir() if has_valid_name(p.name) and p.is_dir() and is_run_dir(p)]
+        # is_run_folder: a run whose config.json is gone is listed (and says so), not silently dropped
+        found = [p for p in root.iterdir() if has_valid_name(p.name) and is_run_folder(p)]
     except OSError:
         return []
     for d in sorted(found, key=mtime, reverse=True):
@@ -503,7 +504,8 @@ def list_runs(runs_dir: str | os.PathLike = "checkpoints") -> list[dict]:
             "epochs": epochs if isinstance(epochs, int) and not isinstance(epochs, bool) and 0 < epochs < 2**31
             else None,
             "best_val_auc": status.get("best_val_auc"),
-            "error": status.get("error") if status.get("state") in ("failed", "killed", "unknown") or
-            status.get("damaged") else None,
+            "error": f"{d / 'config.json'} is missing" if not is_run_dir(d) else
+            status.get("error") if status.get("state") in ("failed", "killed", "unknown") or status.get("damaged")
+            else None,
         })
     return out

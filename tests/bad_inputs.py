@@ -131,6 +131,7 @@ RUN_DAMAGE = {
     "threshold-list": ("threshold.json", _json([0.5])),
     "config-types": ("config.json", _edit_json(epochs="abc", arch=5, image_size=-1)),
     "config-garbage": ("config.json", _garbage),
+    "config-missing": ("config.json", lambda p: p.unlink()),
     "environment-list": ("environment.json", _json([1, 2])),
     "data-report-types": ("data_report.json", _json({"counts": "abc", "skipped": 5, "leakage": [1]})),
     "checkpoint-garbage": ("best.safetensors", _garbage),
