@@ -160,11 +160,11 @@ def render_monitor(run_dir: Path, live: bool) -> None:
 
     if state in ("failed", "killed") and status.get("error"):
         st.error(f"This run {state}: {status['error']}")
-    elif status.get("error"):  # a damaged status.json: its state is unknown, or some fields are ignored
-        st.warning(f"This run's status: {status['error']}")
         if "WeightsUnavailable" in status["error"] or "ImageNet weights" in status["error"]:
             st.info("ImageNet weights could not be fetched (no internet?). Launch again with a local weights "
                     "file, or untick 'ImageNet weights', or choose smallcnn.")
+    elif status.get("error"):  # a damaged status.json: its state is unknown, or some fields are ignored
+        st.warning(f"This run's status: {status['error']}")
     if state == "finished":
         finished_summary(run_dir)
 

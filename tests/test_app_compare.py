@@ -151,6 +151,8 @@ def test_an_interrupted_study_resumes_from_its_button_keeping_finished_runs(app_
     runs.write_status(interrupted, state="stopped")
     finished_at = runs.read_status(done)["finished"]
     folder = app_env / "studies" / "study-20000101-000000"
+    for d in (done, interrupted):  # runs of this study say so in their config
+        (d / "config.json").write_text(json.dumps({**runs.read_config(d), "study": folder.name}))
     folder.mkdir(parents=True)
     (folder / "study.json").write_text(json.dumps({
         "id": folder.name, "base": runs.read_config(finished_run), "arms": ["scratch"], "seeds": [0, 1],
