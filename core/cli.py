@@ -346,6 +346,25 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from . import runs
+    from .export import export_onnx, onnx_parity
+
+    run_dir = Path(args.run)
+    if not runs.is_run_dir(run_dir):
+        raise ValueError(f"{run_dir} is not a run directory (no config.json).")
+    out = Path(args.out) if args.out else run_dir / "model.onnx"
+    metadata = export_onnx(run_dir, out)
+    size = int(metadata["image_size"])
+    pixels = np.random.default_rng(0).integers(0, 256, (4, size, size), dtype=np.uint8)
+    print(f"wrote {out}: input 'pixels' (N, 1, {size}, {size}) grayscale / 255; outputs 'probability' (calibrated, "
+          f"{metadata['positive_class']}) and 'logits'; threshold {float(metadata['threshold']):.4f} in its metadata")
+    print(f"parity with PyTorch on 4 random images: max |difference| {onnx_parity(run_dir, out, pixels):.2e}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -494,6 +513,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="Read at this threshold instead of the run's operating one.")
     p.add_argument("--out", help="Write the per-image predictions to this CSV.")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="Export a run's model to ONNX: pixels in, calibrated probability out, with "
+                                      "classes, image size, normalisation and threshold in its metadata.")
+    p.add_argument("run", help="Run directory.")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="Only onnx for now.")
+    p.add_argument("--out", help="Output file (default: RUN/model.onnx).")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="Write one self-contained HTML report of a run (opens offline).")
     p.add_argument("run", help="Run directory.")
