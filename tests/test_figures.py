@@ -37,7 +37,12 @@ def _all_figures() -> dict:
             "confusion": lambda: figures.confusion_figure({"tp": 1, "fp": 2, "fn": 3, "tn": 4}, ["N", "P"], "t"),
             "reliability": lambda: figures.reliability_figure({"v": {**cal, "colour": "#000000"}}),
             "epochs": lambda: figures.epoch_curves_figure({"a": epochs}, "val_auc", "t", "y"),
-            "loss": lambda: figures.loss_figure(epochs, steps, 2), "score": lambda: figures.score_figure(epochs)}
+            "loss": lambda: figures.loss_figure(epochs, steps, 2), "score": lambda: figures.score_figure(epochs),
+            "study": lambda: figures.study_seed_figure(
+                [{"arm": "frozen", "seed": 0, "auc": 0.95}, {"arm": "frozen", "seed": 1, "auc": 0.96},
+                 {"arm": "full", "seed": 0, "auc": 0.97}, {"arm": "full", "seed": 1, "state": "running"}],
+                [{"arm": "frozen", "auc": {"mean": 0.955, "low": 0.9, "high": 1.0, "n": 2}},
+                 {"arm": "full", "auc": {"mean": 0.97, "low": float("nan"), "high": float("nan"), "n": 1}}])}
 
 
 @pytest.mark.parametrize("name", list(_all_figures()))
