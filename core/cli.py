@@ -112,6 +112,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def format_study(study) -> str:
     """The study as text: progress, per-arm table and the paired comparisons with their verdicts."""
+    from .significance import format_mean_interval
     from .study import ARM_HELP, study_progress, study_results
 
     progress, results = study_progress(study), study_results(study)
@@ -122,11 +123,7 @@ def format_study(study) -> str:
              f"validation (Youden); 95% intervals: t-interval over seeds", ""]
 
     def iv(d: dict, digits: int = 3) -> str:
-        if d["n"] == 0:
-            return "-"
-        if d["n"] == 1:
-            return f"{d['mean']:.{digits}f} (1 seed)"
-        return f"{d['mean']:.{digits}f} ± {d['sd']:.{digits}f} [{d['low']:.{digits}f}, {d['high']:.{digits}f}]"
+        return format_mean_interval(d, digits) or "-"
 
     for arm in results["arms"]:
         lines.append(f"{arm['arm']:<12} {ARM_HELP[arm['arm']]} ({arm['arch']}, {arm['runs']} runs)")

@@ -129,6 +129,15 @@ def verdict(pair: dict) -> str:
     return f"{head}: {better} has a higher test AUC than {worse}{caveat}"
 
 
+def format_mean_interval(d: dict, digits: int = 3) -> str:
+    """'0.954 ± 0.001 [0.951, 0.957]' from mean_interval; '' without values, '(1 seed)' with one."""
+    if d["n"] == 0:
+        return ""
+    if d["n"] == 1:
+        return f"{d['mean']:.{digits}f} (1 seed)"
+    return f"{d['mean']:.{digits}f} ± {d['sd']:.{digits}f} [{d['low']:.{digits}f}, {d['high']:.{digits}f}]"
+
+
 def mean_interval(values: Sequence[float], low_bound: float = -np.inf, high_bound: float = np.inf
                   ) -> dict[str, float]:
     """Mean, standard deviation and the 95% t-interval of the mean of a few per-seed values, clipped to the

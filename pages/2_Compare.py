@@ -16,6 +16,7 @@ from core.figures import epoch_curves_figure, study_seed_figure
 from core.launch import launch_study
 from core.model import WeightsUnavailableError
 from core.operating import run_summary
+from core.significance import format_mean_interval
 from core.study import (
     ARM_HELP,
     ARMS,
@@ -215,14 +216,6 @@ def cached_study_results(folder: str, signature: tuple) -> dict:
     return study_results(read_study(Path(folder)))
 
 
-def _iv(d: dict, digits: int = 3) -> str:
-    if d["n"] == 0:
-        return ""
-    if d["n"] == 1:
-        return f"{d['mean']:.{digits}f} (1 seed)"
-    return f"{d['mean']:.{digits}f} ± {d['sd']:.{digits}f} [{d['low']:.{digits}f}, {d['high']:.{digits}f}]"
-
-
 def arm_trains(arm: dict) -> str:
     return {"frozen": "the head", "full": "every layer"}.get(arm["strategy"],
                                                                ", ".join(arm["trains"] or []) + " and the head")
@@ -231,8 +224,9 @@ def arm_trains(arm: dict) -> str:
 def arm_row(arm: dict) -> dict:
     minutes = arm["minutes"]
     params = f"{arm['trainable']:,}" if arm["trainable"] is not None else "unknown"
-    return {"arm": arm["arm"], "runs": arm["runs"], "test AUC": _iv(arm["auc"]),
-            "sensitivity": _iv(arm["sensitivity"]), "specificity": _iv(arm["specificity"]),
+    return {"arm": arm["arm"], "runs": arm["runs"], "test AUC": format_mean_interval(arm["auc"]),
+            "sensitivity": format_mean_interval(arm["sensitivity"]),
+            "specificity": format_mean_interval(arm["specificity"]),
             "minutes per run": "" if minutes["n"] == 0 else f"{minutes['mean']:.1f}" if minutes["n"] == 1
             else f"{minutes['mean']:.1f} ± {minutes['sd']:.1f}", "trainable parameters": params}
 
