@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .predict import load_run_model
+from . import runs
+from .predict import LoadedModel, load_run_model
 
 OPSET = 18
 
@@ -29,20 +30,40 @@ class CalibratedProbability(nn.Module):
         return torch.softmax(logits / self.temperature, dim=1)[:, 1], logits
 
 
-def export_onnx(run_dir: str | Path, out: str | Path) -> dict:
-    """Write the run's best model to `out` (.onnx); returns the metadata embedded in it. Raises ValueError
-    for a run without a usable checkpoint, ImportError naming the package when onnx is missing."""
+# The exported file must give PyTorch's probabilities: fp32 differences are about 1e-7; more than this (or NaN)
+# means the graph computes something else, and the file is not written.
+PARITY_TOLERANCE = 1e-3
+PARITY_IMAGES = 4
+
+
+def _non_finite_tensors(model: nn.Module) -> list[str]:
+    """Names of the model's floating-point weights and buffers that hold NaN or infinite values."""
+    return [name for name, tensor in model.state_dict().items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
+def export_onnx(run_dir: str | Path, out: str | Path, force: bool = False) -> dict:
+    """Write the run's best model to `out` (.onnx); returns the metadata embedded in it, plus
+    "parity_max_abs_diff": the largest difference between the file's probabilities and PyTorch's on a few
+    images. `out` is checked before any work (`runs.check_output_file`: never a folder, a device or a run's own
+    file; an existing file, e.g. a previous model.onnx, is replaced only with `force`). The file is written to a
+    temporary file beside `out` and moved onto it only when its parity check passes: a checkpoint with NaN or
+    infinite weights, or a graph that disagrees with PyTorch, raises ValueError and writes nothing. ValueError
+    also for a run without a usable checkpoint; ImportError naming the package when onnx or onnxruntime is
+    missing."""
     try:
         import onnx
+        import onnxruntime  # noqa: F401 - the parity check needs it: fail before any work
     except ImportError as e:
-        raise ImportError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript "
-                          "(and onnxruntime to run the file).") from e
-    out = Path(out)
-    if out.is_dir():
-        raise ValueError(f"{out} is a folder: give a file name such as model.onnx.")
-    if not out.parent.is_dir():
-        raise ValueError(f"The folder {out.parent} does not exist.")
+        raise ImportError("ONNX export needs the onnx, onnxscript and onnxruntime packages: pip install onnx "
+                          "onnxscript onnxruntime.") from e
+    out = runs.check_output_file(out, force, suffixes=(".onnx",))
     loaded = load_run_model(run_dir, "cpu")
+    checkpoint = Path(run_dir) / "best.safetensors"
+    broken = _non_finite_tensors(loaded.model)
+    if broken:
+        raise ValueError(f"{checkpoint} holds NaN or infinite values in {len(broken)} tensor(s) (e.g. {broken[0]}): "
+                         "the model cannot be exported; nothing written.")
     wrapper = CalibratedProbability(loaded.model.eval(), loaded.mean, loaded.std, loaded.temperature).eval()
     example = torch.rand(2, 1, loaded.image_size, loaded.image_size)
     metadata = {"classes": json.dumps(loaded.classes), "positive_class": loaded.classes[1],
@@ -58,19 +79,35 @@ def export_onnx(run_dir: str | Path, out: str | Path) -> dict:
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(model)
-    onnx.save(model, str(out))
-    return metadata
+    pixels = np.random.default_rng(0).integers(0, 256, (PARITY_IMAGES, loaded.image_size, loaded.image_size),
+                                               dtype=np.uint8)
+    parity: list[float] = []
+
+    def write_checked(tmp: Path) -> None:
+        onnx.save(model, str(tmp))
+        parity.append(_parity(loaded, tmp, pixels))
+        if not parity[0] <= PARITY_TOLERANCE:  # also NaN
+            raise ValueError(f"The exported model's probabilities differ from PyTorch's by {parity[0]:.2g} on "
+                             f"{PARITY_IMAGES} images (at most {PARITY_TOLERANCE:g} expected): the checkpoint's "
+                             "weights hold NaN or infinite values, or the export is wrong; nothing written.")
+        runs.check_output_file(out, force, suffixes=(".onnx",))  # again, just before replacing
+
+    runs.write_file_atomic(out, write_checked)
+    return {**metadata, "parity_max_abs_diff": parity[0]}
 
 
-def onnx_parity(run_dir: str | Path, onnx_path: str | Path, pixels: np.ndarray) -> float:
-    """Largest absolute difference between the ONNX file's probabilities (onnxruntime, fp32) and PyTorch's
-    for the same (N, S, S) uint8 pixels."""
+def _parity(loaded: LoadedModel, onnx_path: str | Path, pixels: np.ndarray) -> float:
     import onnxruntime
 
-    loaded = load_run_model(run_dir, "cpu")
     x = torch.from_numpy(pixels).float().div(255.0)[:, None]
     with torch.inference_mode():
         reference = torch.softmax(loaded.model((x - loaded.mean) / loaded.std) / loaded.temperature, 1)[:, 1]
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     (prob, _) = session.run(None, {"pixels": x.numpy()})
     return float(np.abs(prob - reference.numpy()).max())
+
+
+def onnx_parity(run_dir: str | Path, onnx_path: str | Path, pixels: np.ndarray) -> float:
+    """Largest absolute difference between the ONNX file's probabilities (onnxruntime, fp32) and PyTorch's
+    for the same (N, S, S) uint8 pixels (NaN when either gives NaN)."""
+    return _parity(load_run_model(run_dir, "cpu"), onnx_path, pixels)

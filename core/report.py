@@ -989,18 +989,13 @@ def build_report_html(run_dir: str | os.PathLike, externals: list[str] | None = 
         f"<nav>{nav}</nav><main>{sections}</main><script>{RESIZE_ON_LOAD}</script></body></html>\n")
 
 
-def write_report(run_dir: str | os.PathLike, out: str | os.PathLike,
-                 externals: list[str] | None = None) -> Path:
-    """Write the report of `run_dir` to `out` (atomically: a reader never sees half a file) and return its path."""
-    out = Path(out)
-    if out.is_dir():
-        raise ValueError(f"{out} is a folder: give the report's file name, e.g. {out / 'report.html'}.")
+def write_report(run_dir: str | os.PathLike, out: str | os.PathLike, externals: list[str] | None = None,
+                 force: bool = False) -> Path:
+    """Write the report of `run_dir` to `out` and return its path. `out` is checked before any work
+    (`runs.check_output_file`: a file in an existing folder, never a device or a run's own file; an existing file
+    is replaced only with `force`), and written atomically: a reader never sees half a file."""
+    out = runs.check_output_file(out, force, suffixes=(".html",))
     document = build_report_html(run_dir, externals)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(document, encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    runs.check_output_file(out, force, suffixes=(".html",))  # again: the report takes a while to build
+    runs.write_file_atomic(out, lambda tmp: tmp.write_text(document, encoding="utf-8"))
     return out

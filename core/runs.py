@@ -16,6 +16,9 @@ A run directory holds:
   threshold.json     the operating threshold chosen by the user (overrides the training-time one)
   external/<name>/   an evaluation on another folder: predictions.csv and summary.json
   STOP               present when another process asked training to stop
+  process.log        the output of a background (dashboard-launched) training process
+  *.tmp              a file being written (atomic writes), removed when a write fails
+  *.onnx, *.html     an export (`python -m core export`, default model.onnx) or a report a user wrote here
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shlex
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .dataset import has_valid_name
+from .dataset import display_path, has_valid_name
 
 ACTIVE_STATES = ("queued", "running")
 
@@ -376,7 +381,7 @@ def save_threshold(run_dir: Path, threshold: float, chosen_on: str, target: str,
     if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
         raise ValueError("A threshold is a probability between 0 and 1.")
     _write_json_atomic(Path(run_dir) / "threshold.json",
-                       {"threshold": float(threshold), "chosen_on": chosen_on, "target": target,
+                       {"threshold": float(threshold) + 0.0, "chosen_on": chosen_on, "target": target,
                         "rule": rule or "manual", "value": value, "saved": time.time()})
 
 
@@ -398,6 +403,7 @@ class OperatingPoint:
         return f"{self.threshold:.3f} ({origin}; {self.rule} on {where})"
 
 
+# A threshold is read as float(value) + 0.0: -0.0 (a valid JSON number) becomes 0.0, so no view shows "-0.000".
 def _valid_threshold(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
         and 0.0 <= value <= 1.0
@@ -413,7 +419,7 @@ def operating_point(run_dir: Path) -> OperatingPoint:
         if not isinstance(saved, dict) or not _valid_threshold(saved.get("threshold")):
             raise ValueError(f"{path} is damaged: it must hold a threshold between 0 and 1. Save a threshold "
                              "again on the Thresholds page, or delete the file to use the training threshold.")
-        return OperatingPoint(float(saved["threshold"]), "saved", str(saved.get("target") or "set by hand"),
+        return OperatingPoint(float(saved["threshold"]) + 0.0, "saved", str(saved.get("target") or "set by hand"),
                               str(saved.get("chosen_on") or "val"))
     finished = read_status(run_dir).get("state") == "finished"
     if finished and not isinstance(read_json(run_dir / "report.json", None), dict):
@@ -426,7 +432,7 @@ def operating_point(run_dir: Path) -> OperatingPoint:
             raise ValueError(f"{run_dir / 'report.json'} is damaged: its threshold is not a probability between 0 "
                              "and 1. Save a threshold on the Thresholds page to use the run.")
         rule = str(report.get("threshold_rule") or "youden on validation").replace(" on validation", "")
-        return OperatingPoint(float(report["threshold"]), "training", rule.replace("youden", "Youden"), "val")
+        return OperatingPoint(float(report["threshold"]) + 0.0, "training", rule.replace("youden", "Youden"), "val")
     return OperatingPoint(0.5, "default", "default", "")
 
 
@@ -439,10 +445,187 @@ def is_run_dir(path: Path) -> bool:
     return (Path(path) / "config.json").exists()
 
 
+# Every name the trainer, the evaluations and the dashboard write at the top of a run folder (see the docstring).
+RUN_FILES = frozenset({
+    "config.json", "environment.json", "split.csv", "data_report.json", "status.json", "metrics.jsonl", "log.txt",
+    "best.safetensors", "last.pt", "predictions_val.csv", "predictions_test.csv", "report.json", "threshold.json",
+    "STOP", "process.log"})
+EXTERNAL_FILES = frozenset({"predictions.csv", "summary.json"})
+# Outputs a user may write into a run folder: `export` (default RUN/model.onnx) and `report --out`.
+RUN_OUTPUT_SUFFIXES = (".onnx", ".html")
+# Files an operating system's file browser leaves in any folder it shows; never anyone's data.
+_OS_CLUTTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+# new_run_dir's names: <YYYYmmdd-HHMMSS>-<arch>-<strategy>[-<name>][-<n>]
+RUN_NAME = re.compile(r"\d{8}-\d{6}-[A-Za-z0-9_.-]+")
+# Fields every version of TrainConfig has written to config.json; another tool's config.json has not all of them.
+_CONFIG_IDENTITY = ("data", "runs_dir", "arch", "strategy")
+
+
+def _status_has_known_state(path: Path) -> bool:
+    status = read_json(path / "status.json", None)
+    return isinstance(status, dict) and status.get("state") in STATES
+
+
+def _checkpoint_is_ours(path: Path) -> bool:
+    """best.safetensors carries the metadata the trainer writes (architecture and classes)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / "best.safetensors"), framework="numpy") as f:
+            metadata = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - a missing or damaged file raises several types
+        return False
+    return "arch" in metadata and "classes" in metadata
+
+
+def _not_a_run(path: Path) -> str | None:
+    """Why `path` is not a run folder of this tool, in words; None when it is one. A run is recognised by
+    evidence every version of the trainer leaves, so that a damaged run stays a run: config.json holding a
+    training config, or else the trainer's folder name with a status.json of a known state or a checkpoint with
+    the trainer's metadata."""
+    shown = display_path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return f"{shown} does not exist"
+    except OSError as e:
+        return f"{shown} cannot be read ({e.strerror or e})"
+    if stat.S_ISLNK(mode):
+        return f"{shown} is a symbolic link, not a run folder (give the run folder itself)"
+    if not stat.S_ISDIR(mode):
+        return f"{shown} is not a folder"
+    config = read_json(path / "config.json", None)
+    if isinstance(config, dict) and all(key in config for key in _CONFIG_IDENTITY):
+        return None
+    named_as_run = RUN_NAME.fullmatch(path.name) is not None
+    if named_as_run and (_status_has_known_state(path) or _checkpoint_is_ours(path)):
+        return None
+    if (path / "config.json").exists():
+        why = f"its config.json is not a training config of this tool (it lacks {', '.join(_CONFIG_IDENTITY)})"
+    else:
+        why = "it has no config.json"
+    if named_as_run:
+        why += ", and neither its status.json nor its best.safetensors is one this tool wrote"
+    else:
+        why += ", and its name is not a run name (YYYYmmdd-HHMMSS-arch-strategy)"
+    return f"{shown} is not a run of this tool: {why}"
+
+
 def is_run_folder(path: Path) -> bool:
-    """A real folder (not a link) holding config.json or status.json: damaged runs included, for deletion."""
+    """A real folder (not a link) that is a run of this tool, damaged runs included (see `_not_a_run`): what
+    `list_runs` lists, and what `check_deletable` accepts when nothing foreign was added to it."""
+    return _not_a_run(Path(path)) is None
+
+
+def _foreign_entry(run_dir: Path) -> Path | None:
+    """The first entry of a run folder that this tool never writes there (a file of another kind, a link, a
+    folder other than external/<name>/); None when there is none."""
+    def ours(entry: os.DirEntry, names: frozenset[str], suffixes: tuple[str, ...]) -> bool:
+        return entry.name in _OS_CLUTTER or (entry.is_file(follow_symlinks=False) and (
+            entry.name in names or entry.name.endswith((".tmp", *suffixes))))
+
+    with os.scandir(run_dir) as entries:
+        for entry in entries:
+            if entry.name != EXTERNAL_DIR or not entry.is_dir(follow_symlinks=False):
+                if not ours(entry, RUN_FILES, RUN_OUTPUT_SUFFIXES):
+                    return Path(entry.path)
+                continue
+            with os.scandir(entry.path) as evaluations:
+                for evaluation in evaluations:
+                    if evaluation.name in _OS_CLUTTER:
+                        continue
+                    if not evaluation.is_dir(follow_symlinks=False):
+                        return Path(evaluation.path)
+                    with os.scandir(evaluation.path) as files:
+                        foreign = next((f for f in files if not ours(f, EXTERNAL_FILES, ())), None)
+                    if foreign is not None:
+                        return Path(foreign.path)
+    return None
+
+
+def check_deletable(path: str | os.PathLike) -> None:
+    """Raise ValueError (one line, saying why; nothing is deleted) unless `path` is provably a run of this tool
+    that may be deleted: a real folder recognised as a run (see `_not_a_run`), holding only files this tool
+    writes there (anything else would be lost with it), and not queued or training."""
     path = Path(path)
-    return not path.is_symlink() and path.is_dir() and (is_run_dir(path) or (path / "status.json").exists())
+    problem = _not_a_run(path)
+    if problem:
+        raise ValueError(f"{problem}: nothing deleted.")
+    try:
+        foreign = _foreign_entry(path)
+    except OSError as e:
+        raise ValueError(f"{display_path(path)} cannot be listed ({e.strerror or e}): nothing deleted.") from None
+    if foreign is not None:
+        kind = "folder" if foreign.is_dir() and not foreign.is_symlink() else \
+            "link" if foreign.is_symlink() else "file"
+        raise ValueError(f"{display_path(path)} holds {display_path(foreign)}, a {kind} this tool never writes in a "
+                         "run: move it out first if the folder is a run (nothing deleted).")
+    state = read_status(path).get("state")
+    if state in ACTIVE_STATES:
+        raise ValueError(f"{path.name} is {state}: stop it first (python -m core stop, or Stop on Train), then "
+                         "delete it.")
+
+
+def _owning_run(path: Path) -> Path | None:
+    """The run folder a (possibly not yet existing) file would be part of: its folder, or the run of an
+    external/<name>/ folder. A folder holding config.json and status.json counts, whatever their content."""
+    folder = path.parent.resolve()
+    for candidate in (folder, folder.parent, folder.parent.parent):
+        if is_run_folder(candidate) or ((candidate / "config.json").exists() and (candidate / "status.json").exists()):
+            return candidate
+    return None
+
+
+def check_output_file(out: str | os.PathLike, force: bool = False, suffixes: tuple[str, ...] = ()) -> Path:
+    """Check, before any work, that a command may write its output file `out`; raises ValueError (one line naming
+    the file and the way out) otherwise. `out` must be a file name in an existing folder; never a folder, a device,
+    pipe or socket (nor a link to one); never a run's own file, even with `force`: inside a run folder only a file
+    with the command's own `suffixes` (e.g. `export`'s model.onnx) may be written, beside the run's files. An
+    existing file is replaced only with `force`. Returns `out` as a Path."""
+    out = Path(out)
+    shown = display_path(out)
+    if out.name in ("", ".", ".."):
+        raise ValueError(f"{shown} is a folder: give a file name.")
+    folder = out.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise ValueError(f"The folder {display_path(folder)} {what}: give a file in an existing folder.")
+    try:
+        link_mode: int | None = os.lstat(out).st_mode
+    except FileNotFoundError:
+        link_mode = None
+    except OSError as e:
+        raise ValueError(f"{shown} cannot be checked ({e.strerror or e}): nothing written.") from None
+    if link_mode is not None:
+        try:
+            mode = os.stat(out).st_mode
+        except OSError:
+            mode = link_mode  # a broken link: replacing it loses nothing but the link
+        if stat.S_ISDIR(mode):
+            raise ValueError(f"{shown} is a folder: give a file name inside it.")
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            raise ValueError(f"{shown} is not a regular file (a device, pipe or socket): it is never replaced; "
+                             "give another file name.")
+    run = _owning_run(out)
+    if run is not None and not (folder.resolve() == run and out.name.endswith(suffixes) and suffixes
+                                and out.name not in RUN_FILES):
+        own = f"a new file name ending in {' or '.join(suffixes)} directly in it, or " if suffixes else ""
+        raise ValueError(f"{shown} is in the run folder {display_path(run)}, whose own files are never replaced: "
+                         f"give {own}another folder.")
+    if link_mode is not None and not force:
+        raise ValueError(f"{shown} exists: pass --force to replace it (nothing written).")
+    return out
+
+
+def write_file_atomic(out: Path, write: Any) -> None:
+    """Call `write(tmp)` on a temporary file beside `out`, then move it onto `out` in one step: a reader never
+    sees half a file, and a failed write leaves `out` as it was (the temporary file is removed)."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def run_size(run_dir: Path) -> tuple[int, int]:
@@ -458,17 +641,13 @@ def run_size(run_dir: Path) -> tuple[int, int]:
 
 
 def delete_run(run_dir: Path) -> None:
-    """Delete a run folder and everything in it. Refuses what is not a run, and a run that is queued or
-    training in a live process (stop it first). Raises ValueError or OSError with a message."""
+    """Delete a run folder and everything in it. Refuses (see `check_deletable`) what is not provably a run, a
+    run holding files this tool never writes, and a run that is queued or training in a live process (stop it
+    first). Raises ValueError or OSError with a message."""
     import shutil
 
     run_dir = Path(run_dir)
-    if not is_run_folder(run_dir):
-        raise ValueError(f"{run_dir} is not a run folder (no config.json or status.json): nothing deleted.")
-    state = read_status(run_dir).get("state")
-    if state in ACTIVE_STATES:
-        raise ValueError(f"{run_dir.name} is {state}: stop it first (python -m core stop, or Stop on Train), then "
-                         "delete it.")
+    check_deletable(run_dir)
     try:
         shutil.rmtree(run_dir)
     except OSError as e:
