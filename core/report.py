@@ -992,10 +992,12 @@ def build_report_html(run_dir: str | os.PathLike, externals: list[str] | None = 
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike, externals: list[str] | None = None,
                  force: bool = False) -> Path:
     """Write the report of `run_dir` to `out` and return its path. `out` is checked before any work
-    (`runs.check_output_file`: a file in an existing folder, never a device or a run's own file; an existing file
-    is replaced only with `force`), and written atomically: a reader never sees half a file."""
-    out = runs.check_output_file(out, force, suffixes=(".html",))
+    (`runs.check_output_file`: never a folder, a device or a run's own file, nor under a file; missing folders
+    are created; an existing file is replaced only with `force`), and written atomically: a reader never sees half
+    a file."""
+    out = runs.check_output_file(out, force, suffixes=(".html",), new_folders=True)
     document = build_report_html(run_dir, externals)
-    runs.check_output_file(out, force, suffixes=(".html",))  # again: the report takes a while to build
+    runs.check_output_file(out, force, suffixes=(".html",), new_folders=True)  # again: building takes a while
+    out.parent.mkdir(parents=True, exist_ok=True)
     runs.write_file_atomic(out, lambda tmp: tmp.write_text(document, encoding="utf-8"))
     return out

@@ -13,6 +13,7 @@ A run directory holds:
   predictions_{val,test}.csv   path, patient, label, class_name, prob (calibrated probability of the
                      positive class), prob_uncalibrated (before temperature scaling)
   report.json        training-time metrics at the threshold chosen on validation (Youden), temperature
+  ood.safetensors    the out-of-distribution score fitted on the training features (core/ood.py)
   threshold.json     the operating threshold chosen by the user (overrides the training-time one)
   external/<name>/   an evaluation on another folder: predictions.csv and summary.json
   STOP               present when another process asked training to stop
@@ -449,7 +450,7 @@ def is_run_dir(path: Path) -> bool:
 RUN_FILES = frozenset({
     "config.json", "environment.json", "split.csv", "data_report.json", "status.json", "metrics.jsonl", "log.txt",
     "best.safetensors", "last.pt", "predictions_val.csv", "predictions_test.csv", "report.json", "threshold.json",
-    "STOP", "process.log"})
+    "STOP", "process.log", "ood.safetensors"})
 EXTERNAL_FILES = frozenset({"predictions.csv", "summary.json"})
 # Outputs a user may write into a run folder: `export` (default RUN/model.onnx) and `report --out`.
 RUN_OUTPUT_SUFFIXES = (".onnx", ".html")
@@ -576,20 +577,24 @@ def _owning_run(path: Path) -> Path | None:
     return None
 
 
-def check_output_file(out: str | os.PathLike, force: bool = False, suffixes: tuple[str, ...] = ()) -> Path:
+def check_output_file(out: str | os.PathLike, force: bool = False, suffixes: tuple[str, ...] = (),
+                      new_folders: bool = False) -> Path:
     """Check, before any work, that a command may write its output file `out`; raises ValueError (one line naming
-    the file and the way out) otherwise. `out` must be a file name in an existing folder; never a folder, a device,
-    pipe or socket (nor a link to one); never a run's own file, even with `force`: inside a run folder only a file
-    with the command's own `suffixes` (e.g. `export`'s model.onnx) may be written, beside the run's files. An
-    existing file is replaced only with `force`. Returns `out` as a Path."""
+    the file and the way out) otherwise. `out` must be a file name in an existing folder (with `new_folders`, in
+    folders the caller will create, never under a file); never a folder, a device, pipe or socket (nor a link to
+    one); never a run's own file, even with `force`: inside a run folder only a file with the command's own
+    `suffixes` (e.g. `export`'s model.onnx) may be written, beside the run's files. An existing file is replaced
+    only with `force`. Returns `out` as a Path."""
     out = Path(out)
     shown = display_path(out)
     if out.name in ("", ".", ".."):
         raise ValueError(f"{shown} is a folder: give a file name.")
     folder = out.parent
-    if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        raise ValueError(f"The folder {display_path(folder)} {what}: give a file in an existing folder.")
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == Path(p.anchor or "."))
+    if not existing.is_dir():
+        raise ValueError(f"{display_path(existing)} is not a folder: give a file in a folder.")
+    if existing != folder and not new_folders:
+        raise ValueError(f"The folder {display_path(folder)} does not exist: give a file in an existing folder.")
     try:
         link_mode: int | None = os.lstat(out).st_mode
     except FileNotFoundError:

@@ -126,11 +126,11 @@ def launch_from_form() -> None:
         scan_dataset(config.data)  # a bad folder is reported here rather than as a failed run
         run_dir = launch_training(config)  # refuses, queueing nothing, when ImageNet weights cannot be had
     except (ValueError, OSError, WeightsUnavailableError) as e:  # ValueError: DatasetError, TrainConfig.validate
-        st.error(str(e))
+        st.error(ui.plain(e))
         return
     # Set before the monitor's selectbox is created further down this run.
     st.session_state["train_monitor_run"] = run_dir.name
-    st.success(f"Launched **{run_dir.name}**. It trains in a background process (it keeps going if you close "
+    st.success(f"Launched **{ui.plain(run_dir.name)}**. It trains in a background process (it keeps going if you close "
                "the browser); runs launched while another trains wait in the queue.")
 
 
@@ -159,12 +159,12 @@ def render_monitor(run_dir: Path, live: bool) -> None:
     st.progress(fraction, text=f"{fraction:.0%} of training steps")
 
     if state in ("failed", "killed") and status.get("error"):
-        st.error(f"This run {state}: {status['error']}")
+        st.error(ui.plain(f"This run {state}: {status['error']}"))
         if "WeightsUnavailable" in status["error"] or "ImageNet weights" in status["error"]:
             st.info("ImageNet weights could not be fetched (no internet?). Launch again with a local weights "
                     "file, or untick 'ImageNet weights', or choose smallcnn.")
     elif status.get("error"):  # a damaged status.json: its state is unknown, or some fields are ignored
-        st.warning(f"This run's status: {status['error']}")
+        st.warning(ui.plain(f"This run's status: {status['error']}"))
     if state == "finished":
         finished_summary(run_dir)
 
@@ -179,7 +179,7 @@ def render_monitor(run_dir: Path, live: bool) -> None:
         try:
             launch_resume(run_dir)
         except (ValueError, OSError) as e:
-            st.error(str(e))
+            st.error(ui.plain(e))
         else:
             st.rerun()  # full rerun: the run is active again, so live polling starts
 
@@ -201,15 +201,21 @@ def render_monitor(run_dir: Path, live: bool) -> None:
 def delete_control(run_dir: Path, state: str) -> None:
     """Delete a run that is not training, after an explicit confirmation (it cannot be undone)."""
     with st.expander("Delete this run"):
+        try:
+            runs.check_deletable(run_dir)
+        except ValueError as e:  # e.g. a file someone put in the folder, which deleting would lose
+            st.error(ui.plain(e))
+            return
         files, size = runs.run_size(run_dir)
-        st.markdown(f"Deletes **{run_dir.name}** ({state}; {files} files, {size / 2**20:.1f} MB) and everything in "
-                    "it: checkpoints, predictions, saved threshold and external evaluations. This cannot be undone.")
+        st.markdown(f"Deletes **{ui.plain(run_dir.name)}** ({state}; {files} files, {size / 2**20:.1f} MB) and "
+                    "everything in it: checkpoints, predictions, saved threshold and external evaluations. This "
+                    "cannot be undone.")
         confirmed = st.checkbox(f"Yes, delete {run_dir.name}", key=f"train_delete_confirm_{run_dir.name}")
         if st.button("Delete run", key="train_delete", type="primary", disabled=not confirmed):
             try:
                 runs.delete_run(run_dir)
             except (ValueError, OSError) as e:
-                st.error(str(e))
+                st.error(ui.plain(e))
                 return
             st.session_state["train_deleted"] = run_dir.name
             st.rerun()
@@ -220,15 +226,15 @@ def finished_summary(run_dir: Path) -> None:
     try:
         summary = run_summary(run_dir, ["test"])
     except ValueError as e:
-        st.error(str(e))
+        st.error(ui.plain(e))
         return
     test = summary["sets"].get("test")
     if test is None:
-        st.success("Finished. " + (summary["errors"].get("test") or "No test set."))
+        st.success("Finished. " + ui.plain(summary["errors"].get("test") or "No test set."))
         return
     m = test["metrics"]
     st.success(f"Finished. On test ({test['n']} images, {test['n_patients']} patients) at the operating threshold "
-               f"{summary['operating'].describe()}: AUC {format_interval(m['auc'])}, sensitivity "
+               f"{ui.plain(summary['operating'].describe())}: AUC {format_interval(m['auc'])}, sensitivity "
                f"{format_interval(m['sensitivity'])}, specificity {format_interval(m['specificity'])} (95% intervals, "
                "patients resampled). See **Compare**, **Thresholds** and **Mistakes**.")
     report = runs.read_report(run_dir)
@@ -257,10 +263,10 @@ training_form()
 st.header("Monitor")
 deleted = st.session_state.pop("train_deleted", None)
 if deleted:
-    st.success(f"Deleted **{deleted}**.")
+    st.success(f"Deleted **{ui.plain(deleted)}**.")
 all_runs = runs.list_runs(ui.runs_dir())
 if not all_runs:
-    st.info(f"No runs yet in `{ui.runs_dir()}`: launch one above (or `python -m core train --preset cpu "
+    st.info(f"No runs yet in {ui.plain(ui.runs_dir())}: launch one above (or `python -m core train --preset cpu "
             "--data DIR`).")
     st.stop()
 run_names = [r["run"] for r in all_runs]

@@ -18,6 +18,7 @@ from app_helpers import (
     wait_until_settled,
 )
 
+import ui
 from core import runs
 
 TRAIN_PAGE = "pages/1_Train.py"
@@ -134,7 +135,7 @@ def test_finished_failed_and_running_runs(app_env, finished_run):
     at.selectbox(key="train_monitor_run").select(failed.name).run()
     assert not at.exception
     assert metric(at, "State") == "failed"
-    assert error in at.error[0].value
+    assert ui.plain(error) in at.error[0].value  # shown as text, never as Markdown
     assert "weights file" in at.info[0].value
     assert "train_resume" in [b.key for b in at.button]
 

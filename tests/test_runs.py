@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+from bad_inputs import RUN_DAMAGE, damage_run
 
 from core import runs
 from core.cli import main
@@ -134,3 +135,145 @@ def test_predictions_with_empty_paths_or_missing_rows_are_refused_with_the_file_
     table.to_csv(path, index=False)
     with pytest.raises(ValueError, match="path column must name an image"):
         runs.read_predictions(bad, "test")
+
+
+# ---------------------------------------------------------------- what may be deleted
+
+def _other_tools_folder(folder):
+    """A Hugging Face model folder: a config.json and a status.json, but of another tool."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 768}))
+    (folder / "status.json").write_text(json.dumps({"state": "done"}))
+    (folder / "model.safetensors").write_bytes(b"\x00" * 64)
+    return folder
+
+
+def test_another_tools_folder_is_refused_and_kept(tmp_path):
+    hf = _other_tools_folder(tmp_path / "hf-model")
+    with pytest.raises(ValueError, match="hf-model is not a run of this tool: its config.json is not a training "
+                                         "config.*nothing deleted"):
+        runs.check_deletable(hf)
+    with pytest.raises(ValueError, match="not a run of this tool"):
+        runs.delete_run(hf)
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors", "status.json"]
+    assert not runs.is_run_folder(hf)
+
+
+def test_a_folder_named_like_a_run_with_another_tools_files_is_refused_naming_one(finished_run, tmp_path):
+    run = shutil.copytree(finished_run, tmp_path / finished_run.name, ignore=shutil.ignore_patterns("last.pt"))
+    (run / "notes.txt").write_text("my notes")
+    with pytest.raises(ValueError, match=r"notes\.txt, a file this tool never writes in a run.*nothing deleted"):
+        runs.delete_run(run)
+    assert (run / "notes.txt").read_text() == "my notes" and (run / "best.safetensors").exists()
+    assert runs.is_run_folder(run)  # still a run: listed, so the user sees why it is kept
+    (run / "notes.txt").unlink()
+    (run / "external" / "site" / "extra").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"external/site/extra, a folder this tool never writes"):
+        runs.check_deletable(run)
+
+
+def test_links_files_and_missing_paths_are_refused(finished_run, tmp_path):
+    link = tmp_path / "link-to-run"
+    link.symlink_to(finished_run)
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        runs.delete_run(link)
+    assert (finished_run / "config.json").exists()
+    (tmp_path / "a-file").write_text("x")
+    for path, words in [(tmp_path / "a-file", "is not a folder"), (tmp_path / "nope", "does not exist")]:
+        with pytest.raises(ValueError, match=words):
+            runs.check_deletable(path)
+
+
+@pytest.mark.parametrize("variant", sorted(RUN_DAMAGE))
+def test_every_damaged_run_stays_listed_and_deletable(finished_run, tmp_path, variant):
+    run = shutil.copytree(finished_run, tmp_path / "runs" / finished_run.name)
+    damage_run(run, variant)
+    assert [r["run"] for r in runs.list_runs(run.parent)] == [run.name]
+    runs.delete_run(run)
+    assert not run.exists()
+
+
+def test_a_run_with_config_and_status_both_damaged_is_still_recognised_by_name_and_checkpoint(finished_run, tmp_path):
+    run = shutil.copytree(finished_run, tmp_path / finished_run.name)
+    (run / "config.json").unlink()
+    (run / "status.json").write_bytes(b"\x00garbage")
+    runs.check_deletable(run)
+    renamed = run.rename(tmp_path / "renamed")  # no name, no config: nothing proves it is a run any more
+    with pytest.raises(ValueError, match="it has no config.json, and its name is not a run name"):
+        runs.check_deletable(renamed)
+
+
+def test_everything_the_tools_write_in_a_run_is_deletable(finished_run, tmp_path):
+    run = shutil.copytree(finished_run, tmp_path / finished_run.name)
+    for name in ("process.log", "STOP", "model.onnx", "report.html", "best.tmp", ".model.onnx.123.tmp",
+                 ".DS_Store", "ood.safetensors"):
+        (run / name).write_text("x")
+    for name in ("predictions.csv", "summary.json", ".summary.json.9.tmp"):
+        (run / "external" / "site-b").mkdir(parents=True, exist_ok=True)
+        (run / "external" / "site-b" / name).write_text("x")
+    runs.delete_run(run)
+    assert not run.exists()
+
+
+def test_an_active_run_is_refused_before_anything(finished_run, tmp_path):
+    import os
+
+    run = shutil.copytree(finished_run, tmp_path / finished_run.name)
+    runs.write_status(run, state="running", pid=os.getpid())
+    with pytest.raises(ValueError, match="is running: stop it first"):
+        runs.check_deletable(run)
+    assert run.exists()
+
+
+def test_the_runs_listing_leaves_out_another_tools_folder(two_runs):
+    good, _ = two_runs
+    _other_tools_folder(good.parent / "hf-model")
+    assert "hf-model" not in {r["run"] for r in runs.list_runs(good.parent)}
+
+
+# ---------------------------------------------------------------- where a command may write its output
+
+def test_output_checks_refuse_devices_pipes_folders_and_a_runs_files(finished_run, tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    (tmp_path / "to-pipe").symlink_to(fifo)
+    (tmp_path / "a-file").write_text("x")
+    refused = [("/dev/null", "not a regular file"), (fifo, "not a regular file"),
+               (tmp_path / "to-pipe", "not a regular file"), (tmp_path, "is a folder"),
+               (tmp_path / "a-file" / "r.html", "a-file is not a folder"),
+               (finished_run / "best.safetensors", "whose own files are never replaced"),
+               (finished_run / "config.json", "whose own files are never replaced"),
+               (finished_run / "external" / "x" / "r.html", "whose own files are never replaced"),
+               (finished_run / "notes.txt", "whose own files are never replaced")]
+    for out, words in refused:
+        with pytest.raises(ValueError, match=words):
+            runs.check_output_file(out, force=True, suffixes=(".html",), new_folders=True)
+    with pytest.raises(ValueError, match="The folder .*missing does not exist"):
+        runs.check_output_file(tmp_path / "missing" / "r.html", force=True, suffixes=(".html",))
+    assert fifo.exists() and os.path.exists("/dev/null")
+    with pytest.raises(ValueError, match="a-file exists: pass --force to replace it"):
+        runs.check_output_file(tmp_path / "a-file")
+    assert runs.check_output_file(tmp_path / "a-file", force=True) == tmp_path / "a-file"
+    assert runs.check_output_file(finished_run / "report.html", suffixes=(".html",)) == finished_run / "report.html"
+    assert runs.check_output_file(tmp_path / "new" / "r.html", new_folders=True) == tmp_path / "new" / "r.html"
+
+
+# ---------------------------------------------------------------- -0.0
+
+def test_a_negative_zero_threshold_reads_as_zero(two_runs):
+    import math
+
+    good, bad = two_runs
+    (good / "threshold.json").write_text('{"threshold": -0.0, "chosen_on": "val", "target": "by hand"}')
+    point = runs.operating_point(good)
+    assert math.copysign(1, point.threshold) == 1 and point.describe().startswith("0.000 (saved")
+    (good / "threshold.json").unlink()
+    report = json.loads((good / "report.json").read_text())
+    report["threshold"] = -0.0
+    (good / "report.json").write_text(json.dumps(report))
+    assert runs.operating_point(good).describe().startswith("0.000 (chosen")
+    runs.save_threshold(bad, -0.0, chosen_on="val", target="by hand")
+    assert json.loads((bad / "threshold.json").read_text())["threshold"] == 0 and \
+        '"threshold": 0.0' in (bad / "threshold.json").read_text()
