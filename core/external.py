@@ -6,21 +6,29 @@ by name, else through a class map given by the user (`No_findings=NORMAL,Pneumon
 ignored. Predictions land in `<run>/external/<name>/predictions.csv`, next to a `summary.json` that says
 what was evaluated and what to beware of (patients or files shared with the run's training data, a
 threshold that may not transfer), so every view that reads prediction sets (Thresholds, Mistakes, the
-operating metrics) can read this one as `external:<name>`.
+operating metrics) can read this one as `external:<name>`. A saved evaluation is never replaced without
+consent (`replace=True`), and the writers of one run's evaluations take turns (a lock file in
+`<run>/external/`).
 """
 
 from __future__ import annotations
 
+import csv
+import fcntl
 import hashlib
+import io
 import json
 import math
 import os
 import re
+import shlex
 import shutil
+import tempfile
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -28,7 +36,7 @@ import pandas as pd
 from . import dataset, runs
 from .bootstrap import METRIC_KEYS, METRIC_LABELS, format_interval
 from .dataset import IMAGE_EXTENSIONS, SPLIT_NAMES, DatasetError, decode_images, patient_id
-from .metrics import choose_threshold, describe_rule, metrics_at_threshold
+from .metrics import TARGET_DEFAULTS, THRESHOLD_TARGETS, choose_threshold, describe_rule, metrics_at_threshold
 from .operating import PredictionSet, bootstrap_for, load_set, ranking_only, set_summary
 
 IGNORE = "ignore"
@@ -45,35 +53,135 @@ Progress = Callable[[int, int], None]
 
 # ---------------------------------------------------------------- class maps
 
+CLASS_MAP_SYNTAX = ("Write the map as 'No_findings=NORMAL,Pneumonia=PNEUMONIA' (a folder may also be '=ignore'); "
+                    'quote a name that holds a comma, an equals sign, a double quote or spaces at its ends as a JSON '
+                    'string: "a,b"=NORMAL.')
+MAX_CLASS_MAP_BYTES = 1 << 20  # a map names folders: a larger file is not one
+_JSON = json.JSONDecoder()
+
+
+def quote_map_name(name: str) -> str:
+    """A folder or class name as parse_class_map reads it back: as it is when it can be, else a JSON string."""
+    plain = (name and name == name.strip() and name.isprintable() and not name.startswith('"')
+             and not any(c in name for c in ",="))
+    if plain:
+        return name
+    # Lone surrogates (file names that are not UTF-8) only survive as \\u escapes.
+    return json.dumps(name, ensure_ascii=not name.isprintable())
+
+
+def _map_token(text: str, start: int) -> tuple[str, int, bool]:
+    """(name, index after it, quoted) from `start`: a JSON string when it begins with '"', else the text up to
+    the next ',' or '=', stripped."""
+    i = start
+    while i < len(text) and text[i].isspace():
+        i += 1
+    if i < len(text) and text[i] == '"':
+        try:
+            value, end = _JSON.raw_decode(text, i)
+        except ValueError:
+            raise ValueError(f"The class map has an unclosed or malformed quoted name at character {i + 1} "
+                             f"({_shown(text[i:i + 30])}). {CLASS_MAP_SYNTAX}") from None
+        while end < len(text) and text[end].isspace():
+            end += 1
+        if end < len(text) and text[end] not in ",=":
+            raise ValueError(f"The class map has text after the quoted name {_shown(text[i:end])}. {CLASS_MAP_SYNTAX}")
+        return value, end, True
+    end = i
+    while end < len(text) and text[end] not in ",=":
+        end += 1
+    return text[i:end].strip(), end, False
+
+
+def _add_map_entry(out: dict[str, str], folder: str, target: str, where: str) -> None:
+    """One FOLDER=CLASS entry; a folder named twice (ignoring case) must name the same class."""
+    if not folder or not target.strip():
+        raise ValueError(f"{where} is not FOLDER=CLASS. {CLASS_MAP_SYNTAX}")
+    target = target.strip()
+    previous = next((f for f in out if f.lower() == folder.lower()), None)
+    if previous is None:
+        out[folder] = target
+    elif out[previous].lower() != target.lower():  # a repeated entry keeps its first spelling
+        raise ValueError(f"The class map names the folder {quote_map_name(folder)} twice, as "
+                         f"'{out[previous]}' and '{target}'.")
+
+
 def parse_class_map(text: str) -> dict[str, str]:
-    """'No_findings=NORMAL,Pneumonia=PNEUMONIA' -> {'No_findings': 'NORMAL', 'Pneumonia': 'PNEUMONIA'}.
+    """'No_findings=NORMAL,Pneumonia=PNEUMONIA' -> {'No_findings': 'NORMAL', 'Pneumonia': 'PNEUMONIA'}; a name in
+    double quotes is a JSON string, so it may hold ',', '=', '"' or spaces at its ends ('" a,b "=NORMAL').
     An empty text is an empty map. Raises ValueError naming the entry that is not FOLDER=CLASS."""
+    text = text or ""
     out: dict[str, str] = {}
-    seen: dict[str, str] = {}
-    for raw in (text or "").split(","):
-        entry = raw.strip()
-        if not entry:
+    i = 0
+    while i < len(text):
+        start = i
+        folder, i, quoted = _map_token(text, i)
+        if i >= len(text) or text[i] == ",":
+            if folder or quoted:  # a name without '=CLASS'
+                raise ValueError(f"Class map entry {_shown(text[start:i].strip())} is not FOLDER=CLASS. "
+                                 f"{CLASS_MAP_SYNTAX}")
+            i += 1  # an empty entry, e.g. a trailing comma
             continue
-        folder, sep, target = (part.strip() for part in entry.partition("="))
-        if not sep or not folder or not target or "=" in target:
-            raise ValueError(f"Class map entry '{entry}' is not FOLDER=CLASS. Write the map as "
-                             "'No_findings=NORMAL,Pneumonia=PNEUMONIA' (a folder may also be '=ignore').")
-        previous = seen.get(folder.lower())
-        if previous is not None and out[previous].lower() != target.lower():
-            raise ValueError(f"The class map names the folder '{folder}' twice, as '{out[previous]}' and "
-                             f"'{target}'.")
-        if previous is None:  # a repeated entry keeps its first spelling
-            seen[folder.lower()] = folder
-            out[folder] = target
-    if text and text.strip() and not out:
-        raise ValueError(f"The class map '{text}' has no FOLDER=CLASS entry. Write it as "
-                         "'No_findings=NORMAL,Pneumonia=PNEUMONIA'.")
+        target, i, _ = _map_token(text, i + 1)
+        if i < len(text) and text[i] == "=":
+            raise ValueError(f"Class map entry {_shown(text[start:].split(',')[0].strip())} has two '=': quote a "
+                             f"name that holds one. {CLASS_MAP_SYNTAX}")
+        _add_map_entry(out, folder, target, f"Class map entry {_shown(text[start:i].strip())}")
+        i += 1
+    if text.strip() and not out:
+        raise ValueError(f"The class map {_shown(text)} has no FOLDER=CLASS entry. {CLASS_MAP_SYNTAX}")
     return out
 
 
 def format_class_map(class_map: dict[str, str]) -> str:
-    """The inverse of parse_class_map: 'No_findings=NORMAL,Pneumonia=PNEUMONIA'."""
-    return ",".join(f"{folder}={target}" for folder, target in class_map.items())
+    """The inverse of parse_class_map: 'No_findings=NORMAL,Pneumonia=PNEUMONIA', names quoted where needed."""
+    return ",".join(f"{quote_map_name(folder)}={quote_map_name(target)}" for folder, target in class_map.items())
+
+
+def read_class_map_file(path: str | os.PathLike) -> dict[str, str]:
+    """A class map from a file: a JSON object {"folder": "CLASS"} or CSV rows folder,class (an optional header row
+    'folder,class'); names are taken exactly as written (CSV quoting keeps commas and spaces). Raises
+    FileNotFoundError or ValueError naming the file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"Class map file not found: {path}")
+    if path.stat().st_size > MAX_CLASS_MAP_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_CLASS_MAP_BYTES >> 20} MB: it is not a class map.")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
+    if text.strip().startswith("{"):
+        try:
+            pairs = json.loads(text, object_pairs_hook=lambda items: items)  # keeps a repeated key
+        except ValueError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}).") from None
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in pairs):
+            raise ValueError(f'{path}: every value must be a class name in quotes, e.g. {{"No_findings": "NORMAL"}}.')
+        entries = [(folder, target, f"{path}: entry {quote_map_name(folder)}") for folder, target in pairs]
+    else:
+        rows = [(k, row) for k, row in enumerate(csv.reader(io.StringIO(text)), 1) if any(c.strip() for c in row)]
+        if rows and [c.strip().lower() for c in rows[0][1]] == ["folder", "class"]:
+            rows = rows[1:]
+        entries = []
+        for k, row in rows:
+            if len(row) != 2:
+                raise ValueError(f"{path}, line {k}: {len(row)} columns, expected two (folder,class). Quote a folder "
+                                 'name that holds a comma: "a,b",NORMAL.')
+            entries.append((row[0], row[1], f"{path}, line {k}"))
+    out: dict[str, str] = {}
+    for folder, target, where in entries:
+        _add_map_entry(out, folder, target, where)
+    if not out:
+        raise ValueError(f"{path} maps no folder: write one folder,class row per class folder (CSV) or a JSON object "
+                         '{"No_findings": "NORMAL"}.')
+    return out
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """Text from a user or a file inside a one-line message: quoted, control characters escaped, cut."""
+    text = text if len(text) <= limit else text[:limit] + "…"
+    return json.dumps(text, ensure_ascii=not text.isprintable()) if not text.isprintable() else f"'{text}'"
 
 
 def suggest_class_map(folders: list[str], run_classes: list[str]) -> dict[str, str | None]:
@@ -95,15 +203,16 @@ def resolve_class_map(folders: list[str], run_classes: list[str], class_map: dic
     user: dict[str, str] = {}
     for key, target in class_map.items():
         if key.lower() not in folders_by_lower:
-            raise DatasetError(f"The class map names the folder '{key}', but there is no such class folder{where} "
-                               f"(folders found: {', '.join(folders) or 'none'}).")
+            raise DatasetError(f"The class map names the folder {_shown(key)}, but there is no such class "
+                               f"folder{where} (folders found: "
+                               f"{', '.join(quote_map_name(f) for f in folders) or 'none'}).")
         if target.lower() == IGNORE:
             user[key.lower()] = IGNORE
         elif target.lower() in classes_by_lower:
             user[key.lower()] = classes_by_lower[target.lower()]
         else:
-            raise DatasetError(f"The class map sends '{key}' to '{target}', which is not a class of this run "
-                               f"({allowed}) nor '{IGNORE}'.")
+            raise DatasetError(f"The class map sends {_shown(key)} to {_shown(target)}, which is not a class "
+                               f"of this run ({allowed}) nor '{IGNORE}'.")
     resolved: dict[str, str] = {}
     unmapped = []
     for folder in folders:
@@ -113,13 +222,16 @@ def resolve_class_map(folders: list[str], run_classes: list[str], class_map: dic
         else:
             resolved[folder] = target
     if unmapped:
-        choices = "|".join(run_classes + [IGNORE])
-        syntax = ",".join(f"{f}={resolved[f]}" if f in resolved else f"{f}=<{choices}>" for f in folders)
-        names = ", ".join(f"'{f}'" for f in unmapped)
+        choices = "<" + "|".join(run_classes + [IGNORE]) + ">"
+        suggestion = ",".join(f"{quote_map_name(f)}={quote_map_name(resolved[f]) if f in resolved else choices}"
+                              for f in folders)
+        names = ", ".join(_shown(f) for f in unmapped)
         raise DatasetError(
             f"Unmapped class folder{'s' if len(unmapped) > 1 else ''}{where}: {names} (the run's classes are "
-            f"{allowed}). Map every folder to a class of the run or to '{IGNORE}': --class-map {syntax} "
-            f"(on the External data page: one choice per folder). Folders found: {', '.join(folders)}.")
+            f"{allowed}). Map every folder to a class of the run or to '{IGNORE}': --class-map "
+            f"{shlex.quote(suggestion)}, or --class-map-file FILE with one folder,class row per folder (on the "
+            f"External data page: one choice per folder). Folders found: "
+            f"{', '.join(quote_map_name(f) for f in folders)}.")
     if all(t == IGNORE for t in resolved.values()):
         raise DatasetError(f"Every class folder{where} is mapped to '{IGNORE}': nothing is left to evaluate.")
     return resolved
@@ -305,13 +417,13 @@ def run_classes(run_dir: str | os.PathLike) -> list[str]:
                      "is it a finished run?")
 
 
-def default_name(data: str | os.PathLike, split: str = "all") -> str:
-    """The folder's name (with the split when one is chosen), sanitised."""
-    base = Path(str(data).rstrip("/\\") or ".").expanduser().resolve().name
-    return sanitize_name(base if split == "all" else f"{base}-{split}")
-
+# ---------------------------------------------------------------- names and where evaluations are kept
 
 MAX_NAME_LENGTH = 64  # a folder name: the OS limits its length
+NAME_RULE = "letters, digits, '_', '.' and '-', not starting or ending with '_', '.' or '-'"
+MAX_SAME_NAME = 99  # default names '<folder>-2' ... '<folder>-99'
+LOCK_FILE = ".lock"
+STAGING_DIR = ".staging"  # hidden: no view lists it; files are written there, then moved into place
 
 
 def sanitize_name(name: str) -> str:
@@ -321,16 +433,158 @@ def sanitize_name(name: str) -> str:
     return cleaned or "external"
 
 
+def check_name(name: str) -> str:
+    """A name given by the user, as it will be saved (never silently changed): ValueError when it is longer than
+    MAX_NAME_LENGTH or holds other characters than NAME_RULE allows, suggesting one that it could be."""
+    text = name.strip()
+    if not text:
+        raise ValueError("The evaluation name is empty: give one, or leave it out to use the folder's name.")
+    if len(text) > MAX_NAME_LENGTH:
+        raise ValueError(f"The evaluation name {_shown(text, 40)} is {len(text)} characters long: at most "
+                         f"{MAX_NAME_LENGTH}.")
+    if sanitize_name(text) != text:
+        raise ValueError(f"The evaluation name {_shown(text)} can hold only {NAME_RULE}: "
+                         f"'{sanitize_name(text)}', say.")
+    return text
+
+
+def _folder_name(data: str | os.PathLike, split: str) -> str:
+    base = Path(str(data).rstrip("/\\") or ".").expanduser().resolve().name
+    return base if split == "all" else f"{base}-{split}"
+
+
+def default_name(data: str | os.PathLike, split: str = "all") -> str:
+    """The folder's name (with the split when one is chosen), sanitised."""
+    return sanitize_name(_folder_name(data, split))
+
+
+def _numbered(name: str, k: int) -> str:
+    """'<name>-<k>', cut so that it stays within MAX_NAME_LENGTH."""
+    suffix = f"-{k}"
+    return name[:MAX_NAME_LENGTH - len(suffix)].rstrip("._-") + suffix
+
+
 def external_dir(run_dir: str | os.PathLike, name: str) -> Path:
     """`<run>/external/<name>`; raises ValueError for a name that is not already sanitised (no paths)."""
     if not name or sanitize_name(name) != name:
-        raise ValueError(f"'{name}' is not an evaluation name (letters, digits, '_', '.' and '-' only).")
+        raise ValueError(f"{_shown(name)} is not an evaluation name ({NAME_RULE}).")
     return Path(run_dir) / runs.EXTERNAL_DIR / name
 
 
 def set_name(name: str) -> str:
     """The prediction-set name other views read: 'external:<name>'."""
     return runs.EXTERNAL_PREFIX + name
+
+
+def _taken(run_dir: Path, name: str) -> bool:
+    target = external_dir(run_dir, name)
+    return target.exists() or target.is_symlink()
+
+
+def _evaluated_folder(run_dir: Path, name: str) -> tuple[Any, Any] | None:
+    """(root, split) of a saved evaluation; None when its summary cannot be read."""
+    try:
+        summary = read_external(run_dir, name)
+    except (FileNotFoundError, ValueError):
+        return None
+    return summary.get("root"), summary.get("split")
+
+
+def _describe_saved(run_dir: Path, name: str) -> str:
+    try:
+        summary = read_external(run_dir, name)
+    except (FileNotFoundError, ValueError):
+        return "its summary.json is missing or damaged"
+    return (f"an evaluation of {summary.get('root', '?')} (split {summary.get('split', '?')}), evaluated "
+            f"{summary.get('created', '?')}")
+
+
+def suggest_name(run_dir: str | os.PathLike, data: str | os.PathLike, split: str, root: str) -> str:
+    """The name an evaluation of `data` gets by default: the folder's name, or '<name>-2', '-3', ... when an
+    evaluation of another folder (dataset root `root` and `split` differ) holds it. An evaluation of the same
+    folder keeps the name (replacing it needs consent)."""
+    base = default_name(data, split)
+    for k in range(1, MAX_SAME_NAME + 1):
+        candidate = base if k == 1 else _numbered(base, k)
+        if not _taken(Path(run_dir), candidate) or _evaluated_folder(Path(run_dir), candidate) == (root, split):
+            return candidate
+    raise ValueError(f"{MAX_SAME_NAME} evaluations are already named after {base}: give this one a name.")
+
+
+def choose_name(run_dir: str | os.PathLike, name: str | None, data: str | os.PathLike, split: str, root: str,
+                replace: bool = False) -> tuple[str, str | None]:
+    """(the name to save under, a note when it is not the folder's own name). A given name is checked as is; a
+    taken name is refused unless `replace`, and without a name, an evaluation of another folder is never
+    replaced: the new one gets a numbered name."""
+    run_dir = Path(run_dir)
+    if name is not None and name.strip():
+        chosen = check_name(name)
+        if _taken(run_dir, chosen) and not replace:
+            saved = _describe_saved(run_dir, chosen)
+            raise ValueError(f"An evaluation named '{chosen}' already exists in this run ({saved}): nothing was "
+                             "replaced. Give another name, or replace it (--replace; on the External data page, "
+                             "tick Replace).")
+        return chosen, None
+    chosen = suggest_name(run_dir, data, split, root)
+    if _taken(run_dir, chosen) and not replace:
+        raise ValueError(f"This folder was already evaluated as '{chosen}' ({_describe_saved(run_dir, chosen)}): "
+                         "nothing was replaced. Replace it (--replace; on the External data page, tick Replace), "
+                         "or give this evaluation another name (--name).")
+    base, folder = default_name(data, split), _folder_name(data, split)
+    notes = []
+    if base != folder:
+        notes.append(f"the folder's name {_shown(folder, 40)} holds other characters than {NAME_RULE}, or is "
+                     f"longer than {MAX_NAME_LENGTH}")
+    if chosen != base:
+        notes.append(f"'{base}' holds {_describe_saved(run_dir, base)}")
+    return chosen, (f"Saved as '{chosen}': {'; '.join(notes)}." if notes else None)
+
+
+@contextmanager
+def _writers_lock(run_dir: Path) -> Iterator[Path]:
+    """One writer of a run's evaluations at a time (the CLI, the page, a second command): deciding a name and
+    moving files into place happen under this lock, so two evaluations never both claim one name."""
+    base = Path(run_dir) / runs.EXTERNAL_DIR
+    base.mkdir(exist_ok=True)
+    with open(base / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield base
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _save_evaluation(base: Path, name: str, predictions: pd.DataFrame, summary: dict, replace: bool) -> Path:
+    """Write both files in a hidden staging folder, then move it into place in one rename: a reader sees the old
+    evaluation or the new one, never a mix; an existing one is only replaced when `replace`. Call under
+    _writers_lock."""
+    target = base / name
+    if (target.exists() or target.is_symlink()) and not replace:
+        raise ValueError(f"An evaluation named '{name}' was saved meanwhile: nothing was replaced.")
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise ValueError(f"{target} is not an evaluation folder: nothing was replaced.")
+    staging_root = base / STAGING_DIR
+    staging_root.mkdir(exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=staging_root))
+    replaced = staging_root / f"{staging.name}.replaced"
+    try:
+        predictions.to_csv(staging / PREDICTIONS_FILE, index=False)
+        (staging / SUMMARY_FILE).write_text(json.dumps(_json_ready(summary), indent=2))
+        if target.exists():
+            os.rename(target, replaced)
+            try:
+                os.rename(staging, target)
+            except OSError:
+                os.rename(replaced, target)
+                raise
+        else:
+            os.rename(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(replaced, ignore_errors=True)
+        with suppress(OSError):
+            staging_root.rmdir()  # empty unless a killed writer left files there
+    return target
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -481,25 +735,74 @@ THRESHOLD_TRANSFER_WARNING = (
 
 # ---------------------------------------------------------------- evaluation
 
+@dataclass(frozen=True)
+class RefitRequest:
+    """Re-pick the threshold with `rule` (and its target `value`) on `fraction` of a set's patients, seeded."""
+
+    rule: str
+    value: float | None = None
+    fraction: float = 0.5
+    seed: int = 0
+
+    def check(self) -> None:
+        """ValueError for a rule, value or fraction that cannot be used, before any work."""
+        check_refit_rule(self.rule, self.value)
+        fraction = self.fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise ValueError(f"The fit fraction is a share of the patients strictly between 0 and 1, not {fraction}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"The seed is a whole number from 0 to 2**32 - 1, not {self.seed}.")
+
+
 def evaluate_external(run_dir: str | os.PathLike, data: str, class_map: dict[str, str] | None = None,
                       name: str | None = None, split: str = "all", device: str = "auto",
-                      progress: Progress | None = None) -> dict:
+                      progress: Progress | None = None, replace: bool = False,
+                      refit: RefitRequest | None = None) -> dict:
     """Score the run's best checkpoint on a folder of X-rays and save the predictions and a summary under
-    `<run>/external/<name>/` (an evaluation of the same name is replaced). Returns the summary plus
-    "predictions" (a DataFrame), "dir" and "metrics" (every metric with its 95% patient-bootstrap interval at
-    the run's operating threshold)."""
-    import torch
-
-    from .predict import load_run_model
-    from .trainer import compute_logits, positive_probs, select_device, uses_bf16
-
+    `<run>/external/<name>/`. A saved evaluation is replaced only with `replace`. Without `name` the folder's
+    name is used, numbered ('<name>-2') when an evaluation of another folder holds it (see choose_name). With
+    `refit`, the threshold is also re-picked on part of the set and saved with it: a re-pick that cannot be
+    done saves nothing. Everything is checked before the model is loaded. Returns the summary plus
+    "predictions" (a DataFrame), "dir", "name_note" (why the name is not the folder's, or None) and "metrics"
+    (every metric with its 95% patient-bootstrap interval at the run's operating threshold)."""
     run_dir = Path(run_dir)
+    if refit is not None:
+        refit.check()
     config = runs.read_config(run_dir)
     classes = run_classes(run_dir)
     operating = runs.operating_point(run_dir)  # a damaged threshold.json stops here, before any work
     index = scan_external(data, classes, class_map, split)
-    name = sanitize_name(name) if name and name.strip() else default_name(data, split)
-    target = external_dir(run_dir, name)
+    choose_name(run_dir, name, data, split, index.root, replace)  # a taken name is refused before any work
+    if refit is not None:
+        _check_splittable(default_name(data, split) if not name else name.strip(),
+                          np.array([r.label for r in index.records]), np.array([r.patient for r in index.records]),
+                          refit)
+    with _writers_lock(run_dir) as base:
+        # Again under the lock: another process may have saved under this name since.
+        chosen, note = choose_name(run_dir, name, data, split, index.root, replace)
+        predictions, decoded, loaded, hashes = _score(run_dir, config, classes, index, device, progress)
+        pset = PredictionSet(set_name(chosen), predictions, predictions["label"].to_numpy(dtype=int),
+                             # float32 as the file holds them, so that these figures equal a later reading's
+                             predictions["prob"].to_numpy(dtype=np.float32).astype(np.float64),
+                             predictions["patient"].to_numpy(dtype=str), list(classes))
+        summary = _summary(run_dir, chosen, data, split, index, predictions, decoded, loaded, hashes)
+        summary["threshold"] = {"value": operating.threshold, "source": operating.source, "rule": operating.rule,
+                                "chosen_on": operating.chosen_on, "described": operating.describe()}
+        summary["metrics"] = set_summary(pset, operating.threshold)
+        if refit is not None:
+            summary["refit"] = _refit_result(pset, refit, operating.threshold)
+        target = _save_evaluation(base, chosen, predictions, summary, replace)
+    return {**_json_ready(summary), "dir": str(target), "predictions": predictions, "name_note": note}
+
+
+def _score(run_dir: Path, config: dict, classes: list[str], index: ExternalIndex, device: str,
+           progress: Progress | None) -> tuple[pd.DataFrame, Any, Any, list[str]]:
+    """(predictions, the decoding result, the loaded model, each kept image's sha256): the indexed images scored
+    by the run's best checkpoint; unreadable images are left out (and listed by the decoding result)."""
+    import torch
+
+    from .predict import load_run_model
+    from .trainer import compute_logits, positive_probs, select_device, uses_bf16
 
     dev = select_device(device)
     loaded = load_run_model(run_dir, dev)
@@ -520,78 +823,234 @@ def evaluate_external(run_dir: str | os.PathLike, data: str, class_map: dict[str
         "class_name": [r.class_name for r in kept], "source_class": [r.source_class for r in kept],
         "prob": positive_probs(logits, loaded.temperature), "prob_uncalibrated": positive_probs(logits),
     }, columns=list(PREDICTION_COLUMNS))
-
     hashes = [decoded.sha256[i] or _sha256_file(index.records[i].path) for i in decoded.ok_indices]
+    return predictions, decoded, loaded, hashes
+
+
+def _summary(run_dir: Path, name: str, data: str, split: str, index: ExternalIndex, predictions: pd.DataFrame,
+             decoded: Any, loaded: Any, hashes: list[str]) -> dict:
+    """What was evaluated, what was left out, and what to beware of (summary.json, without the metrics)."""
+    classes = index.run_classes
     overlap = training_overlap(run_dir, list(predictions["path"]), list(predictions["patient"]), hashes)
     counts = class_counts(list(predictions["class_name"]), classes)
     # The class check runs on the images read, not found: unreadable files can empty a class.
     one_class = one_class_warning(counts, classes)
     warnings = index.folder_notes() + ([one_class] if one_class else []) + overlap_warnings(overlap, len(predictions))
     warnings.append(THRESHOLD_TRANSFER_WARNING)
-
-    summary = {
+    return {
         "name": name, "set": set_name(name), "data": str(data), "root": index.root, "split": split,
         "splits_found": index.splits_found, "class_map": index.class_map, "classes": classes,
         "counts": counts, "counts_by_folder": class_counts(list(predictions["source_class"]),
                                                            sorted(set(predictions["source_class"]))),
         "n": int(len(predictions)), "n_patients": int(predictions["patient"].nunique()),
-        "n_found": len(paths),
+        "n_found": len(index.records),
         "skipped": [{"path": p, "reason": r} for p, r in decoded.failed.items()]
         + [{"path": p, "reason": r} for p, r in index.unusable.items()],
         "ignored_folders": index.ignored_folders, "ignored_files": index.ignored_files,
         "created": _now(), "run": run_dir.name, "arch": loaded.arch, "image_size": loaded.image_size,
-        "threshold": {"value": operating.threshold, "source": operating.source, "rule": operating.rule,
-                      "chosen_on": operating.chosen_on, "described": operating.describe()},
         "overlap": overlap, "warnings": warnings,
     }
-    target.mkdir(parents=True, exist_ok=True)
-    _write_atomic(target / PREDICTIONS_FILE, lambda tmp: predictions.to_csv(tmp, index=False))
-    metrics = set_summary(load_set(run_dir, set_name(name)), operating.threshold)
-    summary["metrics"] = _json_ready(metrics)
-    _write_json(target / SUMMARY_FILE, summary)
-    return {**summary, "dir": str(target), "predictions": predictions}
 
 
-def read_external(run_dir: str | os.PathLike, name: str) -> dict:
-    """The summary.json of one evaluation; raises FileNotFoundError or ValueError naming the file."""
-    path = external_dir(run_dir, name) / SUMMARY_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"No external evaluation '{name}' in {run_dir} ({path} is missing).")
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}): evaluate the folder again, or delete "
-                         "this evaluation.") from e
-    if not isinstance(summary, dict):
-        raise ValueError(f"{path} is damaged (not a JSON object): evaluate the folder again, or delete this "
-                         "evaluation.")
-    return _checked_summary(summary, path)
+# ---------------------------------------------------------------- reading saved evaluations
+
+MAX_COUNT = 10**9  # images, patients, files: more than any folder holds
+MAX_TARGET = 1e6  # a refit rule's value: a proportion, or a cost ratio
 
 
-_SUMMARY_TYPES = {"class_map": dict, "counts_by_folder": dict, "counts": dict, "threshold": dict, "overlap": dict,
-                  "refit": dict, "warnings": list, "skipped": list, "ignored_files": list, "ignored_folders": list}
-_REFIT_KEYS = {"rule_described": str, "threshold": (int, float), "operating_threshold": (int, float), "fit": dict,
-               "read": dict, "at_operating": dict, "at_refit": dict}
+class _Damaged(ValueError):
+    """A summary.json field that is not of the type or range this version writes."""
 
 
-def _checked_summary(summary: dict, path: Path) -> dict:
-    """Fields of the wrong type are dropped and named in a warning, so one damaged field never breaks a view."""
-    damaged = [k for k, kind in _SUMMARY_TYPES.items() if k in summary and not isinstance(summary[k], kind)]
-    for key in damaged:
-        summary.pop(key)
-    refit = summary.get("refit")
-    if isinstance(refit, dict) and not all(isinstance(refit.get(k), kind) for k, kind in _REFIT_KEYS.items()):
-        summary.pop("refit")
-        damaged.append("refit")
-    summary["warnings"] = [w for w in summary.get("warnings", []) if isinstance(w, str)]
-    summary["ignored_folders"] = [f for f in summary.get("ignored_folders", []) if isinstance(f, dict)]
-    for key in ("skipped", "ignored_files"):
-        if key in summary:
-            summary[key] = [v for v in summary[key] if isinstance(v, (str, dict))]
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Damaged
+    return value
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise _Damaged
+    return value
+
+
+def _seed(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+        raise _Damaged
+    return value
+
+
+def _unit(value: Any) -> float:
+    """A probability, threshold or rate: a number in [0, 1] (NaN and infinity fail the comparison)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise _Damaged
+    return float(value)
+
+
+def _share(value: Any) -> float:
+    if _unit(value) in (0.0, 1.0):
+        raise _Damaged
+    return float(value)
+
+
+def _target(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_TARGET:
+        raise _Damaged
+    return float(value)
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Damaged
+    return value
+
+
+def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else check(value)
+
+
+def _one_of(*choices: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise _Damaged
+        return value
+    return check
+
+
+def _list_of(check: Callable[[Any], Any]) -> Callable[[Any], list]:
+    def check_list(value: Any) -> list:
+        if not isinstance(value, list):
+            raise _Damaged
+        return [check(v) for v in value]
+    return check_list
+
+
+def _map_of(check: Callable[[Any], Any]) -> Callable[[Any], dict]:
+    def check_map(value: Any) -> dict:
+        if not isinstance(value, dict):
+            raise _Damaged
+        return {_text(k): check(v) for k, v in value.items()}
+    return check_map
+
+
+def _record(required: dict[str, Callable[[Any], Any]],
+            optional: dict[str, Callable[[Any], Any]] | None = None) -> Callable[[Any], dict]:
+    """An object with every `required` key (and the `optional` ones it has) valid; other keys are dropped."""
+    def check(value: Any) -> dict:
+        if not isinstance(value, dict) or not required.keys() <= value.keys():
+            raise _Damaged
+        fields = {**required, **{k: c for k, c in (optional or {}).items() if k in value}}
+        return {key: field_check(value[key]) for key, field_check in fields.items()}
+    return check
+
+
+_INTERVAL = _record({"value": _optional(_unit), "low": _optional(_unit), "high": _optional(_unit)})
+_SET_SUMMARY = _record(
+    {"threshold": _unit, "n": _count, "n_patients": _count, "n_resamples": _count, "seed": _seed,
+     "counts": _record({k: _count for k in ("tp", "fp", "fn", "tn")}),
+     "metrics": _record({k: _INTERVAL for k in METRIC_KEYS})},
+    {"set": _text, "patients_known": _flag})
+_FIT_METRICS = _record({"threshold": _unit, **{k: _count for k in ("tp", "tn", "fp", "fn")},
+                        **{k: _optional(_unit) for k in ("accuracy", "sensitivity", "specificity", "precision",
+                                                          "npv", "f1", "auc")}})
+_REFIT = _record(
+    {"rule": _one_of(*THRESHOLD_TARGETS), "value": _optional(_target), "rule_described": _text, "fraction": _share,
+     "seed": _seed, "threshold": _unit, "operating_threshold": _unit,
+     "fit": _record({"n": _count, "n_patients": _count, "metrics": _FIT_METRICS}),
+     "read": _record({"n": _count, "n_patients": _count}), "at_operating": _SET_SUMMARY, "at_refit": _SET_SUMMARY},
+    {"created": _text})
+_EXAMPLES = _record({"images": _count, "examples": _list_of(_text)})
+_OVERLAP = _record({"checked": _flag}, {
+    "reason": _text, "run_images": _count, "run_files_hashed": _count,
+    "shared_patients": _record({"patients": _count, "images": _count, "examples": _list_of(_text)}),
+    "same_file_names": _EXAMPLES,
+    "identical_files": _record({"images": _count, "examples": _list_of(_list_of(_text))})})
+# Every field read_external returns, with its check: a field not listed here is not returned.
+_SUMMARY_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "name": _text, "set": _text, "data": _text, "root": _text, "split": _one_of(*SPLIT_CHOICES),
+    "splits_found": _list_of(_one_of(*SPLIT_NAMES)), "class_map": _map_of(_text), "classes": _list_of(_text),
+    "counts": _map_of(_count), "counts_by_folder": _map_of(_count), "n": _count, "n_patients": _count,
+    "n_found": _count, "created": _text, "run": _text, "arch": _text, "image_size": _count,
+    "threshold": _record({"value": _unit}, {"source": _text, "rule": _optional(_text),
+                                            "chosen_on": _optional(_text), "described": _text}),
+    "overlap": _OVERLAP, "metrics": _SET_SUMMARY, "refit": _REFIT,
+}
+# Lists whose valid entries are kept when others are damaged.
+_SUMMARY_LISTS: dict[str, Callable[[Any], Any]] = {
+    "warnings": _text, "ignored_files": _text,
+    "skipped": _record({"path": _text, "reason": _text}),
+    "ignored_folders": _record({"folder": _text, "files": _count}, {"paths": _list_of(_text)}),
+}
+
+
+def _checked_summary(raw: dict, path: Path) -> dict:
+    """Every field checked for type and range; a damaged one is dropped and named in one warning, so that a
+    damaged file never breaks a view nor shows a number that cannot be."""
+    summary: dict = {}
+    damaged = []
+    for key, check in _SUMMARY_FIELDS.items():
+        if key in raw:
+            try:
+                summary[key] = check(raw[key])
+            except (_Damaged, RecursionError):
+                damaged.append(key)
+    if summary.get("classes") is not None and len(summary["classes"]) != 2:
+        damaged.append("classes")
+        summary.pop("classes")
+    for key, check in _SUMMARY_LISTS.items():
+        if key not in raw:
+            continue
+        entries = raw[key] if isinstance(raw[key], list) else [raw[key]]
+        kept = []
+        for entry in entries:
+            try:
+                kept.append(check(entry))
+            except _Damaged:
+                pass
+        summary[key] = kept
+        if len(kept) < len(entries) or not isinstance(raw[key], list):
+            damaged.append(key)
+    summary.setdefault("warnings", [])
     if damaged:
         summary["warnings"].append(f"{path} has damaged fields ({', '.join(damaged)}): they are not shown. "
                                    "Evaluate the folder again to rewrite it.")
     return summary
+
+
+def _read_summary_file(run_dir: str | os.PathLike, name: str) -> tuple[dict, Path]:
+    """The summary.json of one evaluation as written (unchecked) and its path."""
+    path = external_dir(run_dir, name) / SUMMARY_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"No external evaluation '{name}' in {run_dir} ({path} is missing).")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+        raise ValueError(f"{path} is damaged ({type(e).__name__}: {str(e)[:200]}): evaluate the folder again, or "
+                         "delete this evaluation.") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path} is damaged (not a JSON object): evaluate the folder again, or delete this "
+                         "evaluation.")
+    return summary, path
+
+
+def read_external(run_dir: str | os.PathLike, name: str) -> dict:
+    """The summary.json of one evaluation, every field checked (see _checked_summary); raises FileNotFoundError
+    or ValueError naming the file when it is missing or not a JSON object."""
+    raw, path = _read_summary_file(run_dir, name)
+    return _checked_summary(raw, path)
+
+
+def check_prediction_count(run_dir: str | os.PathLike, name: str, rows: int) -> None:
+    """ValueError when the evaluation's predictions.csv has another number of rows than its summary.json
+    counts (a file cut short or edited); nothing to compare with when the summary is unreadable."""
+    try:
+        expected = read_external(run_dir, name).get("n")
+    except (FileNotFoundError, ValueError):
+        return
+    if expected is not None and expected != rows:
+        raise ValueError(f"{external_dir(run_dir, name) / PREDICTIONS_FILE} has {rows} rows but summary.json counts "
+                         f"{expected} images: the file is truncated or was edited. Evaluate the folder again to "
+                         "rewrite it.")
 
 
 def list_external(run_dir: str | os.PathLike) -> list[dict]:
@@ -607,12 +1066,9 @@ def list_external(run_dir: str | os.PathLike) -> list[dict]:
                        "has_predictions": (d / PREDICTIONS_FILE).is_file()}
         try:
             summary = read_external(run_dir, d.name)
-            n = summary.get("n")
-            warnings = summary.get("warnings")
-            entry.update(n=n if isinstance(n, int) else None, created=str(summary.get("created") or "") or None,
+            entry.update(n=summary.get("n"), created=summary.get("created") or None,
                          root=summary.get("root") or summary.get("data"), split=summary.get("split"),
-                         warnings=[str(w) for w in warnings] if isinstance(warnings, list) else [],
-                         refit=summary.get("refit") if isinstance(summary.get("refit"), dict) else None)
+                         warnings=summary["warnings"], refit=summary.get("refit"))
         except (FileNotFoundError, ValueError) as e:
             entry.update(damaged=True, error=str(e))
         if not entry["damaged"] and not entry["has_predictions"]:
@@ -626,28 +1082,45 @@ def list_external(run_dir: str | os.PathLike) -> list[dict]:
 def delete_external(run_dir: str | os.PathLike, name: str) -> None:
     """Remove `<run>/external/<name>/`; FileNotFoundError when there is no such evaluation."""
     target = external_dir(run_dir, name)
-    if not target.is_dir():
+    if target.is_symlink() or not target.is_dir():
         raise FileNotFoundError(f"No external evaluation '{name}' in {run_dir}.")
-    shutil.rmtree(target)
+    with _writers_lock(Path(run_dir)):
+        shutil.rmtree(target)
 
 
 # ---------------------------------------------------------------- re-picking the threshold
 
-def parse_refit_rule(text: str) -> tuple[str, float | None]:
-    """'recall:0.9' -> ('recall', 0.9); 'youden' -> ('youden', None). Raises ValueError on bad input."""
-    from .metrics import THRESHOLD_TARGETS
+def check_refit_rule(rule: str, value: float | None) -> None:
+    """ValueError for an unknown rule, a value given to a rule that takes none, or a value out of its range."""
+    if rule not in THRESHOLD_TARGETS:
+        raise ValueError(f"Unknown threshold rule {_shown(str(rule))}: write RULE[:VALUE] with RULE one of "
+                         f"{', '.join(THRESHOLD_TARGETS)} (e.g. recall:0.95).")
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"The {rule} value {value!r} is not a finite number.")
+    if rule not in TARGET_DEFAULTS:
+        raise ValueError(f"The rule {rule} takes no value: write '{rule}' alone.")
+    if rule == "cost" and not 0 < value <= MAX_TARGET:
+        raise ValueError(f"A cost ratio is a positive number (a missed positive costs that many false alarms), "
+                         f"not {value:g}.")
+    if rule != "cost" and not 0 <= value <= 1:
+        raise ValueError(f"A {rule} target is a proportion between 0 and 1, not {value:g}.")
 
+
+def parse_refit_rule(text: str) -> tuple[str, float | None]:
+    """'recall:0.9' -> ('recall', 0.9); 'youden' -> ('youden', None). Raises ValueError on bad input,
+    including a value out of the rule's range."""
     rule, sep, raw = (text or "").strip().partition(":")
     rule = rule.strip().lower()
-    if rule not in THRESHOLD_TARGETS:
-        raise ValueError(f"Unknown threshold rule '{rule}': write RULE[:VALUE] with RULE one of "
-                         f"{', '.join(THRESHOLD_TARGETS)} (e.g. recall:0.95).")
-    if not sep:
-        return rule, None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"'{raw}' in '{text}' is not a number: write RULE[:VALUE], e.g. recall:0.95.") from None
+    value = None
+    if sep:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"{_shown(raw)} in {_shown(text)} is not a number: write RULE[:VALUE], "
+                             "e.g. recall:0.95.") from None
+    check_refit_rule(rule, value)
     return rule, value
 
 
@@ -673,44 +1146,62 @@ def patient_split(labels: np.ndarray, patients: np.ndarray, fraction: float, see
     return np.flatnonzero(in_fit), np.flatnonzero(~in_fit)
 
 
-def refit_threshold(run_dir: str | os.PathLike, name: str, rule: str, value: float | None = None,
-                    fraction: float = 0.5, seed: int = 0) -> dict:
-    """Re-pick the threshold on a patient-grouped part (`fraction` of the patients) of an external set with
-    `rule` and read the rest, at the run's operating threshold and at the re-picked one (95% patient-bootstrap
-    intervals). The result is saved in the evaluation's summary.json under "refit" and returned."""
-    if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
-        raise ValueError(f"The fit fraction is a share of the patients strictly between 0 and 1, not {fraction}.")
-    summary = read_external(run_dir, name)  # a damaged summary stops here, before anything is written
-    pset = load_set(Path(run_dir), set_name(name))
-    if not pset.both_classes:
-        raise ValueError(f"'{name}' holds images of one class only: re-picking a threshold needs both "
-                         f"{pset.class_names[0]} and {pset.class_names[1]} images.")
-    patients = pset.patients if pset.patients is not None else np.array([str(i) for i in range(len(pset.labels))])
-    fit, read = patient_split(pset.labels, patients, float(fraction), seed)
+
+
+def _check_splittable(name: str, labels: np.ndarray, patients: np.ndarray, request: RefitRequest
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, read) indices of `request`'s patient split; ValueError when a side would lack a class."""
+    if len(np.unique(labels)) < 2:
+        raise ValueError(f"'{name}' holds images of one class only: re-picking a threshold needs images of both "
+                         "classes. Nothing was saved.")
+    fit, read = patient_split(labels, patients, float(request.fraction), request.seed)
     for part, rows in (("fit", fit), ("read", read)):
-        if len(np.unique(pset.labels[rows])) < 2:
-            raise ValueError(f"The {part} part of '{name}' lacks a class: {len(np.unique(patients))} patients are too "
-                             "few to split in two parts that both hold each class; evaluate a larger folder.")
-    threshold = choose_threshold(pset.labels[fit], pset.probs[fit], rule, value)
-    operating = runs.operating_point(Path(run_dir))
+        if len(np.unique(labels[rows])) < 2:
+            raise ValueError(f"The {part} part of '{name}' lacks a class: {len(np.unique(patients))} patients are "
+                             "too few to split in two parts that both hold each class; evaluate a larger folder, or "
+                             "without re-picking the threshold. Nothing was saved.")
+    return fit, read
+
+
+def _refit_result(pset: PredictionSet, request: RefitRequest, operating_threshold: float) -> dict:
+    """The threshold re-picked by `request` on a patient-grouped part of `pset`, and the other part read at
+    the operating threshold and at the re-picked one (95% patient-bootstrap intervals), JSON-ready."""
+    patients = pset.patients if pset.patients is not None else np.array([str(i) for i in range(len(pset.labels))])
+    fit, read = _check_splittable(pset.name, pset.labels, patients, request)
+    threshold = choose_threshold(pset.labels[fit], pset.probs[fit], request.rule, request.value)
     read_set = PredictionSet(f"{pset.name} (read part)", pset.frame.iloc[read].reset_index(drop=True),
                              pset.labels[read], pset.probs[read],
                              pset.patients[read] if pset.patients is not None else None, pset.class_names)
     boot = bootstrap_for(read_set)
     ranking = ranking_only(read_set, boot)
-    result = {
-        "rule": rule, "value": value, "rule_described": describe_rule(rule, value), "fraction": float(fraction),
-        "seed": int(seed), "threshold": float(threshold), "operating_threshold": operating.threshold,
+    return _json_ready({
+        "rule": request.rule, "value": request.value, "rule_described": describe_rule(request.rule, request.value),
+        "fraction": float(request.fraction), "seed": int(request.seed), "threshold": float(threshold),
+        "operating_threshold": float(operating_threshold),
         "fit": {"n": int(len(fit)), "n_patients": int(len(np.unique(patients[fit]))),
                 "metrics": metrics_at_threshold(pset.labels[fit], pset.probs[fit], threshold)},
         "read": {"n": int(len(read)), "n_patients": int(len(np.unique(patients[read])))},
-        "at_operating": set_summary(read_set, operating.threshold, boot, ranking),
+        "at_operating": set_summary(read_set, operating_threshold, boot, ranking),
         "at_refit": set_summary(read_set, threshold, boot, ranking),
         "created": _now(),
-    }
-    result = _json_ready(result)
-    summary["refit"] = result
-    _write_json(external_dir(run_dir, name) / SUMMARY_FILE, summary)
+    })
+
+
+def refit_threshold(run_dir: str | os.PathLike, name: str, rule: str, value: float | None = None,
+                    fraction: float = 0.5, seed: int = 0) -> dict:
+    """Re-pick the threshold on a patient-grouped part (`fraction` of the patients) of a saved external set with
+    `rule` and read the rest, at the run's operating threshold and at the re-picked one (95% patient-bootstrap
+    intervals). The result replaces the evaluation's earlier re-pick ("refit" in summary.json) and is returned;
+    everything is checked before anything is written."""
+    request = RefitRequest(rule, value, fraction, seed)
+    request.check()
+    run_dir = Path(run_dir)
+    with _writers_lock(run_dir):  # the evaluation cannot be replaced while its summary is rewritten
+        raw, path = _read_summary_file(run_dir, name)  # a damaged summary stops here, before anything is written
+        pset = load_set(run_dir, set_name(name))
+        result = _refit_result(pset, request, runs.operating_point(run_dir).threshold)
+        raw["refit"] = result  # the file as written, with its other fields untouched
+        _write_json(path, raw)
     return result
 
 
@@ -724,6 +1215,7 @@ def metrics_table(summaries: dict[str, dict]) -> pd.DataFrame:
 
 
 def format_refit(refit: dict) -> str:
+    """The re-picked threshold and the read part's metrics, from a checked "refit" (see read_external)."""
     lines = [f"Threshold re-picked on {refit['fit']['n']} images ({refit['fit']['n_patients']} patients, "
              f"{refit['fraction']:.0%} of the patients, seed {refit['seed']}) by {refit['rule_described']}: "
              f"{refit['threshold']:.4f} (operating threshold {refit['operating_threshold']:.4f}).",
@@ -735,20 +1227,17 @@ def format_refit(refit: dict) -> str:
     return "\n".join(lines)
 
 
-def format_external(result: dict, refit_only: bool = False) -> str:
+def format_external(result: dict, include_refit: bool = True) -> str:
     """What the command line prints after an external evaluation: counts, folders, skipped and ignored files,
-    warnings, and the re-picked threshold when the result holds one ("refit"); only that with `refit_only`.
-    The metrics at the operating threshold are printed by the caller, as for the run's own sets."""
-    refit = format_refit(result["refit"]) if result.get("refit") else ""
-    if refit_only:
-        return refit
+    warnings, the re-picked threshold when the result holds one ("refit") and `include_refit`, and where it was
+    saved. The metrics at the operating threshold are printed by the caller, as for the run's own sets."""
     counts = ", ".join(f"{c} {n}" for c, n in (result.get("counts") or {}).items())
-    mapping = ", ".join(f"{f} -> {t}" for f, t in (result.get("class_map") or {}).items())
+    mapping = ", ".join(f"{quote_map_name(f)} -> {t}" for f, t in (result.get("class_map") or {}).items())
     lines = [f"External evaluation '{result.get('name')}' of {result.get('root')} (split {result.get('split')}): "
              f"{result.get('n')} images ({counts}), {result.get('n_patients')} patients.",
              f"Folders: {mapping}."]
     for folder in result.get("ignored_folders") or []:
-        lines.append(f"Ignored folder {folder['folder']} ({folder['files']} files).")
+        lines.append(f"Ignored folder {quote_map_name(folder['folder'])} ({folder['files']} files).")
     if result.get("ignored_files"):
         lines.append(f"Ignored {len(result['ignored_files'])} files that are not images "
                      f"(e.g. {result['ignored_files'][0]}).")
@@ -756,8 +1245,10 @@ def format_external(result: dict, refit_only: bool = False) -> str:
     lines.append(f"Skipped {len(skipped)} unreadable files" + (":" if skipped else "."))
     lines += [f"  {s['path']}: {s['reason']}" for s in skipped]
     lines += [f"WARNING: {w}" for w in result.get("warnings") or []]
-    if refit:
-        lines.append(refit)
+    if include_refit and result.get("refit"):
+        lines.append(format_refit(result["refit"]))
+    if result.get("name_note"):
+        lines.append(result["name_note"])
     if result.get("dir"):
         lines.append(f"Saved in {result['dir']} (set '{result.get('set')}' on the Thresholds and Mistakes pages).")
     return "\n".join(lines)

@@ -55,7 +55,13 @@ def class_names_of(df: pd.DataFrame, run_dir: Path) -> list[str]:
 
 
 def load_set(run_dir: Path, name: str) -> PredictionSet:
+    """One set's predictions, checked (runs.read_predictions); an external set's row count is also checked
+    against its summary.json, as the run's own sets are against split.csv, so a cut-short file is refused."""
     df = runs.read_predictions(Path(run_dir), name)
+    if name.startswith(runs.EXTERNAL_PREFIX):
+        from .external import check_prediction_count  # external imports this module
+
+        check_prediction_count(run_dir, name[len(runs.EXTERNAL_PREFIX):], len(df))
     patients = df["patient"].to_numpy(dtype=str) if "patient" in df and (df["patient"] != "").all() else None
     return PredictionSet(name, df, df["label"].to_numpy(dtype=int), df["prob"].to_numpy(dtype=float), patients,
                          class_names_of(df, Path(run_dir)))

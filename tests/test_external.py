@@ -51,6 +51,60 @@ def test_parse_class_map_reads_entries_and_refuses_bad_syntax():
         with pytest.raises(ValueError, match="No_findings=NORMAL,Pneumonia=PNEUMONIA|twice"):
             external.parse_class_map(bad)
     assert external.parse_class_map(external.format_class_map({"x": "NORMAL"})) == {"x": "NORMAL"}
+    # Double quotes make a name a JSON string: commas, '=', quotes and edge spaces kept.
+    assert external.parse_class_map('" a,b "=NORMAL, "x=y" = ignore,"q\\"t"=PNEUMONIA') == {
+        " a,b ": "NORMAL", "x=y": "ignore", 'q"t': "PNEUMONIA"}
+    for bad in ('"open=NORMAL', '"a"b=NORMAL', '""=NORMAL', '"a"'):
+        with pytest.raises(ValueError, match="quote"):
+            external.parse_class_map(bad)
+
+
+# Folder names a class map must be able to name: edge spaces, separators, quotes, shell characters.
+NASTY_FOLDERS = [" lead", "trail ", "a,b", "a=b", 'q"uote', "back\\slash", "it's $HOME;", "Ünï code", "tab\tin",
+                 "<NORMAL>"]
+
+
+@pytest.mark.parametrize("folder", NASTY_FOLDERS)
+def test_every_folder_name_round_trips_through_the_class_map(folder):
+    class_map = {folder: "NORMAL", "plain": "ignore"}
+    assert external.parse_class_map(external.format_class_map(class_map)) == class_map
+
+
+def test_the_suggested_class_map_is_accepted_as_written_for_nasty_folder_names(tmp_path):
+    import shlex
+
+    root = write_folder(tmp_path / "site", {name: 1 for name in NASTY_FOLDERS} | {"PNEUMONIA": 1})
+    with pytest.raises(DatasetError) as err:
+        external.scan_external(str(root), RUN_CLASSES, None)
+    message = str(err.value)
+    assert len(message.splitlines()) == 1
+    # What a user pastes into a shell: the argument after --class-map, with each placeholder filled in.
+    [argument] = shlex.split(message.split("--class-map ", 1)[1].split(", or --class-map-file")[0])
+    suggested = external.parse_class_map(argument.replace("<NORMAL|PNEUMONIA|ignore>", "NORMAL"))
+    assert suggested == {name: "NORMAL" for name in NASTY_FOLDERS} | {"PNEUMONIA": "PNEUMONIA"}
+    index = external.scan_external(str(root), RUN_CLASSES, suggested)
+    assert index.counts() == {"NORMAL": len(NASTY_FOLDERS), "PNEUMONIA": 1}
+
+
+def test_class_map_file_as_csv_or_json(tmp_path):
+    import csv
+
+    root = write_folder(tmp_path / "site", {name: 1 for name in NASTY_FOLDERS} | {"PNEUMONIA": 1})
+    wanted = {name: "NORMAL" for name in NASTY_FOLDERS}
+    with open(tmp_path / "map.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["folder", "class"], *wanted.items()])
+    (tmp_path / "map.json").write_text(json.dumps(wanted))
+    for name in ("map.csv", "map.json"):
+        assert external.read_class_map_file(tmp_path / name) == wanted
+        assert external.scan_external(str(root), RUN_CLASSES, wanted).counts()["NORMAL"] == len(NASTY_FOLDERS)
+    for text, message in (("a,NORMAL,extra\n", "line 1: 3 columns"), ("", "maps no folder"),
+                          ('{"a": 1}', "class name in quotes"), ('{"a": "NORMAL", "A": "PNEUMONIA"}', "twice"),
+                          ("{broken", "not valid JSON"), ("a,\n", "not FOLDER=CLASS")):
+        (tmp_path / "bad").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            external.read_class_map_file(tmp_path / "bad")
+    with pytest.raises(FileNotFoundError):
+        external.read_class_map_file(tmp_path / "missing.csv")
 
 
 def test_parse_refit_rule():
@@ -92,7 +146,7 @@ def test_unmapped_folder_is_an_error_naming_it_and_the_syntax(tmp_path):
     with pytest.raises(DatasetError) as err:
         external.scan_external(str(root), RUN_CLASSES, None)
     message = str(err.value)
-    assert "'No_findings'" in message and "--class-map No_findings=<NORMAL|PNEUMONIA|ignore>,Pneumonia=PNEUMONIA " \
+    assert "'No_findings'" in message and "--class-map 'No_findings=<NORMAL|PNEUMONIA|ignore>,Pneumonia=PNEUMONIA'," \
         in message
     assert "Folders found: No_findings, Pneumonia" in message and "'Pneumonia'" not in message
 
@@ -150,6 +204,19 @@ def test_names_are_sanitised_and_never_paths(tmp_path):
             external.external_dir(tmp_path, bad)
 
 
+def test_given_names_are_refused_rather_than_cut_or_changed():
+    assert external.check_name(" site-B_2.0 ") == "site-B_2.0"
+    assert external.check_name("x" * 64) == "x" * 64
+    with pytest.raises(ValueError, match="300 characters long: at most 64"):
+        external.check_name("x" * 300)
+    for bad, suggestion in (("my site", "my_site"), ("../x", "x"), (".hidden", "hidden"), ("a/b\nc", "a_b_c")):
+        with pytest.raises(ValueError, match=f"'{suggestion}', say") as err:
+            external.check_name(bad)
+        assert len(str(err.value).splitlines()) == 1
+    with pytest.raises(ValueError, match="empty"):
+        external.check_name("  ")
+
+
 # ---------------------------------------------------------------- evaluating a run
 
 def test_evaluate_saves_a_set_the_other_views_read(run_copy, tmp_path):
@@ -183,12 +250,19 @@ def test_evaluate_saves_a_set_the_other_views_read(run_copy, tmp_path):
     text = external.format_external(result)
     assert "9 images (NORMAL 4, PNEUMONIA 5)" in text and "broken.png" in text and "WARNING: A threshold" in text
 
-    # The same name again replaces the evaluation.
+    # The same name again is refused before any work, and replaces the evaluation only when asked to.
+    saved_bytes = (saved / "predictions.csv").read_bytes(), (saved / "summary.json").read_bytes()
     (root / "Pneumonia" / "broken.png").unlink()
     shutil.rmtree(root / "No_findings")
-    again = external.evaluate_external(run_copy, str(root), None, name=name, device="cpu")
+    for given in (name, None):
+        with pytest.raises(ValueError, match="nothing was replaced") as err:
+            external.evaluate_external(run_copy, str(root), None, name=given, device="cpu")
+        assert "--replace" in str(err.value)
+    assert ((saved / "predictions.csv").read_bytes(), (saved / "summary.json").read_bytes()) == saved_bytes
+    again = external.evaluate_external(run_copy, str(root), None, name=name, device="cpu", replace=True)
     assert again["n"] == 5 and len(runs.read_predictions(run_copy, f"external:{name}")) == 5
     assert any("Only PNEUMONIA images" in w for w in again["warnings"])
+    assert sorted(p.name for p in (run_copy / "external").iterdir()) == [".lock", name]  # no staging left
 
 
 def test_evaluating_the_images_the_run_was_trained_on_warns_that_auc_means_nothing(run_copy):
@@ -277,7 +351,8 @@ def test_refit_threshold_fits_on_some_patients_and_reads_the_others(run_copy, tm
     assert external.read_external(run_copy, name)["refit"]["threshold"] == pytest.approx(refit["threshold"])
     saved = external.read_external(run_copy, name)
     assert "re-picked" in external.format_external(saved) and "WARNING: A threshold" in external.format_external(saved)
-    assert external.format_external(saved, refit_only=True).startswith("Threshold re-picked on 24 images")
+    assert "re-picked" not in external.format_external(saved, include_refit=False)
+    assert external.format_refit(saved["refit"]).startswith("Threshold re-picked on 24 images")
 
 
 def test_refit_refuses_bad_input(run_copy, tmp_path):
@@ -287,6 +362,8 @@ def test_refit_refuses_bad_input(run_copy, tmp_path):
         external.refit_threshold(run_copy, one_class, "youden")
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         external.refit_threshold(run_copy, one_class, "youden", fraction=1.0)
+    with pytest.raises(ValueError, match="between 0 and 1, not 1.5"):
+        external.refit_threshold(run_copy, one_class, "recall", 1.5)
     with pytest.raises(FileNotFoundError, match="No external evaluation 'nothing'"):
         external.refit_threshold(run_copy, "nothing", "youden")
 
@@ -322,3 +399,224 @@ def test_run_classes_fall_back_to_the_data_report(run_copy):
     (run_copy / "data_report.json").unlink()
     with pytest.raises(ValueError, match="names no two classes"):
         external.run_classes(run_copy)
+
+
+# ---------------------------------------------------------------- nothing lost, nothing overwritten
+
+def saved_files(run_dir: Path, name: str) -> tuple[bytes, bytes]:
+    folder = run_dir / "external" / name
+    return (folder / "predictions.csv").read_bytes(), (folder / "summary.json").read_bytes()
+
+
+def test_default_names_never_replace_an_evaluation_of_another_folder(run_copy, tmp_path):
+    first = write_folder(tmp_path / "hospA" / "images", {"NORMAL": 2, "PNEUMONIA": 2})
+    second = write_folder(tmp_path / "hospB" / "images", {"NORMAL": 3, "PNEUMONIA": 3})
+    a = external.evaluate_external(run_copy, str(first), device="cpu")
+    kept = saved_files(run_copy, "images")
+    b = external.evaluate_external(run_copy, str(second), device="cpu")
+    assert (a["name"], a["name_note"], b["name"]) == ("images", None, "images-2")
+    assert "Saved as 'images-2'" in b["name_note"] and str(first) in b["name_note"]
+    assert "Saved as 'images-2'" in external.format_external(b)
+    assert saved_files(run_copy, "images") == kept
+    assert external.suggest_name(run_copy, str(second), "all", str(second)) == "images-2"
+
+    # The same folder again: its default name is taken by itself, so it is refused like a given name.
+    with pytest.raises(ValueError, match="already evaluated as 'images-2'.*--replace"):
+        external.evaluate_external(run_copy, str(second), device="cpu")
+    again = external.evaluate_external(run_copy, str(second), device="cpu", replace=True)
+    assert again["name"] == "images-2" and saved_files(run_copy, "images") == kept
+
+    # Names over the limit are refused, never cut; long folder names get distinct default names.
+    with pytest.raises(ValueError, match="at most 64"):
+        external.evaluate_external(run_copy, str(first), name="a" * 299 + "1", device="cpu")
+    long_a = write_folder(tmp_path / ("x" * 200 + "a"), {"NORMAL": 1, "PNEUMONIA": 1})
+    long_b = write_folder(tmp_path / ("x" * 200 + "b"), {"NORMAL": 1, "PNEUMONIA": 1})
+    names = [external.evaluate_external(run_copy, str(d), device="cpu")["name"] for d in (long_a, long_b)]
+    assert names[0] != names[1] and all(len(n) <= external.MAX_NAME_LENGTH for n in names)
+    assert len(external.list_external(run_copy)) == 4
+
+
+def test_concurrent_evaluations_of_one_name_save_one_and_refuse_the_other(run_copy, tmp_path, monkeypatch):
+    import threading
+
+    folders = [write_folder(tmp_path / f"site{k}", {"NORMAL": 2, "PNEUMONIA": 2}) for k in (1, 2)]
+    # Both pass the early name check before either saves: the lock must settle it.
+    both_checked = threading.Barrier(2, timeout=60)
+    checks: dict[int, int] = {}
+    choose_name = external.choose_name
+
+    def racing_choose_name(*args, **kwargs):
+        me = threading.get_ident()
+        checks[me] = checks.get(me, 0) + 1
+        result = choose_name(*args, **kwargs)
+        if checks[me] == 1:
+            both_checked.wait()
+        return result
+
+    monkeypatch.setattr(external, "choose_name", racing_choose_name)
+    outcomes: list = []
+
+    def evaluate(folder: Path) -> None:
+        try:
+            outcomes.append(external.evaluate_external(run_copy, str(folder), name="shared", device="cpu")["n"])
+        except ValueError as e:
+            outcomes.append(str(e))
+
+    threads = [threading.Thread(target=evaluate, args=(f,)) for f in folders]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    saved = [o for o in outcomes if isinstance(o, int)]
+    refused = [o for o in outcomes if isinstance(o, str)]
+    assert len(saved) == 1 and len(refused) == 1, outcomes
+    assert "nothing was replaced" in refused[0]
+    assert [e["name"] for e in external.list_external(run_copy)] == ["shared"]
+
+
+def test_a_refit_that_cannot_be_done_saves_nothing_and_loads_no_model(run_copy, tmp_path, monkeypatch):
+    root = write_folder(tmp_path / "site", {"NORMAL": 3, "PNEUMONIA": 3})
+    external.evaluate_external(run_copy, str(root), device="cpu")
+    kept = saved_files(run_copy, "site")
+    tiny = write_folder(tmp_path / "tiny", {"NORMAL": 1, "PNEUMONIA": 1})
+
+    import core.predict
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(core.predict, "load_run_model", no_model)
+    bad = [(root, external.RefitRequest("recall", 1.5), "between 0 and 1, not 1.5"),
+           (root, external.RefitRequest("recall", float("nan")), "not a finite number"),
+           (root, external.RefitRequest("youden", 0.3), "takes no value"),
+           (root, external.RefitRequest("cost", -2.0), "positive number"),
+           (root, external.RefitRequest("sharpness"), "Unknown threshold rule"),
+           (root, external.RefitRequest("recall", 0.9, fraction=2), "strictly between 0 and 1"),
+           (tiny, external.RefitRequest("youden"), "too few to split.*Nothing was saved")]
+    for folder, request, message in bad:
+        with pytest.raises(ValueError, match=message):
+            external.evaluate_external(run_copy, str(folder), name="site", device="cpu", replace=True, refit=request)
+        assert saved_files(run_copy, "site") == kept
+    assert [e["name"] for e in external.list_external(run_copy)] == ["site"]
+
+
+def test_evaluation_and_refit_are_saved_together(run_copy, tmp_path):
+    root = write_folder(tmp_path / "site", {"NORMAL": 12, "PNEUMONIA": 12}, images_per_patient=2)
+    result = external.evaluate_external(run_copy, str(root), device="cpu",
+                                        refit=external.RefitRequest("specificity", 0.8, fraction=0.5))
+    saved = external.read_external(run_copy, "site")
+    assert saved["refit"]["threshold"] == pytest.approx(result["refit"]["threshold"])
+    assert saved["refit"]["fit"]["n"] + saved["refit"]["read"]["n"] == saved["n"] == 24
+    # The same re-pick on the saved set gives the same threshold: the one write used the saved probabilities.
+    again = external.refit_threshold(run_copy, "site", "specificity", 0.8, fraction=0.5)
+    assert again["threshold"] == pytest.approx(result["refit"]["threshold"])
+
+
+def test_cut_short_or_edited_predictions_are_refused(run_copy, tmp_path):
+    from core.operating import run_summary
+
+    root = write_folder(tmp_path / "site", {"NORMAL": 4, "PNEUMONIA": 4})
+    external.evaluate_external(run_copy, str(root), device="cpu")
+    path = run_copy / "external" / "site" / "predictions.csv"
+    whole = path.read_text()
+    lines = whole.splitlines(keepends=True)
+    path.write_text("".join(lines[:5]))  # the header and half the rows
+    with pytest.raises(ValueError, match="has 4 rows but summary.json counts 8 images: the file is truncated"):
+        load_set(run_copy, "external:site")
+    assert "truncated" in run_summary(run_copy, ["external:site"])["errors"]["external:site"]
+    for bad_prob in ("1.5", "-0.1", "nan", "inf"):
+        table = pd.read_csv(io_text(whole), dtype=str, keep_default_na=False)
+        table.loc[0, "prob"] = bad_prob
+        table.to_csv(path, index=False)
+        with pytest.raises(ValueError, match="probabilities between 0 and 1"):
+            load_set(run_copy, "external:site")
+    path.write_text(whole)
+    assert len(load_set(run_copy, "external:site").labels) == 8
+
+
+def io_text(text: str):
+    import io
+
+    return io.StringIO(text)
+
+
+def assert_sane(value, where: str = "summary") -> None:
+    """Every number finite and within what a view can show; every key a string."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            assert isinstance(k, str)
+            assert_sane(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            assert_sane(v, f"{where}[{i}]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        assert np.isfinite(value) and abs(value) <= external.MAX_TARGET * 1e3, where
+    else:
+        assert value is None or isinstance(value, (str, bool)), where
+
+
+@pytest.fixture
+def refitted(run_copy, tmp_path) -> tuple[Path, dict]:
+    root = write_folder(tmp_path / "site", {"NORMAL": 8, "PNEUMONIA": 8}, images_per_patient=2)
+    external.evaluate_external(run_copy, str(root), device="cpu", refit=external.RefitRequest("youden"))
+    path = run_copy / "external" / "site" / "summary.json"
+    return path, json.loads(path.read_text())
+
+
+def test_damaged_summary_fields_are_dropped_named_and_never_shown(refitted):
+    path, raw = refitted
+    damaged = dict(raw, n="__HUGE__", n_patients=1e30, counts={"NORMAL": "8", "PNEUMONIA": 8}, refit={},
+                   warnings=[1, "kept", None], skipped="not a list", threshold={"value": "__INF__"},
+                   metrics={**raw["metrics"], "threshold": "__NAN__"}, image_size=True, split="elsewhere",
+                   created=["2024"])
+    text = json.dumps(damaged).replace('"__HUGE__"', "1" + "0" * 400).replace('"__INF__"', "1e400") \
+        .replace('"__NAN__"', "NaN")
+    path.write_text(text)
+    summary = external.read_external(path.parents[2], "site")
+    assert_sane(summary)
+    for key in ("n", "n_patients", "counts", "refit", "threshold", "metrics", "image_size", "split", "created"):
+        assert key not in summary, key
+    assert summary["skipped"] == [] and summary["warnings"][0] == "kept"
+    [note] = [w for w in summary["warnings"] if "damaged fields" in w]
+    for key in ("n,", "n_patients", "counts", "refit", "warnings", "skipped", "threshold", "metrics"):
+        assert key in note, key
+    [entry] = external.list_external(path.parents[2])
+    assert not entry["damaged"] and entry["n"] is None and entry["refit"] is None
+    assert "External evaluation 'site'" in external.format_external(summary)
+    assert len(load_set(path.parents[2], "external:site").labels) == 16  # no count to check against: read
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda r: r.update(threshold="0.5"), lambda r: r.update(threshold=1.5), lambda r: r.update(fraction=1.0),
+    lambda r: r["fit"].update(n=-1), lambda r: r["fit"].update(n=2.5), lambda r: r.pop("at_refit"),
+    lambda r: r["at_refit"]["metrics"]["auc"].update(value=2.0), lambda r: r["read"].update(n_patients=None),
+    lambda r: r["at_operating"]["counts"].update(tp="3"), lambda r: r.update(rule="sharpness"),
+    lambda r: r.update(value=float("inf")), lambda r: r.update(rule_described=["x"]),
+])
+def test_a_damaged_refit_is_dropped_whole(refitted, mutate):
+    path, raw = refitted
+    mutate(raw["refit"])
+    path.write_text(json.dumps(raw))
+    summary = external.read_external(path.parents[2], "site")
+    assert "refit" not in summary and any("damaged fields (refit)" in w for w in summary["warnings"])
+    assert "re-picked" not in external.format_external(summary)
+
+
+def test_absurd_summaries_are_damaged_files_not_crashes(refitted):
+    path, _ = refitted
+    for text in ("[" * 100_000 + "]" * 100_000, '{"n": ' + "9" * 5000 + "}", "\xff\xfe", "null", '"text"'):
+        path.write_bytes(text.encode("latin-1"))
+        with pytest.raises(ValueError, match="is damaged"):
+            external.read_external(path.parents[2], "site")
+        [entry] = external.list_external(path.parents[2])
+        assert entry["damaged"] and len(entry["error"].splitlines()) == 1
+
+
+def test_refit_rewrites_only_its_own_field(refitted):
+    path, raw = refitted
+    raw["n_found"] = "not a count"
+    path.write_text(json.dumps(raw))
+    external.refit_threshold(path.parents[2], "site", "best_f1")
+    written = json.loads(path.read_text())
+    assert written["n_found"] == "not a count" and written["refit"]["rule"] == "best_f1"
+    assert not any("damaged fields" in w for w in written["warnings"])  # the reader's note is not saved
