@@ -269,3 +269,60 @@ def test_cli_writes_the_report(run_copy: Path, tmp_path: Path, quick: None, caps
 def test_write_report_returns_the_path(report_run: Path, tmp_path: Path, quick: None) -> None:
     out = write_report(report_run, tmp_path / "r.html", None)
     assert out == tmp_path / "r.html" and out.stat().st_size > 1_000_000  # plotly.js alone is several MB
+
+
+# ---------------------------------------------------------------- where the report may be written
+
+def test_the_report_never_replaces_a_runs_file_or_a_non_regular_file(report_run: Path, tmp_path: Path) -> None:
+    import os
+
+    weights = (report_run / "best.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="best.safetensors is in the run folder .* whose own files are never replaced"):
+        write_report(report_run, report_run / "best.safetensors", force=True)
+    assert (report_run / "best.safetensors").read_bytes() == weights
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        write_report(report_run, fifo, force=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="file is not a folder"):
+        write_report(report_run, tmp_path / "file" / "r.html")
+    assert fifo.exists() and (tmp_path / "file").read_text() == "x"
+    assert not [p for p in report_run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_an_existing_report_is_replaced_only_with_force(report_run: Path, tmp_path: Path, quick: None) -> None:
+    out = tmp_path / "report.html"
+    out.write_text("my earlier report")
+    with pytest.raises(ValueError, match="report.html exists: pass --force to replace it"):
+        write_report(report_run, out)
+    assert out.read_text() == "my earlier report"
+    assert write_report(report_run, out, force=True) == out
+    assert out.read_text().startswith("<!DOCTYPE html>") and not list(tmp_path.glob(".*.tmp"))
+
+
+HOSTILE = "<img src=http://x/a.png> [link](http://x) <script>alert(1)</script>"
+
+
+def test_text_from_the_runs_files_is_escaped(run_copy: Path, quick: None) -> None:
+    _fake_external(run_copy, "site-h", json.dumps({
+        "name": "site-h", "root": f"/data/{HOSTILE}", "split": "all", "warnings": [HOSTILE],
+        "skipped": [{"path": f"/data/{HOSTILE}.png", "reason": HOSTILE}]}))
+    config = json.loads((run_copy / "config.json").read_text())
+    config.update(name=HOSTILE, data=f"/data/{HOSTILE}")
+    (run_copy / "config.json").write_text(json.dumps(config))
+    runs.write_status(run_copy, phase=HOSTILE, error=HOSTILE)
+    environment = json.loads((run_copy / "environment.json").read_text())
+    environment["started_by"] = {"command": f"python -m core train {HOSTILE}"}
+    (run_copy / "environment.json").write_text(json.dumps(environment))
+    data_report = json.loads((run_copy / "data_report.json").read_text())
+    data_report.update(root=HOSTILE, skipped=[{"path": HOSTILE, "reason": HOSTILE}])
+    (run_copy / "data_report.json").write_text(json.dumps(data_report))
+    runs.save_threshold(run_copy, 0.4, chosen_on="val", target=HOSTILE)
+
+    document = build_report_html(run_copy, [])
+    assert "<img src=http" not in document and "alert(1)</script>" not in document  # nowhere, scripts included
+    assert document.count("&lt;img src=http://x/a.png&gt; [link](http://x)") >= 8  # shown as the text it is
+    from plotly.offline import get_plotlyjs
+
+    assert 'href="http' not in document.replace(get_plotlyjs(), "")
