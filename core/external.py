@@ -7,7 +7,7 @@ ignored. Predictions land in `<run>/external/<name>/predictions.csv`, next to a 
 what was evaluated and what to beware of (patients or files shared with the run's training data, a
 threshold that may not transfer), so every view that reads prediction sets (Thresholds, Mistakes, the
 operating metrics) can read this one as `external:<name>`. A saved evaluation is never replaced without
-consent (`replace=True`), and the writers of one run's evaluations take turns (a lock file in
+consent (`replace=True`), and the writers of one run's evaluations take turns (a lock on
 `<run>/external/`).
 """
 
@@ -422,7 +422,6 @@ def run_classes(run_dir: str | os.PathLike) -> list[str]:
 MAX_NAME_LENGTH = 64  # a folder name: the OS limits its length
 NAME_RULE = "letters, digits, '_', '.' and '-', not starting or ending with '_', '.' or '-'"
 MAX_SAME_NAME = 99  # default names '<folder>-2' ... '<folder>-99'
-LOCK_FILE = ".lock"
 STAGING_DIR = ".staging"  # hidden: no view lists it; files are written there, then moved into place
 
 
@@ -543,15 +542,16 @@ def choose_name(run_dir: str | os.PathLike, name: str | None, data: str | os.Pat
 @contextmanager
 def _writers_lock(run_dir: Path) -> Iterator[Path]:
     """One writer of a run's evaluations at a time (the CLI, the page, a second command): deciding a name and
-    moving files into place happen under this lock, so two evaluations never both claim one name."""
+    moving files into place happen under this lock, so two evaluations never both claim one name. The lock is
+    taken on the `external/` folder itself, so it leaves no file behind, and ends with the process."""
     base = Path(run_dir) / runs.EXTERNAL_DIR
     base.mkdir(exist_ok=True)
-    with open(base / LOCK_FILE, "a") as handle:
+    handle = os.open(base, os.O_RDONLY)
+    try:
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield base
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield base
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def _save_evaluation(base: Path, name: str, predictions: pd.DataFrame, summary: dict, replace: bool) -> Path:
