@@ -468,7 +468,7 @@ def _status_has_known_state(path: Path) -> bool:
 
 
 def _checkpoint_is_ours(path: Path) -> bool:
-    """best.safetensors carries the metadata the trainer writes (architecture and classes)."""
+    """best.safetensors carries the format tag every version of the trainer writes in its metadata."""
     from safetensors import safe_open
 
     try:
@@ -476,14 +476,14 @@ def _checkpoint_is_ours(path: Path) -> bool:
             metadata = f.metadata() or {}
     except Exception:  # noqa: BLE001 - a missing or damaged file raises several types
         return False
-    return "arch" in metadata and "classes" in metadata
+    return str(metadata.get("format", "")).startswith("cxr-workbench/")
 
 
 def _not_a_run(path: Path) -> str | None:
     """Why `path` is not a run folder of this tool, in words; None when it is one. A run is recognised by
     evidence every version of the trainer leaves, so that a damaged run stays a run: config.json holding a
-    training config, or else the trainer's folder name with a status.json of a known state or a checkpoint with
-    the trainer's metadata."""
+    training config, or else two of: the trainer's folder name, a status.json of a known state, a
+    best.safetensors with the trainer's format tag."""
     shown = display_path(path)
     try:
         mode = os.lstat(path).st_mode
@@ -498,18 +498,15 @@ def _not_a_run(path: Path) -> str | None:
     config = read_json(path / "config.json", None)
     if isinstance(config, dict) and all(key in config for key in _CONFIG_IDENTITY):
         return None
-    named_as_run = RUN_NAME.fullmatch(path.name) is not None
-    if named_as_run and (_status_has_known_state(path) or _checkpoint_is_ours(path)):
+    evidence = {"its name is not a run name (YYYYmmdd-HHMMSS-arch-strategy)": RUN_NAME.fullmatch(path.name),
+                "its status.json holds no state this tool writes": _status_has_known_state(path),
+                "it holds no best.safetensors this tool wrote": _checkpoint_is_ours(path)}
+    if sum(bool(found) for found in evidence.values()) >= 2:
         return None
-    if (path / "config.json").exists():
-        why = f"its config.json is not a training config of this tool (it lacks {', '.join(_CONFIG_IDENTITY)})"
-    else:
-        why = "it has no config.json"
-    if named_as_run:
-        why += ", and neither its status.json nor its best.safetensors is one this tool wrote"
-    else:
-        why += ", and its name is not a run name (YYYYmmdd-HHMMSS-arch-strategy)"
-    return f"{shown} is not a run of this tool: {why}"
+    why = (f"its config.json is not a training config of this tool (it lacks {', '.join(_CONFIG_IDENTITY)})"
+           if (path / "config.json").exists() else "it has no config.json")
+    return f"{shown} is not a run of this tool: {why}, and " + ", and ".join(
+        reason for reason, found in evidence.items() if not found)
 
 
 def is_run_folder(path: Path) -> bool:

@@ -186,21 +186,23 @@ def test_links_files_and_missing_paths_are_refused(finished_run, tmp_path):
 
 @pytest.mark.parametrize("variant", sorted(RUN_DAMAGE))
 def test_every_damaged_run_stays_listed_and_deletable(finished_run, tmp_path, variant):
-    run = shutil.copytree(finished_run, tmp_path / "runs" / finished_run.name)
+    run = shutil.copytree(finished_run, tmp_path / "runs" / f"damaged-{variant}")  # not even the trainer's name
     damage_run(run, variant)
     assert [r["run"] for r in runs.list_runs(run.parent)] == [run.name]
     runs.delete_run(run)
     assert not run.exists()
 
 
-def test_a_run_with_config_and_status_both_damaged_is_still_recognised_by_name_and_checkpoint(finished_run, tmp_path):
+def test_a_run_without_its_config_is_recognised_by_two_other_signs(finished_run, tmp_path):
     run = shutil.copytree(finished_run, tmp_path / finished_run.name)
     (run / "config.json").unlink()
     (run / "status.json").write_bytes(b"\x00garbage")
-    runs.check_deletable(run)
-    renamed = run.rename(tmp_path / "renamed")  # no name, no config: nothing proves it is a run any more
+    runs.check_deletable(run)  # its name and its checkpoint
+    renamed = run.rename(tmp_path / "renamed")
     with pytest.raises(ValueError, match="it has no config.json, and its name is not a run name"):
-        runs.check_deletable(renamed)
+        runs.check_deletable(renamed)  # its checkpoint alone proves nothing
+    runs.write_status(renamed, state="finished")
+    runs.check_deletable(renamed)  # its checkpoint and its status
 
 
 def test_everything_the_tools_write_in_a_run_is_deletable(finished_run, tmp_path):
