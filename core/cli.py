@@ -229,6 +229,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import runs
+    from .external import format_external, format_refit
     from .operating import load_set, set_summary
 
     run_dir = Path(args.run)
@@ -240,20 +241,39 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     threshold = operating.threshold if args.threshold is None else args.threshold
     if not 0 <= threshold <= 1:
         raise ValueError("--threshold is a probability between 0 and 1.")
+    if args.groups and not Path(args.groups).is_file():
+        raise FileNotFoundError(f"--groups {args.groups}: no such file.")
     if args.data:
-        from .external import evaluate_external, format_external, parse_class_map, parse_refit_rule, refit_threshold
+        from .external import (
+            RefitRequest,
+            evaluate_external,
+            parse_class_map,
+            parse_refit_rule,
+            read_class_map_file,
+        )
 
-        class_map = parse_class_map(args.class_map) if args.class_map else None
-        refit_rule = parse_refit_rule(args.refit_threshold) if args.refit_threshold else None
-        if not 0 < args.refit_fraction < 1:
-            raise ValueError("--refit-fraction is a share of patients between 0 and 1 (exclusive).")
+        if args.class_map and args.class_map_file:
+            raise ValueError("Give the class map with --class-map or with --class-map-file, not both.")
+        class_map = read_class_map_file(args.class_map_file) if args.class_map_file else \
+            parse_class_map(args.class_map) if args.class_map else None
+        refit = None
+        if args.refit_threshold:
+            fraction = 0.5 if args.refit_fraction is None else args.refit_fraction
+            refit = RefitRequest(*parse_refit_rule(args.refit_threshold), fraction=fraction)
+            refit.check()
+        elif args.refit_fraction is not None:
+            raise ValueError("--refit-fraction goes with --refit-threshold RULE[:VALUE].")
         result = evaluate_external(run_dir, args.data, class_map=class_map, name=args.name,
-                                   split=args.split or "all")
-        print(format_external(result))
+                                   split=args.split or "all", replace=args.replace, refit=refit)
+        print(format_external(result, include_refit=False))
         set_name = runs.EXTERNAL_PREFIX + result["name"]
     else:
-        if args.class_map or args.name or args.refit_threshold:
-            raise ValueError("--class-map, --name and --refit-threshold go with --data DIR.")
+        used = [flag for flag, value in (("--class-map", args.class_map), ("--class-map-file", args.class_map_file),
+                                         ("--name", args.name), ("--refit-threshold", args.refit_threshold),
+                                         ("--refit-fraction", args.refit_fraction), ("--replace", args.replace))
+                if value not in (None, False)]
+        if used:
+            raise ValueError(f"{', '.join(used)} go{'es' if len(used) == 1 else ''} with --data DIR.")
         set_name = args.split or "test"
         if set_name not in runs.prediction_sets(run_dir) and not set_name.startswith(runs.EXTERNAL_PREFIX):
             ext = runs.EXTERNAL_PREFIX + set_name
@@ -264,9 +284,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(where)
     _print_summary(runs.set_label(set_name), set_summary(pset, threshold))
     _print_subgroups(pset, threshold, args.groups)
-    if args.data and args.refit_threshold:
-        refit = refit_threshold(run_dir, result["name"], *refit_rule, fraction=args.refit_fraction)
-        print(format_external({**result, "refit": refit}, refit_only=True))
+    if args.data and result.get("refit"):
+        print(format_refit(result["refit"]))
     if args.out:
         pset.frame.to_csv(args.out, index=False)
         print(f"predictions written to {args.out}")
@@ -495,11 +514,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-map", help="With --data: map its class folders onto the run's classes, e.g. "
                                        "No_findings=NORMAL,Pneumonia=PNEUMONIA (names that match, ignoring case, "
                                        "map themselves; map a folder to 'ignore' to leave it out).")
-    p.add_argument("--name", help="With --data: name of this evaluation (default: the folder's name).")
+    p.add_argument("--class-map-file", metavar="FILE",
+                   help="With --data: the class map from a file, a JSON object {\"No_findings\": \"NORMAL\"} or CSV "
+                        "rows folder,class (names exactly as written; for folder names with commas or spaces).")
+    p.add_argument("--name", help="With --data: name of this evaluation, letters, digits, '_', '.' and '-', at most "
+                                  "64 (default: the folder's name; numbered, e.g. images-2, when an evaluation of "
+                                  "another folder holds it).")
+    p.add_argument("--replace", action="store_true",
+                   help="With --data: replace the saved evaluation of the same name (refused without it).")
     p.add_argument("--refit-threshold", metavar="RULE[:VALUE]",
                    help="With --data: also re-pick the threshold on a patient-grouped part of the folder and read "
-                        "the rest (rules: youden, best_f1, recall, specificity, cost, ppv, npv; e.g. recall:0.95).")
-    p.add_argument("--refit-fraction", type=float, default=0.5,
+                        "the rest (rules: youden, best_f1, recall, specificity, cost, ppv, npv; e.g. recall:0.95); "
+                        "saved with the evaluation, and when it cannot be done nothing is saved.")
+    p.add_argument("--refit-fraction", type=float, default=None,
                    help="Share of the folder's patients used to re-pick the threshold (default 0.5).")
     p.add_argument("--groups", help="CSV with a path column and group columns: metrics per group (Kermany file "
                                     "names give bacterial/viral and the NORMAL series without it).")

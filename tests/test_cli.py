@@ -98,7 +98,7 @@ def test_saved_threshold_reaches_runs_and_evaluate(trained_run, tmp_path, monkey
 
 
 @pytest.mark.parametrize("args,message", [(["--threshold", "nan"], "--threshold is a probability"),
-                                          (["--class-map", "a=b"], "go with --data"),
+                                          (["--class-map", "a=b"], "goes with --data"),
                                           (["--split", "nonsense"], "No nonsense predictions")])
 def test_bad_evaluate_options_are_clear_errors(trained_run, args, message):
     run_dir, _ = trained_run
@@ -177,7 +177,12 @@ def test_delete_asks_refuses_active_runs_and_removes_only_run_folders(trained_ru
     assert main(["delete", str(copy)]) == 1  # not a terminal and no --yes: refused, nothing lost
     assert "add --yes" in capsys.readouterr().err and copy.exists()
     assert main(["delete", str(tmp_path)]) == 1
-    assert "not a run folder" in capsys.readouterr().err and tmp_path.exists()
+    assert "is not a run of this tool" in capsys.readouterr().err and tmp_path.exists()
+    (copy / "notes.txt").write_text("mine")  # a file the tool never writes: refused before asking
+    monkeypatch.setattr("builtins.input", lambda prompt: pytest.fail("asked before checking"))
+    assert main(["delete", "--yes", str(copy)]) == 1
+    assert "notes.txt" in capsys.readouterr().err and (copy / "notes.txt").exists()
+    (copy / "notes.txt").unlink()
     runs.write_status(copy, state="running", pid=os.getpid())
     assert main(["delete", "--yes", str(copy)]) == 1
     assert "stop it first" in capsys.readouterr().err and copy.exists()
@@ -276,3 +281,157 @@ def test_train_lists_the_files_it_skipped_and_refuses_an_unknown_device(tmp_path
     assert f"skipped {len(bad)} unreadable or unusable files" in result.stdout
     for path in bad:
         assert path in result.stdout
+
+
+# ------------------------------------------------ external evaluations: nothing lost or overwritten
+
+@pytest.fixture
+def cli_run(trained_run, tmp_path) -> Path:
+    """A private copy of the CLI's trained run, for tests that write evaluations into it."""
+    import shutil
+
+    run_dir, _ = trained_run
+    copy = tmp_path / "runs" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+def site(root: Path, per_folder: dict[str, int], per_patient: int = 1) -> Path:
+    from conftest import make_xray
+
+    for k, (folder, n) in enumerate(per_folder.items()):
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            make_xray(32, int("pneumonia" in folder.lower()), seed=100 * k + i).save(
+                root / folder / f"person{8000 + 100 * k + i // per_patient}_virus_{i}.png")
+    return root
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def saved(run_dir: Path, name: str) -> tuple[bytes, bytes]:
+    folder = run_dir / "external" / name
+    return (folder / "predictions.csv").read_bytes(), (folder / "summary.json").read_bytes()
+
+
+def test_evaluate_data_replaces_only_with_replace_and_says_where_it_saved(cli_run, tmp_path, capsys):
+    from core.cli import main
+
+    hosp_a = site(tmp_path / "hospA" / "images", {"NORMAL": 3, "PNEUMONIA": 3})
+    hosp_b = site(tmp_path / "hospB" / "images", {"NORMAL": 2, "PNEUMONIA": 2})
+    assert main(["evaluate", str(cli_run), "--data", str(hosp_a)]) == 0
+    assert "External evaluation 'images'" in capsys.readouterr().out
+    kept = saved(cli_run, "images")
+    assert main(["evaluate", str(cli_run), "--data", str(hosp_a)]) == 1
+    assert "already evaluated as 'images'" in one_error_line(capsys)
+    assert main(["evaluate", str(cli_run), "--data", str(hosp_b), "--name", "images"]) == 1
+    assert "--replace" in one_error_line(capsys) and saved(cli_run, "images") == kept
+    assert main(["evaluate", str(cli_run), "--data", str(hosp_b)]) == 0
+    out = capsys.readouterr().out
+    assert "Saved as 'images-2'" in out and "4 images" in out and saved(cli_run, "images") == kept
+    assert main(["evaluate", str(cli_run), "--data", str(hosp_b), "--name", "images", "--replace"]) == 0
+    assert "4 images" in capsys.readouterr().out and saved(cli_run, "images") != kept
+    for name, message in (("x" * 300, "300 characters long: at most 64"), ("my site", "'my_site', say")):
+        assert main(["evaluate", str(cli_run), "--data", str(hosp_a), "--name", name]) == 1
+        assert message in one_error_line(capsys)
+    assert main(["evaluate", str(cli_run), "--replace"]) == 1
+    assert "--replace goes with --data" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--refit-threshold", "recall:1.5"], "between 0 and 1, not 1.5"),
+    (["--refit-threshold", "recall:abc"], "is not a number"),
+    (["--refit-threshold", "youden", "--refit-fraction", "2"], "strictly between 0 and 1"),
+    (["--refit-fraction", "0.3"], "--refit-fraction goes with --refit-threshold"),
+    (["--class-map", "NORMAL=NORMAL", "--class-map-file", "x.csv"], "not both"),
+    (["--groups", "missing.csv"], "no such file"),
+])
+def test_refused_options_leave_the_saved_evaluation_untouched(cli_run, tmp_path, capsys, options, message):
+    from core.cli import main
+
+    folder = site(tmp_path / "site", {"NORMAL": 3, "PNEUMONIA": 3})
+    assert main(["evaluate", str(cli_run), "--data", str(folder)]) == 0
+    kept = saved(cli_run, "site")
+    capsys.readouterr()
+    assert main(["evaluate", str(cli_run), "--data", str(folder), "--replace", *options]) == 1
+    assert message in one_error_line(capsys)
+    assert saved(cli_run, "site") == kept
+
+
+def test_refit_with_the_evaluation_is_one_write(cli_run, tmp_path, capsys):
+    from core import external
+    from core.cli import main
+
+    small = site(tmp_path / "small" / "site", {"NORMAL": 1, "PNEUMONIA": 1})
+    folder = site(tmp_path / "site", {"NORMAL": 10, "PNEUMONIA": 10}, per_patient=2)
+    assert main(["evaluate", str(cli_run), "--data", str(folder)]) == 0
+    kept = saved(cli_run, "site")
+    capsys.readouterr()
+    assert main(["evaluate", str(cli_run), "--data", str(small), "--name", "site", "--replace",
+                 "--refit-threshold", "youden"]) == 1
+    assert "too few to split" in one_error_line(capsys) and saved(cli_run, "site") == kept
+    assert main(["evaluate", str(cli_run), "--data", str(folder), "--replace", "--refit-threshold",
+                 "specificity:0.8", "--refit-fraction", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("Threshold re-picked on") == 1
+    assert out.index("Specificity") < out.index("Threshold re-picked on")  # after the metrics, as before
+    assert external.read_external(cli_run, "site")["refit"]["rule"] == "specificity"
+
+
+def test_nasty_folder_names_are_mapped_with_the_suggested_map_or_a_file(cli_run, tmp_path, capsys):
+    import csv
+    import shlex
+
+    from core.cli import main
+    from core.external import parse_class_map, quote_map_name
+
+    folder = site(tmp_path / "site", {"No findings, adults": 2, " Pneumonia=yes ": 2})
+    assert main(["evaluate", str(cli_run), "--data", str(folder)]) == 1
+    err = one_error_line(capsys)
+    [argument] = shlex.split(err.split("--class-map ", 1)[1].split(", or --class-map-file")[0])
+    placeholder = "<NORMAL|PNEUMONIA|ignore>"
+    wanted = {"No findings, adults": "NORMAL", " Pneumonia=yes ": "PNEUMONIA"}
+    assert parse_class_map(argument) == {name: placeholder for name in wanted}
+    filled = argument
+    for name, cls in wanted.items():  # what a user does: fill in each placeholder
+        filled = filled.replace(f"{quote_map_name(name)}={placeholder}", f"{quote_map_name(name)}={cls}")
+    assert main(["evaluate", str(cli_run), "--data", str(folder), "--class-map", filled]) == 0
+    assert '"No findings, adults" -> NORMAL' in capsys.readouterr().out
+    with open(tmp_path / "map.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["No findings, adults", "NORMAL"], [" Pneumonia=yes ", "PNEUMONIA"]])
+    assert main(["evaluate", str(cli_run), "--data", str(folder), "--class-map-file", str(tmp_path / "map.csv"),
+                 "--name", "from-file"]) == 0
+    assert "4 images (NORMAL 2, PNEUMONIA 2)" in capsys.readouterr().out
+
+
+def test_a_cut_short_external_set_is_refused_by_evaluate(cli_run, tmp_path, capsys):
+    from core.cli import main
+
+    folder = site(tmp_path / "site", {"NORMAL": 3, "PNEUMONIA": 3})
+    assert main(["evaluate", str(cli_run), "--data", str(folder)]) == 0
+    path = cli_run / "external" / "site" / "predictions.csv"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:4]))
+    capsys.readouterr()
+    assert main(["evaluate", str(cli_run), "--split", "site"]) == 1
+    assert "has 3 rows but summary.json counts 6 images" in one_error_line(capsys)
+
+
+def test_report_and_export_keep_an_existing_file_unless_forced(cli_run, tmp_path, capsys):
+    from core.cli import main
+
+    out = tmp_path / "report.html"
+    out.write_text("mine")
+    assert main(["report", str(cli_run), "--out", str(out)]) == 1
+    assert "--force" in one_error_line(capsys) and out.read_text() == "mine"
+    assert main(["report", str(cli_run), "--out", str(out), "--force"]) == 0
+    assert out.read_text().startswith("<!DOCTYPE html>") or "<html" in out.read_text()[:500]
+    model = tmp_path / "model.onnx"
+    model.write_text("mine")
+    assert main(["export", str(cli_run), "--out", str(model)]) == 1
+    assert "--force" in one_error_line(capsys) and model.read_text() == "mine"
+    assert main(["export", str(cli_run), "--out", str(model), "--force"]) == 0
+    assert "parity with PyTorch: max |difference|" in capsys.readouterr().out
