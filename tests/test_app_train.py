@@ -164,3 +164,15 @@ def test_delete_a_run_after_confirming(app_env, finished_run):
     assert not doomed.exists() and keep.exists()
     assert "Deleted **doomed**" in at.success[0].value
     assert at.selectbox(key="train_monitor_run").options == ["keep"]
+
+
+def test_delete_is_refused_with_the_reason_when_the_folder_holds_someone_elses_file(app_env, finished_run):
+    kept = app_env / "kept"
+    shutil.copytree(finished_run, kept)
+    (kept / "notes.txt").write_text("mine")
+    at = page(TRAIN_PAGE).run()
+    at.selectbox(key="train_monitor_run").select("kept").run()
+    assert not at.exception
+    assert any(ui.plain(kept / "notes.txt") in e.value and "never writes" in e.value for e in at.error)
+    assert "train_delete" not in [b.key for b in at.button]  # nothing to click: nothing can be lost
+    assert (kept / "notes.txt").read_text() == "mine"
