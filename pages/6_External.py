@@ -4,6 +4,7 @@ of it. The work is done by core.external; this page only collects choices and sh
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +16,13 @@ from core.dataset import DatasetError
 from core.metrics import TARGET_DEFAULTS, THRESHOLD_TARGETS, describe_rule
 
 EVALUATION_ERRORS = (DatasetError, ValueError, FileNotFoundError, OSError, RuntimeError)
+
+
+def md(text: object) -> str:
+    """Text from files, folders or errors inside Markdown (st.markdown, st.caption, st.warning, st.error and widget
+    labels all render it): every ASCII punctuation character backslash-escaped and line breaks made spaces, so
+    that nothing in it becomes a link, an image, HTML or formatting."""
+    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", " ".join(str(text).splitlines()))
 
 
 # The predictions file's mtime is a hashed argument so that a re-evaluation under the same name is recomputed.
@@ -35,7 +43,7 @@ def evaluate_section(run_dir: Path, classes: list[str], folder: str) -> None:
     try:
         layout = external.describe_folder(folder)
     except DatasetError as e:
-        st.error(str(e))
+        st.error(md(e))
         return
     split = "all"
     if layout.splits:
@@ -45,29 +53,46 @@ def evaluate_section(run_dir: Path, classes: list[str], folder: str) -> None:
     folders = layout.folders(split)
     suggested = external.suggest_class_map(folders, classes)
     options = classes + [external.IGNORE]
-    st.markdown(f"**Class of each folder** in `{layout.root}`: the run's classes, or *ignore* to leave a folder out.")
+    st.markdown(f"**Class of each folder** in {md(layout.root)}: the run's classes, or *ignore* to leave a folder "
+                "out.")
     columns = st.columns(min(len(folders), 4))
     chosen: dict[str, str | None] = {}
     for i, name in enumerate(folders):
         match = suggested[name]
         chosen[name] = columns[i % len(columns)].selectbox(
-            name, options, index=options.index(match) if match else None, placeholder="choose a class",
+            md(name), options, index=options.index(match) if match else None, placeholder="choose a class",
             key=f"ext_map:{layout.root}:{name}")
-    evaluation_name = st.text_input("Name of this evaluation", value=external.default_name(folder, split),
-                                    key=f"ext_name:{layout.root}:{split}", max_chars=external.MAX_NAME_LENGTH,
-                                    help="Letters, digits, '_', '.' and '-'; the same name replaces an earlier "
-                                         "evaluation.")
-    # The name the evaluation will be saved under: an empty name falls back to the folder's, as in core.
-    saved_as = external.sanitize_name(evaluation_name) if evaluation_name.strip() else external.default_name(folder,
-                                                                                                            split)
-    if saved_as in {e["name"] for e in external.list_external(run_dir)}:
-        st.caption(f"Evaluating replaces the earlier evaluation '{saved_as}'.")
+    try:
+        suggested = external.suggest_name(run_dir, folder, split, layout.root)
+    except ValueError as e:
+        st.error(md(e))
+        return
+    evaluation_name = st.text_input("Name of this evaluation", value=suggested, key=f"ext_name:{layout.root}:{split}",
+                                    max_chars=external.MAX_NAME_LENGTH,
+                                    help="Letters, digits, '_', '.' and '-'. A name in use asks before it replaces "
+                                         "that evaluation.")
+    try:
+        saved_as = external.check_name(evaluation_name) if evaluation_name.strip() else suggested
+    except ValueError as e:
+        st.error(md(e))
+        return
+    saved = {e["name"]: e for e in external.list_external(run_dir)}
+    replace = False
+    if saved_as in saved:
+        earlier = saved[saved_as]
+        what = (f"of {earlier['root']}, evaluated {earlier['created']}" if not earlier["damaged"] else "damaged")
+        st.warning(md(f"An evaluation named '{saved_as}' exists ({what}). Evaluating under this name replaces it: "
+                      "its predictions, summary and re-picked threshold."))
+        replace = st.checkbox(md(f"Replace the evaluation '{saved_as}'"), key=f"ext_replace:{saved_as}")
     if not st.button("Evaluate", type="primary", key="ext_evaluate"):
+        return
+    if saved_as in saved and not replace:
+        st.error(md(f"Nothing evaluated: tick 'Replace the evaluation {saved_as}', or give another name."))
         return
     unmapped = [f for f, c in chosen.items() if c is None]
     if unmapped:
         st.error(f"Choose a class (or ignore) for the folder{'s' if len(unmapped) > 1 else ''} "
-                 f"{', '.join(unmapped)} first.")
+                 f"{md(', '.join(unmapped))} first.")
         return
     bar = st.progress(0.0, text="Reading images…")
 
@@ -77,15 +102,15 @@ def evaluate_section(run_dir: Path, classes: list[str], folder: str) -> None:
     try:
         with st.spinner("Scoring the folder…"):
             result = external.evaluate_external(run_dir, folder, {f: c for f, c in chosen.items() if c},
-                                                name=evaluation_name, split=split, progress=progress)
+                                                name=saved_as, split=split, progress=progress, replace=replace)
     except EVALUATION_ERRORS as e:
         bar.empty()
-        st.error(str(e))
+        st.error(md(e))
         return
     bar.empty()
     st.session_state["ext_open"] = result["name"]
     skipped = f"; {len(result['skipped'])} unreadable files skipped" if result["skipped"] else ""
-    st.success(f"Evaluated {result['n']} images as '{result['name']}'{skipped}.")
+    st.success(md(f"Evaluated {result['n']} images as '{result['name']}'{skipped}."))
 
 
 def counts_table(summary: dict) -> pd.DataFrame:
@@ -100,7 +125,7 @@ def counts_table(summary: dict) -> pd.DataFrame:
 
 
 def show_refit(refit: dict) -> None:
-    st.markdown(f"Threshold re-picked by **{refit['rule_described']}** on {refit['fit']['n']} images "
+    st.markdown(f"Threshold re-picked by **{md(refit['rule_described'])}** on {refit['fit']['n']} images "
                 f"({refit['fit']['n_patients']} patients): **{refit['threshold']:.3f}** (operating threshold "
                 f"{refit['operating_threshold']:.3f}). Read on the other {refit['read']['n']} images "
                 f"({refit['read']['n_patients']} patients), no patient on both sides:")
@@ -128,7 +153,7 @@ def refit_section(run_dir: Path, name: str, summary: dict) -> None:
             with st.spinner("Re-picking and bootstrapping…"):
                 summary["refit"] = external.refit_threshold(run_dir, name, rule, value, fraction)
         except (ValueError, OSError) as e:  # OSError: a full disk or read-only run folder
-            st.error(str(e))
+            st.error(md(e))
     if isinstance(summary.get("refit"), dict):
         show_refit(summary["refit"])
 
@@ -139,13 +164,13 @@ def delete_section(run_dir: Path, name: str) -> None:
             st.session_state["ext_confirm_delete"] = name
             st.rerun()
         return
-    st.warning(f"Delete the evaluation '{name}' (its predictions and summary)? The images are not touched.")
+    st.warning(md(f"Delete the evaluation '{name}' (its predictions and summary)? The images are not touched."))
     yes, no = st.columns(2)
     if yes.button("Yes, delete it", type="primary", key="ext_delete_yes"):
         try:
             external.delete_external(run_dir, name)
         except (ValueError, FileNotFoundError, OSError) as e:
-            st.error(str(e))
+            st.error(md(e))
             return
         st.session_state.pop("ext_confirm_delete", None)
         st.session_state.pop("ext_open", None)
@@ -158,21 +183,21 @@ def delete_section(run_dir: Path, name: str) -> None:
 def evaluation_view(run_dir: Path, entry: dict, threshold: float, threshold_text: str) -> None:
     name = entry["name"]
     if entry["damaged"]:
-        st.error(entry["error"])
+        st.error(md(entry["error"]))
         delete_section(run_dir, name)
         return
     try:
         summary = external.read_external(run_dir, name)
     except (FileNotFoundError, ValueError) as e:
-        st.error(str(e))
+        st.error(md(e))
         delete_section(run_dir, name)
         return
     at_eval = (summary.get("threshold") or {}).get("value")
-    st.caption(f"{summary.get('root')} · split {summary.get('split')} · evaluated {summary.get('created')}"
-               + (f" at threshold {at_eval:.3f}" if isinstance(at_eval, (int, float)) else ""))
+    st.caption(md(f"{summary.get('root', '?')} · split {summary.get('split', '?')} · evaluated "
+                  f"{summary.get('created', '?')}" + (f" at threshold {at_eval:.3f}" if at_eval is not None else "")))
     left, right = st.columns([1, 2])
     with left:
-        st.markdown(f"**{summary.get('n')} images**, {summary.get('n_patients')} patients")
+        st.markdown(f"**{summary.get('n', '?')} images**, {summary.get('n_patients', '?')} patients")
         st.dataframe(counts_table(summary), hide_index=True)
         skipped = summary.get("skipped") or []
         if skipped:
@@ -182,20 +207,20 @@ def evaluation_view(run_dir: Path, entry: dict, threshold: float, threshold_text
             with st.expander(f"{len(summary['ignored_files'])} files that are not images, ignored"):
                 st.dataframe(pd.DataFrame({"path": summary["ignored_files"]}), hide_index=True)
     with right:
-        st.markdown(f"At the operating threshold {threshold_text}:")
+        st.markdown(f"At the operating threshold {md(threshold_text)}:")
         try:
             metrics = set_metrics(str(run_dir), name, threshold,
                                   ui.file_mtime(external.external_dir(run_dir, name) / external.PREDICTIONS_FILE))
         except (FileNotFoundError, ValueError) as e:
-            st.error(str(e))
+            st.error(md(e))
         else:
             show_metrics(external.metrics_table({"value [95% interval]": metrics}))
             st.caption(f"95% patient-bootstrap intervals ({metrics['n_patients']} patients, "
                        f"{metrics['n_resamples']} resamples); a dash where a metric is undefined on this set.")
     for warning in summary.get("warnings") or []:
-        st.warning(warning)
+        st.warning(md(warning))
     st.info(f"This set can now be chosen on the **Thresholds** and **Mistakes** pages as "
-            f"*{runs.set_label(external.set_name(name))}*.")
+            f"*{md(runs.set_label(external.set_name(name)))}*.")
     refit_section(run_dir, name, summary)
     delete_section(run_dir, name)
 
@@ -211,10 +236,10 @@ try:
     classes = external.run_classes(run_dir)
     operating = runs.operating_point(run_dir)
 except ValueError as e:
-    st.error(str(e))
+    st.error(md(e))
     st.stop()
-st.markdown(f"The run predicts **{classes[1]}** (positive) against **{classes[0]}**; operating threshold "
-            f"{operating.describe()}.")
+st.markdown(f"The run predicts **{md(classes[1])}** (positive) against **{md(classes[0])}**; operating threshold "
+            f"{md(operating.describe())}.")
 
 st.subheader("Evaluate a folder")
 folder = st.text_input("Folder of X-rays: one sub-folder per class, with or without train/val/test folders",

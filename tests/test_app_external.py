@@ -4,6 +4,8 @@ on the page, never exceptions."""
 
 from __future__ import annotations
 
+import json
+import re
 import zlib
 from pathlib import Path
 
@@ -37,6 +39,11 @@ def map_key(root: Path, folder: str) -> str:
     return f"ext_map:{root.resolve()}:{folder}"
 
 
+def plain(markdown: str) -> str:
+    """The text a reader sees in an element whose file text was escaped for Markdown."""
+    return re.sub(r"\\(.)", r"\1", markdown)
+
+
 def test_no_runs_shows_hint(empty_runs_dir):
     at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
     assert not at.exception
@@ -57,14 +64,14 @@ def test_evaluate_a_mapped_folder_reopen_refit_and_delete(run_copy, tmp_path):
 
     at.button(key="ext_evaluate").click().run()
     assert not at.exception, at.exception
-    assert "No_findings" in at.error[0].value  # nothing evaluated until every folder has a class
+    assert "No_findings" in plain(at.error[0].value)  # nothing evaluated until every folder has a class
     assert not (run_copy / "external").exists()
 
     at.selectbox(key=map_key(root, "No_findings")).set_value("NORMAL").run()
     at.button(key="ext_evaluate").click().run()
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
-    assert "Evaluated 8 images as 'Site_B'" in at.success[0].value
+    assert "Evaluated 8 images as 'Site_B'" in plain(at.success[0].value)
     assert runs.read_predictions(run_copy, "external:Site_B")["source_class"].value_counts().to_dict() == {
         "No_findings": 4, "Pneumonia": 4}
 
@@ -77,7 +84,7 @@ def test_evaluate_a_mapped_folder_reopen_refit_and_delete(run_copy, tmp_path):
     metrics = metrics.set_index("metric")["value [95% interval]"]
     assert "AUC" in metrics.index and metrics["Sensitivity (recall)"].count("[") == 1
     assert any("rarely transfers to another site" in w.value for w in at.warning)
-    assert any("Thresholds" in i.value and "external: Site_B" in i.value for i in at.info)
+    assert any("Thresholds" in i.value and "external: Site_B" in plain(i.value) for i in at.info)
 
     at.selectbox(key="ext_refit_rule").set_value("recall").run()
     at.number_input(key="ext_refit_value:recall").set_value(0.75).run()
@@ -91,7 +98,8 @@ def test_evaluate_a_mapped_folder_reopen_refit_and_delete(run_copy, tmp_path):
                                   f"at {refit['threshold']:.3f} (re-picked)"]
 
     at.button(key="ext_delete").click().run()
-    assert (run_copy / "external" / "Site_B").is_dir() and "Delete the evaluation 'Site_B'" in at.warning[-1].value
+    assert (run_copy / "external" / "Site_B").is_dir()
+    assert "Delete the evaluation 'Site_B'" in plain(at.warning[-1].value)
     at.button(key="ext_delete_yes").click().run()
     assert not at.exception, at.exception
     assert not (run_copy / "external" / "Site_B").exists()
@@ -119,15 +127,62 @@ def test_bad_folder_and_damaged_evaluation_are_errors_not_exceptions(run_copy, t
     at = open_page()
     at.text_input(key="ext_folder").set_value(str(tmp_path / "nowhere")).run()
     assert not at.exception, at.exception
-    assert "Folder not found" in at.error[0].value
+    assert "Folder not found" in plain(at.error[0].value)
 
     damaged = run_copy / "external" / "old"
     damaged.mkdir(parents=True)
     (damaged / "summary.json").write_text("[1, 2")
     at = open_page()
-    assert "damaged" in at.error[0].value
+    assert "damaged" in plain(at.error[0].value)
     assert at.dataframe[0].value["status"].tolist() == ["damaged"]
     at.button(key="ext_delete").click().run()
     at.button(key="ext_delete_yes").click().run()
     assert not at.exception, at.exception
     assert not damaged.exists()
+
+
+def test_a_saved_evaluation_is_replaced_only_after_ticking_replace(run_copy, tmp_path):
+    root = site_folder(tmp_path / "site", {"NORMAL": 2, "Pneumonia": 2}, size=64)
+    at = open_page()
+    at.text_input(key="ext_folder").set_value(str(root)).run()
+    at.button(key="ext_evaluate").click().run()
+    assert not at.exception, at.exception
+    kept = (run_copy / "external" / "site" / "summary.json").read_bytes()
+    at.run()  # the next interaction
+    # The same name again: a warning and an unticked box; Evaluate alone replaces nothing.
+    assert any("An evaluation named 'site' exists" in plain(w.value) for w in at.warning)
+    assert at.checkbox(key="ext_replace:site").value is False
+    at.button(key="ext_evaluate").click().run()
+    assert not at.exception, at.exception
+    assert any("tick 'Replace the evaluation site'" in plain(e.value) for e in at.error)
+    assert (run_copy / "external" / "site" / "summary.json").read_bytes() == kept
+    at.checkbox(key="ext_replace:site").check().run()
+    at.button(key="ext_evaluate").click().run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert (run_copy / "external" / "site" / "summary.json").read_bytes() != kept
+    # A name that would have to change is refused with the one it could be, not changed silently.
+    at.text_input(key=f"ext_name:{root.resolve()}:all").set_value("my site").run()
+    assert any("'my_site', say" in plain(e.value) for e in at.error)
+
+
+def test_file_text_is_shown_as_text_never_as_markdown(run_copy, tmp_path):
+    root = site_folder(tmp_path / "site", {"NORMAL": 2, "Pneumonia": 2}, size=64)
+    external.evaluate_external(run_copy, str(root), device="cpu", refit=None)
+    path = run_copy / "external" / "site" / "summary.json"
+    summary = json.loads(path.read_text())
+    injected = "![tracker](http://attacker.example/pixel.png) [click](http://attacker.example) <img src=x> **bold**"
+    summary.update(warnings=[injected], root=injected, created=injected, n=1e30)
+    path.write_text(json.dumps(summary))
+    at = open_page()
+    assert not at.exception, at.exception
+    rendered = [e.value for kind in ("markdown", "caption", "warning", "error", "info", "success")
+                for e in getattr(at, kind)]
+    shown = [v for v in rendered if "attacker" in v]
+    assert shown, rendered
+    for value in shown:
+        # Every Markdown character of the file's text is escaped: no image, link, HTML or bold is made of it.
+        for made_of_it in (r"(?<!\\)\]\(", r"(?<!\\)<img", r"(?<!\\)\*\*bold"):
+            assert not re.search(made_of_it, value), value
+    assert any(injected in plain(v) for v in shown)
+    assert not any("1e+30" in v or "1e30" in v for v in rendered)  # a number out of range is not shown
