@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -27,6 +28,18 @@ PAGES = (
     ("pages/5_Predict.py", "Predict", "🩻"),
     ("pages/6_External.py", "External", "🌍"),
 )
+
+
+# Every ASCII punctuation character: CommonMark renders each one literally when a backslash precedes it.
+_MARKDOWN_SPECIALS = re.compile(r"([!-/:-@\[-`{-~])")
+
+
+def plain(text: object) -> str:
+    """Text read from a file (a run or group name, a path, a message quoting a file) made safe for the calls
+    that render Markdown (st.markdown, caption, info, warning, error, success, image captions, radio
+    options): every punctuation character is backslash-escaped, so links, images, HTML tags, emphasis, LaTeX
+    ($) and colour directives show as the literal characters."""
+    return _MARKDOWN_SPECIALS.sub(r"\\\1", str(text))
 
 
 def settings_file() -> Path:
@@ -108,7 +121,7 @@ def run_picker(label: str = "Run", key: str = "run", only_finished: bool = True)
     rows = finished_runs() if only_finished else runs.list_runs(runs_dir())
     if not rows:
         st.info("No finished runs yet. Start one on the **Train** page (or `python -m core train`); "
-                f"runs are read from `{runs_dir()}`.")
+                f"runs are read from {plain(runs_dir())}.")
         return None
     names = [r["run"] for r in rows]
     remembered = st.session_state.get("selected_run")

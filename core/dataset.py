@@ -12,9 +12,10 @@ import io
 import json
 import os
 import re
+import stat
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -380,11 +381,44 @@ class ImageTooLargeError(ValueError):
     """An image whose header declares more than MAX_IMAGE_PIXELS pixels; nothing of it was decoded."""
 
 
+def open_regular_file(path: str | os.PathLike) -> BinaryIO:
+    """Open a path for reading only when it is a regular file (a link to one is fine). A FIFO, a device, a
+    socket or a folder is refused with a ValueError instead of blocking forever or reading without end:
+    paths in a predictions or groups file are untrusted. The check is made on the opened descriptor
+    (O_NONBLOCK, so opening a FIFO returns at once), so the file cannot be swapped between check and read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except IsADirectoryError:
+        raise ValueError("not a regular file (a folder)") from None
+    except OSError as e:
+        raise ValueError(READ_ERROR_PREFIX + (e.strerror or str(e))) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a device, socket or pipe"
+            raise ValueError(f"not a regular file ({kind})")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 @contextmanager
 def open_image(source: str | os.PathLike | bytes | BinaryIO) -> Iterator[Image.Image]:
     """Open an image (a path, raw bytes or a file object) reading its header only, and refuse it before
     anything is decoded when it declares more than MAX_IMAGE_PIXELS pixels. Pillow's own guard only
-    warns between one and two times its limit; here the limit is hard. Raises ValueError with a reason."""
+    warns between one and two times its limit; here the limit is hard. A path must name a regular file
+    (see open_regular_file). Raises ValueError with a reason."""
+    with ExitStack() as files:
+        if isinstance(source, (str, os.PathLike)):
+            source = files.enter_context(open_regular_file(source))
+        with _open_checked(source) as img:
+            yield img
+
+
+@contextmanager
+def _open_checked(source: bytes | BinaryIO) -> Iterator[Image.Image]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -456,9 +490,13 @@ def _decode_chunk(args: tuple[list[str], int]) -> list[tuple[np.ndarray | None, 
     out: list[tuple[np.ndarray | None, str | None, str]] = []
     for p in paths:
         try:
-            data = Path(p).read_bytes()
+            with open_regular_file(p) as f:
+                data = f.read()
         except OSError as e:
             out.append((None, READ_ERROR_PREFIX + (e.strerror or str(e)), ""))
+            continue
+        except ValueError as e:  # not a regular file, or it could not be opened
+            out.append((None, str(e), ""))
             continue
         digest = hashlib.sha256(data).hexdigest()
         try:

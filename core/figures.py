@@ -4,6 +4,8 @@ they read no files."""
 
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import pandas as pd
 import plotly.colors as pc
@@ -27,6 +29,13 @@ def _text(text: str) -> dict:
     """A title as plotly.js wants it: without validation a bare string is not converted, and plotly.js
     (v3 and later) draws no title from a string."""
     return {"text": text}
+
+
+def plain_label(text: object) -> str:
+    """Text from a file (a run, set or class name) for a figure: plotly.js draws HTML tags (<a href>, <b>)
+    and entities in names, titles and axis labels, and fills %{...} in hover templates; escaped, it shows the
+    characters themselves."""
+    return html.escape(str(text), quote=False).replace("%{", "%&#123;")
 
 
 def _scatter(**kwargs) -> go.Scatter:
@@ -55,12 +64,13 @@ def roc_figure(curves: dict[str, dict], markers: list[dict] | None = None, title
     fig.add_trace(_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dash", color="#888888"),
                              name="chance", hoverinfo="skip"))
     for label, c in curves.items():
+        label = plain_label(label)
         fig.add_trace(_scatter(x=c["fpr"], y=c["tpr"], mode="lines", name=f"{label} (AUC {_auc_text(c['auc'])})",
                                  line=dict(color=c.get("colour")), customdata=c["threshold"],
                                  hovertemplate=f"{label}<br>FPR %{{x:.3f}}<br>TPR %{{y:.3f}}<br>"
                                                "threshold %{customdata:.3f}<extra></extra>"))
     for m in markers or []:
-        fig.add_trace(_scatter(x=[m["fpr"]], y=[m["tpr"]], mode="markers", name=m["name"],
+        fig.add_trace(_scatter(x=[m["fpr"]], y=[m["tpr"]], mode="markers", name=plain_label(m["name"]),
                                  marker=dict(symbol=m.get("symbol", "star"), size=m.get("size", 14),
                                              color=m.get("colour", "#DC143C"), line=dict(width=1, color="#000000"))))
     fig.update_layout(modebar=MODEBAR, title=_text(title), height=460, margin=dict(t=50, b=40), legend=LEGEND_BELOW)
@@ -76,6 +86,7 @@ def pr_figure(curves: dict[str, dict], markers: list[dict] | None = None,
     prevalence, colour}; a dashed line per set at its prevalence (a random classifier's precision)."""
     fig = go.Figure(_validate=VALIDATE)
     for label, c in curves.items():
+        label = plain_label(label)
         fig.add_trace(_scatter(x=[0, 1], y=[c["prevalence"]] * 2, mode="lines", hoverinfo="skip",
                                  name=f"{label} chance (prevalence {c['prevalence']:.2f})",
                                  line=dict(dash="dot", color=c.get("colour"), width=1)))
@@ -87,7 +98,7 @@ def pr_figure(curves: dict[str, dict], markers: list[dict] | None = None,
     for m in markers or []:
         if m.get("precision") is None or not np.isfinite(m["precision"]):
             continue
-        fig.add_trace(_scatter(x=[m["recall"]], y=[m["precision"]], mode="markers", name=m["name"],
+        fig.add_trace(_scatter(x=[m["recall"]], y=[m["precision"]], mode="markers", name=plain_label(m["name"]),
                                  marker=dict(symbol=m.get("symbol", "star"), size=m.get("size", 14),
                                              color=m.get("colour", "#DC143C"), line=dict(width=1, color="#000000"))))
     fig.update_layout(modebar=MODEBAR, title=_text(title), height=460, margin=dict(t=50, b=40), legend=LEGEND_BELOW)
@@ -97,8 +108,9 @@ def pr_figure(curves: dict[str, dict], markers: list[dict] | None = None,
 
 
 def confusion_figure(counts: dict, names: list[str], title: str) -> go.Figure:
-    """2x2 confusion matrix from {tp, fp, fn, tn}; names = [negative, positive]."""
+    """2x2 confusion matrix from {tp, fp, fn, tn}; names = [negative, positive] (shown as text)."""
     z = [[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]]
+    names = [plain_label(n) for n in names]
     heatmap = go.Heatmap(_validate=VALIDATE, z=z, x=names, y=names, text=z, texttemplate="%{text}",
                          textfont=dict(size=18),
                          colorscale=BLUES, showscale=False,
@@ -117,6 +129,7 @@ def reliability_figure(summaries: dict[str, dict], title: str = "Reliability dia
     fig.add_trace(_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dash", color="#888888"),
                              name="perfect calibration", hoverinfo="skip"))
     for label, s in summaries.items():
+        label = plain_label(label)
         for key, dash, word in (("before", "dot", "before scaling"), ("after", "solid", "after scaling")):
             part = s[key]
             bins: pd.DataFrame = part["bins"]
@@ -141,7 +154,7 @@ def epoch_curves_figure(curves: dict[str, pd.DataFrame], column: str, title: str
     fig = go.Figure(_validate=VALIDATE)
     for name, epochs in curves.items():
         if column in epochs:
-            fig.add_trace(_scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
+            fig.add_trace(_scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=plain_label(name)))
     fig.update_layout(modebar=MODEBAR, title=_text(title), xaxis_title=_text("Epoch"), yaxis_title=_text(y_title),
                       margin=dict(t=50, b=10), legend=LEGEND_BELOW, showlegend=True)
     fig.update_xaxes(tickformat="d", rangemode="tozero")  # whole epochs

@@ -127,28 +127,66 @@ def create_study(base: TrainConfig, arms: list[str], n_seeds: int, command: str 
     return study
 
 
+MAX_RUN_NAME = 255  # a folder name: the OS limits its length
+
+
+def _plain_run_name(name: object) -> bool:
+    """A run folder name inside the runs folder: one path part, printable, valid UTF-8; never a path, '.'
+    or '..' (a study file must not point outside the runs folder)."""
+    return (isinstance(name, str) and 0 < len(name) <= MAX_RUN_NAME and name not in (".", "..")
+            and "/" not in name and "\\" not in name and name.isprintable() and runs.has_valid_name(name))
+
+
+def _is_seed(value: object) -> bool:
+    return type(value) is int and 0 <= value < 2**32
+
+
 def read_study(folder: Path) -> Study:
-    """The study in `folder`, validated; ValueError naming the file when it is missing or damaged."""
+    """The study in `folder`, every field validated: ValueError with a one-line message naming the file and
+    the field when it is missing or damaged. One run folder serves one arm and seed: a study file that maps
+    a run to two arms or two seeds would compare a run with itself, so it is refused."""
     folder = Path(folder)
     path = folder / "study.json"
     data = runs.read_json(path, None)
     if not isinstance(data, dict):
         raise ValueError(f"{path} is missing or not a JSON object.")
     arms, seeds, run_names = data.get("arms"), data.get("seeds"), data.get("runs", {})
-    if not isinstance(arms, list) or not arms or any(a not in ARMS for a in arms) or len(set(arms)) != len(arms):
+    if not isinstance(arms, list) or not arms or any(not isinstance(a, str) or a not in ARMS for a in arms) \
+            or len(set(arms)) != len(arms):
         raise ValueError(f"{path}: 'arms' must be a list of distinct arms from {', '.join(ARMS)}.")
-    if (not isinstance(seeds, list) or not seeds or any(type(s) is not int or not 0 <= s < 2**32 for s in seeds)
+    if (not isinstance(seeds, list) or not 1 <= len(seeds) <= MAX_SEEDS or not all(_is_seed(s) for s in seeds)
             or len(set(seeds)) != len(seeds)):
-        raise ValueError(f"{path}: 'seeds' must be a list of distinct non-negative integers.")
+        raise ValueError(f"{path}: 'seeds' must be a list of 1 to {MAX_SEEDS} distinct integers between 0 and "
+                         "2**32 - 1.")
     if not isinstance(data.get("base"), dict):
         raise ValueError(f"{path}: 'base' must be a config object.")
-    if not isinstance(run_names, dict) or any(not isinstance(v, str) or not runs.has_valid_name(v) or "/" in v
-                                               or v in ("", ".", "..") for v in run_names.values()):
+    if not isinstance(run_names, dict):
         raise ValueError(f"{path}: 'runs' must map '<arm>/<seed>' to run folder names.")
+    planned = {f"{arm}/{seed}" for seed in seeds for arm in arms}
+    unknown = [str(k)[:60] for k in run_names if k not in planned]
+    if unknown:
+        raise ValueError(f"{path}: 'runs' names {', '.join(repr(k) for k in unknown[:3])}, which "
+                         f"{'is' if len(unknown) == 1 else 'are'} not '<arm>/<seed>' of this study's arms and seeds.")
+    bad = [k for k, v in run_names.items() if not _plain_run_name(v)]
+    if bad:
+        raise ValueError(f"{path}: 'runs' maps {', '.join(repr(k) for k in bad[:3])} to something that is not a run "
+                         "folder name (one plain name inside the runs folder, not a path).")
+    by_run: dict[str, list[str]] = {}
+    for key, name in run_names.items():
+        by_run.setdefault(name, []).append(key)
+    shared = {name: keys for name, keys in by_run.items() if len(keys) > 1}
+    if shared:
+        name, keys = next(iter(shared.items()))
+        raise ValueError(f"{path}: the run {name!r} is mapped to {' and '.join(keys)}; one run serves one arm and "
+                         "seed (otherwise a run would be compared with itself). Fix or remove the study file.")
+    base = _validated_base(data["base"], path)
+    if base.arch == "smallcnn" and any(a != "scratch" for a in arms):
+        raise ValueError(f"{path}: its base config trains smallcnn, which only the 'scratch' arm can be.")
     created = data.get("created")
-    return Study(folder.name, folder, data["base"], arms, seeds, dict(run_names),
-                 float(created) if isinstance(created, (int, float)) else 0.0,
-                 data.get("command") if isinstance(data.get("command"), str) else "")
+    created_ok = isinstance(created, (int, float)) and not isinstance(created, bool) and 0 <= created < 2**40
+    command = data.get("command")
+    return Study(folder.name, folder, data["base"], list(arms), list(seeds), dict(run_names),
+                 float(created) if created_ok else 0.0, command if isinstance(command, str) else "")
 
 
 def list_studies(runs_dir: str | os.PathLike) -> list[Study | tuple[str, str]]:
@@ -167,13 +205,30 @@ def list_studies(runs_dir: str | os.PathLike) -> list[Study | tuple[str, str]]:
     return out
 
 
-def _base_config(study: Study) -> TrainConfig:
+def _validated_base(base_fields: dict, path: Path) -> TrainConfig:
     try:
-        base = TrainConfig.from_dict(study.base)
+        base = TrainConfig.from_dict(base_fields)
         base.validate()
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{study.folder / 'study.json'}: its base config is damaged: {e}") from None
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ValueError(f"{path}: its base config is damaged: {e}") from None
     return base
+
+
+def _base_config(study: Study) -> TrainConfig:
+    return _validated_base(study.base, study.folder / "study.json")
+
+
+def arm_of(config: dict) -> str | None:
+    """The study arm a run's config.json trains (None when the config is damaged): what a study checks
+    before it pairs the run with an arm."""
+    arch, strategy, pretrained = config.get("arch"), config.get("strategy"), config.get("pretrained")
+    if not isinstance(arch, str) or not isinstance(strategy, str) or not isinstance(pretrained, bool):
+        return None
+    if arch == "smallcnn":
+        return "scratch"
+    if not pretrained:
+        return "random-init" if strategy == "full" else None
+    return strategy if strategy in ("frozen", "partial", "full") else None
 
 
 def run_study(study: Study, show_progress: bool = False, say: Callable[[str], None] = print) -> dict:
@@ -308,9 +363,16 @@ def study_results(study: Study, n_resamples: int = 2000) -> dict:
         except (OSError, ValueError) as e:
             problems.append(f"{run_dir.name}: {e}")
             continue
-        if runs.read_config(run_dir).get("study") != study.id:
+        config = runs.read_config(run_dir)
+        if config.get("study") != study.id:
             problems.append(f"{run_dir.name} does not belong to {study.id} (its config names another study): left "
                             f"out.")
+            continue
+        # A run (or a link to one) that trained another arm or seed would be paired with the wrong runs, or
+        # with itself.
+        if arm_of(config) != arm or config.get("seed") != seed or isinstance(config.get("seed"), bool):
+            problems.append(f"{run_dir.name} is listed as {arm}, seed {seed}, but its config.json trains "
+                            f"{arm_of(config) or 'an unknown arm'}, seed {str(config.get('seed'))[:20]}: left out.")
             continue
         if reference is None:
             reference, reference_run = preds, run_dir.name

@@ -4,6 +4,8 @@ columns)."""
 
 from __future__ import annotations
 
+import io
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,32 +37,132 @@ def kermany_groups(paths: pd.Series) -> pd.DataFrame:
     return out
 
 
-def groups_from_csv(paths: pd.Series, csv_path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """Group columns from a CSV with one row per image: a path column (path, file, filename, ...) matched
-    by full path, else by file name, plus the group columns (all other columns unless `columns`)."""
+MAX_GROUPS_CSV_BYTES = 50 * 2**20  # a row per image: a million images fit in far less
+MAX_GROUP_COLUMNS = 20
+MAX_GROUPS_PER_COLUMN = 100  # more distinct values is an identifier (a patient id), not a grouping
+EXAMPLES = 3
+
+
+@dataclass
+class GroupsTable:
+    """A validated groups CSV: one row per image path (`key` column) with its group columns."""
+
+    path: str
+    key: str
+    table: pd.DataFrame  # the key column and the group columns, one row per path
+    notes: list[str]  # what was tidied on the way (identical duplicate rows, rows without a path)
+
+
+def _examples(items: list[str]) -> str:
+    shown = ", ".join(items[:EXAMPLES])
+    return shown + (f" and {len(items) - EXAMPLES} more" if len(items) > EXAMPLES else "")
+
+
+def _text_of(csv_path: str) -> str:
+    """The file's text, refused with a one-line reason when it is not a regular file, too large, binary or
+    not UTF-8."""
+    from .dataset import open_regular_file
+
     try:
-        table = pd.read_csv(csv_path, dtype=str)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"Cannot read the groups CSV {csv_path}: {e}") from None
-    key = next((c for c in table.columns if c.strip().lower() in PATH_COLUMNS), None)
+        with open_regular_file(csv_path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_GROUPS_CSV_BYTES:
+                raise ValueError(f"it is {size / 2**20:.0f} MB; a groups CSV is at most "
+                                 f"{MAX_GROUPS_CSV_BYTES // 2**20} MB")
+            data = f.read(MAX_GROUPS_CSV_BYTES + 1)
+    except OSError as e:
+        raise ValueError(e.strerror or str(e)) from None
+    if b"\0" in data:
+        raise ValueError("it is a binary file, not a CSV")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError("it is not UTF-8 text (save the CSV as UTF-8)") from None
+
+
+def read_groups_csv(csv_path: str | Path, columns: list[str] | None = None) -> GroupsTable:
+    """A groups CSV read as untrusted: a path column (path, file, filename, ...) plus group columns (all other
+    columns unless `columns`). Raises ValueError with a one-line message naming the file for a missing,
+    non-regular, huge, binary or empty file, a missing path or group column, a column with too many distinct
+    values to be a grouping, and a path listed twice with different groups (which row is right cannot be
+    known); identical duplicate rows are counted once and said so in `notes`."""
+    csv_path = str(csv_path)
+    where = f"the groups CSV {csv_path}"
+    try:
+        text = _text_of(csv_path)
+    except ValueError as e:
+        raise ValueError(f"Cannot read {where}: {e}.") from None
+    if not text.strip():
+        raise ValueError(f"Cannot read {where}: it is empty.")
+    try:
+        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""])
+    except Exception as e:  # pandas raises several parser error types
+        raise ValueError(f"Cannot read {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}.") from None
+    names = [str(c) for c in table.columns]
+    key = next((c for c in table.columns if str(c).strip().lower() in PATH_COLUMNS), None)
     if key is None:
         raise ValueError(f"{csv_path} needs a column naming the image ({', '.join(PATH_COLUMNS)}); "
-                         f"it has {', '.join(table.columns)}.")
-    table = table.dropna(subset=[key])
-    group_columns = columns or [c for c in table.columns if c != key]
-    missing = [c for c in group_columns if c not in table.columns]
+                         f"it has {_examples(names)}.")
+    group_columns = list(columns) if columns else [c for c in table.columns if c != key]
+    missing = [c for c in group_columns if c not in table.columns or c == key]
     if missing or not group_columns:
-        raise ValueError(f"{csv_path}: group columns {missing or '(none)'} not found; it has "
-                         f"{', '.join(table.columns)}.")
-    by_path = table.drop_duplicates(key).set_index(key)[group_columns]
-    names = table.assign(_name=table[key].map(lambda p: Path(p).name)).drop_duplicates("_name")
-    by_name = names.set_index("_name")[group_columns]
+        raise ValueError(f"{csv_path}: group columns {missing or '(none)'} not found; it has {_examples(names)}.")
+    if len(group_columns) > MAX_GROUP_COLUMNS:
+        raise ValueError(f"{csv_path} has {len(group_columns)} group columns; at most {MAX_GROUP_COLUMNS} (name the "
+                         "ones to use).")
+    notes = []
+    table = table[[key, *group_columns]].assign(**{key: table[key].str.strip()})
+    no_path = int(table[key].isna().sum() + (table[key] == "").sum())
+    table = table[table[key].notna() & (table[key] != "")]
+    if no_path:
+        notes.append(f"{no_path} row{'s' * (no_path != 1)} without a path skipped")
+    if table.empty:
+        raise ValueError(f"{csv_path} lists no image (no row has a path).")
+    for column in group_columns:
+        distinct = table[column].nunique(dropna=True)
+        if distinct > MAX_GROUPS_PER_COLUMN:
+            raise ValueError(f"{csv_path}: the column {column!r} has {distinct:,} distinct values; a grouping has at "
+                             f"most {MAX_GROUPS_PER_COLUMN} (an identifier such as a patient id is not a grouping).")
+    filled = table.fillna({c: "\0missing" for c in group_columns})  # NaN never equals NaN: compare a marker
+    unique_rows = filled.drop_duplicates()
+    conflicting = unique_rows[key][unique_rows[key].duplicated()].unique().tolist()
+    if conflicting:
+        raise ValueError(f"{csv_path} lists {len(conflicting)} image path{'s' * (len(conflicting) != 1)} more than "
+                         f"once with different groups ({_examples(conflicting)}): keep one row per image.")
+    repeated = len(table) - len(unique_rows)
+    if repeated:
+        notes.append(f"{repeated} repeated row{'s' * (repeated != 1)} (same path, same groups) counted once")
+    table = table.loc[unique_rows.index].reset_index(drop=True)
+    return GroupsTable(csv_path, key, table, notes)
+
+
+def groups_from_csv(paths: pd.Series, csv_path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """Group columns for `paths` from a groups CSV (see read_groups_csv), matched by full path, else by file
+    name. A file name the CSV gives different groups under different folders is refused when an image needs
+    it. What was tidied is in the result's attrs["notes"]."""
+    groups = read_groups_csv(csv_path, columns)
+    csv_path, key, table = groups.path, groups.key, groups.table
+    group_columns = [c for c in table.columns if c != key]
+    by_path = table.set_index(key)[group_columns]
+    named = table.assign(_name=table[key].map(lambda p: Path(p).name))
+    marked = named.fillna({c: "\0missing" for c in group_columns})
+    distinct = marked.drop_duplicates(["_name", *group_columns])
+    ambiguous = set(distinct["_name"][distinct["_name"].duplicated()])
+    by_name = named.drop_duplicates("_name").set_index("_name")[group_columns]
     full = by_path.reindex(paths.astype(str).to_numpy())
-    short = by_name.reindex(paths.map(lambda p: Path(str(p)).name).to_numpy())
+    file_names = paths.map(lambda p: Path(str(p)).name)
+    needs_name = full.isna().all(axis=1).to_numpy() & file_names.isin(ambiguous).to_numpy()
+    if needs_name.any():
+        clashing = sorted(set(file_names[needs_name]))
+        raise ValueError(f"{csv_path} gives different groups to files of the same name in different folders "
+                         f"({_examples(clashing)}), and this set's images are not listed by their full path: list "
+                         "them by full path.")
+    short = by_name.reindex(file_names.to_numpy())
     merged = full.where(full.notna(), short.to_numpy())
     merged.index = paths.index
     if merged.isna().all().all():
         raise ValueError(f"No image of this set is named in {csv_path} (matched by path, then file name).")
+    merged.attrs["notes"] = list(groups.notes)
     return merged
 
 

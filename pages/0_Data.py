@@ -14,6 +14,7 @@ import streamlit as st
 import ui
 from core.dataset import DatasetError, load_thumbnail, scan_dataset
 from core.evaluate import dataset_overview
+from core.figures import plain_label
 
 KAGGLE_DATASET = "paultimothymooney/chest-xray-pneumonia"
 SAMPLES_PER_CLASS = 6
@@ -85,6 +86,7 @@ def counts_table(counts: dict[str, dict[str, int]], classes: list[str]) -> pd.Da
 def counts_figure(table: pd.DataFrame, classes: list[str], title: str) -> go.Figure:
     long = (table.drop(index="total")[classes].reset_index()
             .melt(id_vars="split", var_name="class", value_name="images"))
+    long["class"] = long["class"].map(plain_label)  # folder names, drawn by plotly as HTML otherwise
     fig = px.bar(long, x="split", y="images", color="class", barmode="group", text="images", title=title)
     fig.update_layout(xaxis_title="Split", yaxis_title="Images (count)", legend_title="Class",
                       margin=dict(t=50, b=10))
@@ -93,14 +95,14 @@ def counts_figure(table: pd.DataFrame, classes: list[str], title: str) -> go.Fig
 
 def imbalance_lines(table: pd.DataFrame, classes: list[str]) -> list[str]:
     negative, positive = classes[0], classes[-1]
+    shown_negative, shown_positive = ui.plain(negative), ui.plain(positive)  # folder names, as text
     lines = []
     for split, row in table.drop(index="total").iterrows():
+        counts = f"{row[positive]:,} {shown_positive} vs {row[negative]:,} {shown_negative}"
         if row[negative] and row[positive]:
-            lines.append(f"- **{split}**: {row[positive]:,} {positive} vs {row[negative]:,} {negative} "
-                         f"= {row[positive] / row[negative]:.2f} : 1")
+            lines.append(f"- **{split}**: {counts} = {row[positive] / row[negative]:.2f} : 1")
         else:
-            lines.append(f"- **{split}**: {row[positive]:,} {positive} vs {row[negative]:,} {negative} "
-                         "(one class missing)")
+            lines.append(f"- **{split}**: {counts} (one class missing)")
     return lines
 
 
@@ -163,8 +165,8 @@ with st.expander("No dataset yet? Download the Kaggle release (needs internet an
             try:
                 downloaded = download_kaggle_dataset()
             except Exception as e:  # offline, no credentials, disk full: every failure is a message
-                st.error(f"Download failed: {type(e).__name__}: {e}. Without internet, download the dataset "
-                         "elsewhere, copy it here and type its folder above.")
+                st.error(f"Download failed: {ui.plain(f'{type(e).__name__}: {e}')}. Without internet, download the "
+                         "dataset elsewhere, copy it here and type its folder above.")
             else:
                 st.session_state["pending_data_folder"] = downloaded
                 ui.set_data_folder(downloaded)
@@ -180,17 +182,17 @@ try:
     with st.spinner("Scanning and decoding every image once (about 10 s per 5,000 images; cached after)…"):
         overview = cached_overview(folder)
 except DatasetError as e:
-    st.error(str(e))
+    st.error(ui.plain(e))
     st.markdown("Expected layout:\n" + EXPECTED_LAYOUT)
     st.stop()
 except OSError as e:
-    st.error(f"Could not read {folder}: {e}")
+    st.error(ui.plain(f"Could not read {folder}: {e}"))
     st.stop()
 
 classes: list[str] = overview["classes"]
 layout = "official train/val/test folders" if overview["has_official_splits"] else "no split folders"
-st.success(f"**{overview['n_images']:,} images** in {overview['root']} ({layout}); classes "
-           f"{', '.join(classes)}; positive class **{overview['positive_class']}**.")
+st.success(f"**{overview['n_images']:,} images** in {ui.plain(overview['root'])} ({layout}); classes "
+           f"{ui.plain(', '.join(classes))}; positive class **{ui.plain(overview['positive_class'])}**.")
 
 st.header("Images per split and class")
 official = counts_table(overview["counts"], classes)
@@ -248,12 +250,12 @@ st.header("Sample images")
 try:
     samples = sample_thumbnails(folder)
 except (DatasetError, OSError) as e:
-    st.error(f"Could not load samples: {e}")
+    st.error(ui.plain(f"Could not load samples: {e}"))
     samples = {}
 for class_name, thumbs in samples.items():
-    st.subheader(class_name)
+    st.subheader(ui.plain(class_name))
     if not thumbs:
         st.write("No readable images.")
         continue
     for column, (name, pixels) in zip(st.columns(SAMPLES_PER_CLASS), thumbs, strict=False):
-        column.image(pixels, caption=breakable(name), width=THUMBNAIL_PX)
+        column.image(pixels, caption=ui.plain(breakable(name)), width=THUMBNAIL_PX)

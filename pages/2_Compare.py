@@ -123,11 +123,11 @@ def study_form() -> None:
         study = create_study(base, arms, int(n_seeds), command="dashboard")
         launch_study(study.folder)
     except (ValueError, OSError, WeightsUnavailableError) as e:  # nothing was queued
-        st.error(str(e))
+        st.error(ui.plain(e))
         return
     st.session_state["study_pick_next"] = study.id  # the picker above already exists: applied on the rerun
-    st.success(f"Launched **{study.id}**: {len(study.plan())} runs, one after another. Its progress and results "
-               "are below; each run is also on **Train**.")
+    st.success(f"Launched **{ui.plain(study.id)}**: {len(study.plan())} runs, one after another. Its progress and "
+               "results are below; each run is also on **Train**.")
 
 
 def study_view() -> None:
@@ -143,7 +143,7 @@ def study_view() -> None:
     name = st.selectbox("Study", names, key="study_pick")
     study = studies[names.index(name)]
     if not isinstance(study, Study):
-        st.error(f"{name} cannot be read: {study[1]}")
+        st.error(ui.plain(f"{name} cannot be read: {study[1]}"))
         return
     progress = study_progress(study)
     left = (f", about {progress['minutes_left']:.0f} min left" if progress["minutes_left"] and progress["running"]
@@ -163,13 +163,13 @@ def study_view() -> None:
             try:
                 launch_study(study.folder)
             except OSError as e:  # e.g. a read-only or full disk: process.log cannot be written
-                st.error(f"Could not start the study: {e}")
+                st.error(ui.plain(f"Could not start the study: {e}"))
                 return
             st.rerun()
     try:
         results = cached_study_results(str(study.folder), study_signature(study))
     except (OSError, ValueError) as e:
-        st.error(f"The results of {study.id} cannot be computed: {e}")
+        st.error(ui.plain(f"The results of {study.id} cannot be computed: {e}"))
         return
     if not any("auc" in r for r in results["rows"]):
         st.info("No run of this study has finished yet.")
@@ -184,7 +184,7 @@ def study_view() -> None:
         if results["pairs"]:
             st.subheader("Paired comparisons")
             for pair in results["pairs"]:
-                st.markdown(f"- {pair['verdict']}")
+                st.markdown("- " + ui.plain(pair["verdict"]))
             st.dataframe(pd.DataFrame([pair_row(p) for p in results["pairs"]]), hide_index=True)
             st.caption("Difference in mean test AUC over seeds (first arm minus second), on the same test images. "
                        "Interval and p: the test set's uncertainty from 2,000 bootstrap resamples of patients (the "
@@ -196,9 +196,9 @@ def study_view() -> None:
                                                           "sensitivity", "specificity", "minutes")}
                                    for r in results["rows"]]), hide_index=True)
         if study.command:
-            st.caption(f"Started by: {study.command}")
+            st.caption(ui.plain(f"Started by: {study.command}"))
     for problem in results["problems"]:
-        st.warning(problem)
+        st.warning(ui.plain(problem))
 
 
 def study_signature(study: Study) -> tuple:
@@ -248,7 +248,7 @@ def pair_row(pair: dict) -> dict:
 st.title("Compare runs")
 all_runs = runs.list_runs(ui.runs_dir())
 if not all_runs:
-    st.info(f"No runs yet in `{ui.runs_dir()}`. Start one on **Train**, or launch the strategy study below.")
+    st.info(f"No runs yet in {ui.plain(ui.runs_dir())}. Start one on **Train**, or launch the strategy study below.")
 else:
     by_name = {r["run"]: r for r in all_runs}
     # Plain names (states are in the table): a keyed widget keeps an option's first label.
@@ -286,7 +286,8 @@ else:
 
         failed = [r for r in selected if r["state"] in ("failed", "killed")]
         for run in failed:
-            st.error(f"**{run['run']}** {run['state']}: {run['error'] or 'no error recorded'}")
+            st.error(f"**{ui.plain(run['run'])}** {run['state']}: "
+                     + ui.plain(run["error"] or "no error recorded"))
         if any("WeightsUnavailable" in (r["error"] or "") or "ImageNet weights" in (r["error"] or "")
                for r in failed):
             st.info("Runs that needed ImageNet weights could not download them (no internet here?). Launch "

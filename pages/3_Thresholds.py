@@ -14,7 +14,7 @@ import ui
 from core import runs
 from core.bootstrap import METRIC_KEYS, METRIC_LABELS, PatientBootstrap, format_interval
 from core.calibration import N_BINS, calibration_summary, temperature_note, uncalibrated_probs
-from core.figures import confusion_figure, pr_figure, reliability_figure, roc_figure, set_colour
+from core.figures import confusion_figure, plain_label, pr_figure, reliability_figure, roc_figure, set_colour
 from core.metrics import TARGET_DEFAULTS, choose_threshold, describe_rule
 from core.operating import curve_data, load_set, ranking_only, set_summary, shift_warnings
 from core.subgroups import groups_from_csv, kermany_groups, prepare_subgroups, subgroup_table
@@ -58,12 +58,13 @@ def prepared_calibration(run_dir: str, sets: tuple[tuple[str, str, float], ...],
 
 
 @st.cache_resource(show_spinner="Resampling subgroups…", max_entries=32)
-def prepared_subgroups(run_dir: str, name: str, mtime: float, groups_csv: str, csv_mtime: float) -> list:
-    """Subgroups of a set (from Kermany file names, or the user's CSV) with their resamples; raises
-    ValueError for an unusable CSV."""
+def prepared_subgroups(run_dir: str, name: str, mtime: float, groups_csv: str, csv_mtime: float
+                       ) -> tuple[list, list[str]]:
+    """Subgroups of a set (from Kermany file names, or the user's CSV) with their resamples, and what was
+    tidied in the CSV; raises ValueError for an unusable CSV."""
     pset = load_set(Path(run_dir), name)
     groups = groups_from_csv(pset.frame["path"], groups_csv) if groups_csv else kermany_groups(pset.frame["path"])
-    return prepare_subgroups(pset.labels, pset.probs, pset.patients, groups)
+    return prepare_subgroups(pset.labels, pset.probs, pset.patients, groups), groups.attrs.get("notes", [])
 
 
 def colour_of(name: str, names: list[str]) -> str:
@@ -93,18 +94,19 @@ if run_dir is None:
 try:
     operating = runs.operating_point(run_dir)
 except ValueError as e:
-    st.error(str(e))
+    st.error(ui.plain(e))
     st.stop()
 names = runs.prediction_sets(run_dir)
 if "val" not in names:
-    st.error(f"No validation predictions in `{run_dir}`: the run has not finished evaluating.")
+    st.error(ui.plain(f"No validation predictions in {run_dir}: the run has not finished evaluating."))
     st.stop()
 prepared = {}
 for n in names:  # a damaged set is reported and left out; the others stay usable
     try:
         prepared[n] = prepared_set(str(run_dir), n, ui.file_mtime(runs.predictions_path(run_dir, n)))
     except (FileNotFoundError, ValueError) as e:
-        st.error(f"{runs.set_label(n)} left out: {e}")
+        # Validation is needed below (an error); another set is left out and the page goes on (a warning).
+        (st.error if n == "val" else st.warning)(ui.plain(f"{runs.set_label(n)} left out: {e}"))
 names = list(prepared)
 if "val" not in prepared:
     st.stop()
@@ -117,7 +119,7 @@ if st.session_state.get("threshold_run") != str(run_dir):
     st.session_state["threshold_run"] = str(run_dir)
 
 controls = st.columns([1.2, 3, 1])
-fit_on = controls[0].radio("Fit on", names, format_func=runs.set_label, key="thr_split",
+fit_on = controls[0].radio("Fit on", names, format_func=lambda n: ui.plain(runs.set_label(n)), key="thr_split",
                            persist_state="session",
                            help="The set the rule is fitted on. Validation is the honest choice; the other sets "
                                 "are read at the threshold it gives.")
@@ -136,7 +138,7 @@ if rule in TARGET_DEFAULTS:
 
 fit = prepared[fit_on]["set"]
 if not fit.both_classes:
-    st.warning(f"The {runs.set_label(fit_on)} set holds only one class: curves and rules need both.")
+    st.warning(ui.plain(f"The {runs.set_label(fit_on)} set holds only one class: curves and rules need both."))
 
 chosen = None
 if rule != "slider" and not fit.both_classes:
@@ -156,7 +158,7 @@ else:
     fitted_on = fit_on
 
 if fit_on != "val":
-    st.warning(f"You are fitting the threshold on **{runs.set_label(fit_on)}**. Numbers read on the set the "
+    st.warning(f"You are fitting the threshold on **{ui.plain(runs.set_label(fit_on))}**. Numbers read on the set the "
                "threshold was fitted on are optimistic; fit on validation and only read the others.")
 
 summaries = {n: set_summary(p["set"], threshold, p["boot"], p["ranking"]) for n, p in prepared.items()}
@@ -169,14 +171,16 @@ if top[2].button("Save as the operating threshold", type="primary",
         runs.save_threshold(run_dir, threshold, chosen_on=fit_on, target=rule_text,
                             rule=rule if rule != "slider" else "manual", value=value)
     except (ValueError, OSError) as e:
-        top[2].error(f"Could not save the threshold: {e}")
+        top[2].error(ui.plain(f"Could not save the threshold: {e}"))
     else:
         operating = runs.operating_point(run_dir)
-        top[2].success(f"Saved: operating threshold {operating.describe()}.")
-headline.info(f"**Operating threshold {operating.describe()}.** Train's summary, Compare, Mistakes, Predict, "
-              "`python -m core runs / evaluate` and the report all use it. Saving another one below changes them all.")
-top[0].metric("Threshold on this page", f"{threshold:.3f}", help=f"{rule_text}, fitted on {runs.set_label(fit_on)}")
-top[1].metric("Operating threshold", f"{operating.threshold:.3f}", help=operating.describe())
+        top[2].success(ui.plain(f"Saved: operating threshold {operating.describe()}."))
+headline.info(f"**{ui.plain(f'Operating threshold {operating.describe()}.')}** Train's summary, Compare, Mistakes, "
+              "Predict, `python -m core runs / evaluate` and the report all use it. Saving another one below changes "
+              "them all.")
+top[0].metric("Threshold on this page", f"{threshold:.3f}",
+              help=ui.plain(f"{rule_text}, fitted on {runs.set_label(fit_on)}"))
+top[1].metric("Operating threshold", f"{operating.threshold:.3f}", help=ui.plain(operating.describe()))
 if abs(threshold - operating.threshold) > 1e-12:
     top[2].caption(f"Not saved: the views use {operating.threshold:.3f} until you save.")
 
@@ -185,13 +189,14 @@ for other in [n for n in names if n != "val"]:
     if gaps:
         where = ("Validation is carved from Kermany's training pool (same acquisition period), test was "
                  "collected separately" if other == "test" else "This folder comes from elsewhere")
-        st.warning(f"**Validation does not represent {runs.set_label(other)}.** " + "; ".join(gaps) + f". {where}: "
+        st.warning(f"**Validation does not represent {ui.plain(runs.set_label(other))}.** "
+                   + ui.plain("; ".join(gaps)) + f". {where}: "
                    "the threshold fitted on validation does not give validation's rates there.")
 
-st.subheader(f"Metrics at threshold {threshold:.3f} ({rule_text}, fitted on {runs.set_label(fitted_on)})")
+st.subheader(ui.plain(f"Metrics at threshold {threshold:.3f} ({rule_text}, fitted on {runs.set_label(fitted_on)})"))
 st.dataframe(interval_table(summaries))
 st.caption("Value [95% interval]. A dash: undefined (no images of that kind, or too few resamples defined). "
-           f"Positive class: {fit.class_names[1]}. PPV and NPV depend on each set's prevalence.")
+           f"Positive class: {ui.plain(fit.class_names[1])}. PPV and NPV depend on each set's prevalence.")
 
 shown = st.multiselect("Curves of", names, default=[n for n in ("val", "test") if n in names],
                        format_func=runs.set_label, key="thr_curves")
@@ -213,14 +218,14 @@ matrices = st.columns(max(1, len(shown)))
 for col, n in zip(matrices, shown):
     s = summaries[n]
     col.plotly_chart(confusion_figure(s["counts"], prepared[n]["set"].class_names,
-                                      f"{runs.set_label(n)} (n={s['n']})"), key=f"cm_{n}")
+                                      plain_label(f"{runs.set_label(n)} (n={s['n']})")), key=f"cm_{n}")
 
 st.header("Calibration")
 report = runs.read_report(run_dir)
 temperature = report.get("temperature")
 if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
     temperature = 1.0  # none recorded (or damaged): the probabilities are shown as saved
-st.caption(temperature_note(report))
+st.caption(ui.plain(temperature_note(report)))
 calibration_sets = tuple((n, colour_of(n, names), ui.file_mtime(runs.predictions_path(run_dir, n)))
                          for n in shown or ["val"])
 reliability, calibration_table = prepared_calibration(str(run_dir), calibration_sets, float(temperature))
@@ -237,11 +242,12 @@ read_on = st.selectbox("Set", names, index=names.index("test") if "test" in name
 groups_csv = st.text_input("Groups CSV (optional): a path column plus group columns", key="thr_groups_csv")
 try:
     csv_path = groups_csv.strip()
-    subgroups = prepared_subgroups(str(run_dir), read_on, ui.file_mtime(runs.predictions_path(run_dir, read_on)),
-                                   csv_path, ui.file_mtime(Path(csv_path)) if csv_path else 0.0)
+    subgroups, csv_notes = prepared_subgroups(
+        str(run_dir), read_on, ui.file_mtime(runs.predictions_path(run_dir, read_on)), csv_path,
+        ui.file_mtime(Path(csv_path)) if csv_path else 0.0)
 except ValueError as e:
-    st.error(str(e))
-    subgroups = []
+    st.error(ui.plain(e))
+    subgroups, csv_notes = [], []
 if not subgroups:
     st.caption("No subgroups: file names do not follow Kermany's patterns; give a groups CSV.")
 else:
@@ -250,7 +256,9 @@ else:
         if key in table:
             table[key] = table[key].map(lambda iv: format_interval(iv) if isinstance(iv, dict) else "—")
     st.dataframe(table, hide_index=True)
-    st.caption(f"At threshold {threshold:.3f}, on {runs.set_label(read_on)}. Sensitivity needs positives and "
+    for note in csv_notes:
+        st.info(ui.plain(f"Groups CSV: {note}."))
+    st.caption(f"At threshold {threshold:.3f}, on {ui.plain(runs.set_label(read_on))}. Sensitivity needs positives and "
                "specificity negatives: a pneumonia subtype has only a sensitivity, a normal series only a "
                "specificity. Groups under 5 images get no interval.")
 

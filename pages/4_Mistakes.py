@@ -56,7 +56,7 @@ if not sets:
 try:
     operating = runs.operating_point(run_dir)
 except ValueError as e:  # a damaged threshold.json: say so, never fall back to another threshold
-    st.error(str(e))
+    st.error(ui.plain(e))
     st.stop()
 
 controls = st.columns([1, 2, 2])
@@ -77,15 +77,15 @@ with controls[2]:
         threshold = operating.threshold
         st.metric("Operating threshold", f"{threshold:.3f}", help=WHO_USES_THE_OPERATING_THRESHOLD)
 
-st.caption(f"Operating threshold: {operating.describe()}.")
+st.caption(ui.plain(f"Operating threshold: {operating.describe()}."))
 if preview:
     st.warning(f"Preview at {threshold:.3f}: these are **not** the operating threshold's mistakes (it is "
-               f"{operating.describe()}). {WHO_USES_THE_OPERATING_THRESHOLD}")
+               f"{ui.plain(operating.describe())}). {WHO_USES_THE_OPERATING_THRESHOLD}")
 
 try:
     predictions = ui.cached_predictions(run_dir, set_name)
-except (FileNotFoundError, ValueError) as e:
-    st.error(str(e))
+except (FileNotFoundError, ValueError) as e:  # this set only: the others stay selectable above
+    st.warning(ui.plain(f"{runs.set_label(set_name)} cannot be shown: {e}"))
     st.stop()
 
 wrong = mistakes(predictions, threshold)
@@ -93,8 +93,8 @@ n_fn = int((wrong["kind"] == "false negative").sum())
 which = "previewed" if preview else "operating"
 n_fp = len(wrong) - n_fn
 st.caption(f"At the {which} threshold {threshold:.3f}: {n_fn} false negative{'s' * (n_fn != 1)} and {n_fp} false "
-           f"positive{'s' * (n_fp != 1)} among {len(predictions)} {runs.set_label(set_name)} images. Most confident "
-           "mistakes first: confidence is the probability the model gave to the wrong class.")
+           f"positive{'s' * (n_fp != 1)} among {len(predictions)} {ui.plain(runs.set_label(set_name))} images. "
+           "Most confident mistakes first: confidence is the probability the model gave to the wrong class.")
 shown = wrong if kind == "both" else wrong[wrong["kind"] == kind].reset_index(drop=True)
 if shown.empty:
     st.success("No mistakes of this kind at this threshold.")
@@ -127,10 +127,10 @@ for i, row in enumerate(rows.itertuples(index=False)):
     with grid[i % COLUMNS]:
         pixels = thumbnail(str(row.path), ui.file_mtime(row.path))
         if pixels is None:
-            st.caption(f"file missing or unreadable: {Path(row.path).name}")
-            st.caption(caption)
+            st.caption(ui.plain(f"file missing or unreadable: {Path(row.path).name}"))
+            st.caption(ui.plain(caption))
         else:
-            st.image(pixels, caption=caption, width="stretch")
+            st.image(pixels, caption=ui.plain(caption), width="stretch")
 
 st.subheader("Grad-CAM")
 # Options are the images' paths, not positions in the list: a position would point at another image after
@@ -149,13 +149,14 @@ row = shown[shown["path"].astype(str) == chosen].iloc[0]  # the one row both the
 try:
     loaded = ui.cached_model(run_dir)
 except (FileNotFoundError, ValueError) as e:
-    st.error(str(e))
+    st.error(ui.plain(e))
     st.stop()
 try:
     view = gradcam_display(loaded, str(row["path"]), CAM_PX, colour_map, alpha)
 except ValueError as e:
-    st.error(f"{Path(row['path']).name}: file missing or unreadable ({e})")
+    st.error(ui.plain(f"{Path(row['path']).name}: file missing or unreadable ({e})"))
 else:
     views = st.columns(2)
-    views[0].image(view.image, caption=f"Original: {Path(row['path']).name}", width=CAM_PX)
-    views[1].image(view.overlay, caption=view.caption(loaded.classes[1], subject=describe(row)), width=CAM_PX)
+    views[0].image(view.image, caption=ui.plain(f"Original: {Path(row['path']).name}"), width=CAM_PX)
+    views[1].image(view.overlay, caption=ui.plain(view.caption(loaded.classes[1], subject=describe(row))),
+                   width=CAM_PX)

@@ -158,3 +158,109 @@ def damage_run(run_dir: Path, variant: str) -> None:
     if name == "threshold.json" and not path.exists():
         path.write_text("{}")
     damage(path)
+
+
+# ---------------------------------------------------------------- external evaluations and paths in files
+
+HOSTILE_TEXT = "![x](http://evil/a.png) <b>bold</b> [link](http://x) **$x$** :red[r]"
+EXTERNAL_NAME = "site"  # the external evaluation add_external_set writes
+
+
+def add_external_set(run_dir: Path, images: Path) -> None:
+    """A real external evaluation `site` of `images` (a folder-per-class tree with the run's classes)."""
+    from core.external import evaluate_external
+
+    evaluate_external(run_dir, str(images), name=EXTERNAL_NAME, device="cpu")
+
+
+def _summary_numbers(path: Path) -> None:
+    """Numbers no table or formatter can hold: 1e30 and an integer of 400 digits, where counts and thresholds
+    belong; refit fields of the wrong type."""
+    import json
+
+    data = json.loads(path.read_text())
+    data.update(n=10**400, n_patients=1e30, counts={"NORMAL": 10**400, "PNEUMONIA": -1},
+                threshold={"value": 1e30, "described": 10**400}, metrics={"auc": {"value": 1e30}},
+                refit={"rule_described": 5, "threshold": "abc", "fit": [], "read": None})
+    path.write_text(json.dumps(data))
+
+
+def _refit_types(path: Path) -> None:
+    import json
+
+    data = json.loads(path.read_text())
+    data["refit"] = {"rule_described": ["x"], "threshold": {"a": 1}, "operating_threshold": "0.5", "fit": "x",
+                     "read": 3, "at_operating": [], "at_refit": ""}
+    path.write_text(json.dumps(data))
+
+
+def _probabilities_out_of_range(path: Path) -> None:
+    import pandas as pd
+
+    table = pd.read_csv(path)
+    table.loc[0, "prob"], table.loc[1, "prob"], table.loc[2, "prob"] = 1.5, -0.2, 1e30
+    table.to_csv(path, index=False)
+
+
+def _hostile_names(path: Path) -> None:
+    """Markdown, HTML and links where a class name and a patient id belong."""
+    import pandas as pd
+
+    table = pd.read_csv(path)
+    table["class_name"] = table["class_name"].astype(object)
+    table.loc[:, "patient"] = HOSTILE_TEXT
+    table.loc[table["label"] == 1, "class_name"] = HOSTILE_TEXT
+    table.to_csv(path, index=False)
+
+
+_EXTERNAL = f"external/{EXTERNAL_NAME}"
+# variant name -> (file in the run folder, how it is damaged), for a run with the external set `site`.
+EXTERNAL_DAMAGE = {
+    "external-summary-numbers": (f"{_EXTERNAL}/summary.json", _summary_numbers),
+    "external-summary-refit-types": (f"{_EXTERNAL}/summary.json", _refit_types),
+    "external-summary-empty": (f"{_EXTERNAL}/summary.json", lambda p: p.write_text("")),
+    "external-summary-garbage": (f"{_EXTERNAL}/summary.json", _garbage),
+    "external-probabilities": (f"{_EXTERNAL}/predictions.csv", _probabilities_out_of_range),
+    "external-hostile-names": (f"{_EXTERNAL}/predictions.csv", _hostile_names),
+}
+
+
+def damage_external(run_dir: Path, variant: str) -> None:
+    name, damage = EXTERNAL_DAMAGE[variant]
+    damage(run_dir / name)
+
+
+def unreadable_paths(folder: Path) -> dict[str, str]:
+    """Paths an untrusted predictions or groups file may name that are no image file: a FIFO (opening it for
+    reading blocks until a writer comes), a device that never ends, a folder, a missing file. Returns
+    {path: words the refusal must contain}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fifo = folder / "pipe.jpeg"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    (folder / "a_folder.jpeg").mkdir(exist_ok=True)
+    return {str(fifo): "not a regular file", "/dev/zero": "not a regular file",
+            str(folder / "a_folder.jpeg"): "not a regular file", str(folder / "missing.jpeg"): "No such file"}
+
+
+def point_predictions_at(path: Path, targets: list[str]) -> None:
+    """Make the first rows of a predictions CSV the most confident mistakes, naming `targets` as their images,
+    so that a gallery and a Grad-CAM view open them first."""
+    import pandas as pd
+
+    table = pd.read_csv(path)
+    for i, target in enumerate(targets):
+        table.loc[i, "path"] = target
+        table.loc[i, "prob"] = 0.999 if table.loc[i, "label"] == 0 else 0.001
+    table.to_csv(path, index=False)
+
+
+def as_read(markdown: str) -> str:
+    """What a reader sees of text escaped for Markdown by ui.plain: the backslash escapes removed."""
+    import re
+
+    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", markdown)
+
+
+# A run, study or class folder name with Markdown, HTML and a link in it (a folder name cannot hold '/').
+HOSTILE_NAME = "![x](evil.png) <b>bold<b> [link](x) $x$"

@@ -17,6 +17,7 @@ from app_helpers import (
     require_data,
     run_dirs_in,
 )
+from bad_inputs import as_read
 
 from core import runs
 from core.bootstrap import format_interval
@@ -87,7 +88,8 @@ def test_study_that_needs_unavailable_weights_queues_nothing(app_env, monkeypatc
     at.selectbox(key="study_arch").set_value("resnet18")
     at.button(key="FormSubmitter:study_form-Launch the study").click().run()
     assert not at.exception
-    assert "ImageNet weights for resnet18" in at.error[0].value and "--weights-file" in at.error[0].value
+    error = as_read(at.error[0].value)
+    assert "ImageNet weights for resnet18" in error and "--weights-file" in error
     assert list(app_env.iterdir()) == []  # no run, no study
 
 
@@ -151,8 +153,9 @@ def test_an_interrupted_study_resumes_from_its_button_keeping_finished_runs(app_
     runs.write_status(interrupted, state="stopped")
     finished_at = runs.read_status(done)["finished"]
     folder = app_env / "studies" / "study-20000101-000000"
-    for d in (done, interrupted):  # runs of this study say so in their config
-        (d / "config.json").write_text(json.dumps({**runs.read_config(d), "study": folder.name}))
+    for seed, d in enumerate((done, interrupted)):  # runs of this study say so (and their seed) in their config
+        (d / "config.json").write_text(json.dumps({**runs.read_config(d), "study": folder.name, "seed": seed,
+                                                              "split_seed": 0}))
     folder.mkdir(parents=True)
     (folder / "study.json").write_text(json.dumps({
         "id": folder.name, "base": runs.read_config(finished_run), "arms": ["scratch"], "seeds": [0, 1],
@@ -172,5 +175,5 @@ def test_an_interrupted_study_resumes_from_its_button_keeping_finished_runs(app_
     assert runs.read_status(interrupted)["state"] == "finished", (folder / "process.log").read_text()[-2000:]
     assert runs.read_status(done)["finished"] == finished_at  # kept, not trained again
     at = page(COMPARE_PAGE).run()
-    assert not at.exception and not at.warning
+    assert not at.exception and not at.warning, [w.value for w in at.warning]
     assert "2 of 2 runs finished" in at.get("progress")[0].proto.text

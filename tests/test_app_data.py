@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from app_helpers import KERMANY_224, page, require_data
+from bad_inputs import as_read
 
 import ui
 from core.dataset import DatasetError, scan_dataset
@@ -33,12 +34,12 @@ def test_not_a_dataset_shows_core_message(app_env, tmp_path):
     at = page("streamlit_app.py").run()
     at.text_input(key="data_folder_input").input(str(not_data)).run()
     assert not at.exception
-    assert [e.value for e in at.error] == [dataset_error(not_data)]
+    assert [as_read(e.value) for e in at.error] == [dataset_error(not_data)]
 
     missing = tmp_path / "nowhere"
     at.text_input(key="data_folder_input").input(str(missing)).run()
     assert not at.exception
-    assert [e.value for e in at.error] == [dataset_error(missing)]
+    assert [as_read(e.value) for e in at.error] == [dataset_error(missing)]
 
 
 def test_kermany_overview(app_env):
@@ -73,7 +74,7 @@ def test_kaggle_download_offline_is_a_message(app_env, monkeypatch):
     at = page("streamlit_app.py").run()
     at.button[0].click().run()
     assert not at.exception
-    assert "Download failed: ConnectionError" in at.error[0].value
+    assert "Download failed: ConnectionError" in as_read(at.error[0].value)
     assert at.text_input(key="data_folder_input").value == ""
 
 
@@ -91,3 +92,29 @@ def test_kaggle_download_sets_the_folder(app_env, monkeypatch, tmp_path):
     assert at.text_input(key="data_folder_input").value == str(download / "chest_xray")
     assert ui.load_settings()["data_folder"] == str(download / "chest_xray")
     assert "5,856 images" in at.success[0].value
+
+
+def test_folder_names_with_markdown_and_html_and_a_fifo_are_shown_as_text(app_env, tmp_path):
+    """Class folder and file names come from disk: shown as written (no link, image or tag rendered), and a
+    FIFO among the images is listed as unusable instead of blocking the page."""
+    import os
+
+    from bad_inputs import HOSTILE_NAME
+    from conftest import write_dataset
+
+    root = write_dataset(tmp_path / "xrays", {"NORMAL": 24, "PNEUMONIA": 24}, splits=None, size=48)
+    (root / "PNEUMONIA").rename(root / HOSTILE_NAME)
+    os.mkfifo(root / "NORMAL" / "pipe.jpeg")
+    at = page("streamlit_app.py")
+    at.default_timeout = 60
+    at.run()
+    at.text_input(key="data_folder_input").input(str(root)).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    texts = [str(e.value) for kind in ("success", "markdown", "subheader", "caption") for e in getattr(at, kind)]
+    assert not [t for t in texts if HOSTILE_NAME in t], "a folder name reached Markdown unescaped"
+    assert any(HOSTILE_NAME in as_read(t) for t in at.subheader.values)  # the sample images' heading
+    assert any(HOSTILE_NAME in as_read(t) for t in at.success.values)
+    for chart in at.get("plotly_chart"):
+        assert "<b>bold" not in chart.proto.spec
+    unusable = next(d.value for d in at.dataframe if "reason" in d.value.columns)
+    assert "not a regular file" in unusable.set_index("path").loc[str(root / "NORMAL" / "pipe.jpeg"), "reason"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from bad_inputs import as_read
 from streamlit.testing.v1 import AppTest
 
 from core import runs
@@ -22,11 +23,11 @@ CAM_CAPTION = re.compile(r"^(?P<file>[^ ]+) · true (?P<true>\w+) · p=(?P<prob>
 
 
 def gallery_captions(at: AppTest) -> list[str]:
-    return [c for img in at.image for c in img.captions if c.startswith("false ")]
+    return [as_read(c) for img in at.image for c in img.captions if as_read(c).startswith("false ")]
 
 
 def cam_caption(at: AppTest) -> re.Match:
-    captions = [c for img in at.image for c in img.captions if "Grad-CAM" in c]
+    captions = [as_read(c) for img in at.image for c in img.captions if "Grad-CAM" in as_read(c)]
     assert len(captions) == 1, captions
     match = CAM_CAPTION.match(captions[0])
     assert match, captions[0]
@@ -42,7 +43,7 @@ def assert_cam_names_the_chosen_image(at: AppTest, predictions: pd.DataFrame) ->
     assert match["file"] == Path(chosen).name
     assert match["true"] == row["class_name"] and match["prob"] == f"{row['prob']:.3f}"
     assert match["kind"] == ("false negative" if row["label"] == 1 else "false positive")
-    assert f"Original: {Path(chosen).name}" in [c for img in at.image for c in img.captions]
+    assert f"Original: {Path(chosen).name}" in [as_read(c) for img in at.image for c in img.captions]
     return chosen
 
 
@@ -138,7 +139,7 @@ def test_external_sets_are_offered(run_copy):  # noqa: F811
     assert not at.exception, at.exception
     expected = mistakes(runs.read_predictions(run_copy, "external:demo"), runs.operating_threshold(run_copy))
     assert list(at.dataframe[0].value["path"]) == list(expected["path"])
-    assert any(f"among {len(predictions) // 2} external: demo images" in c.value for c in at.caption)
+    assert any(f"among {len(predictions) // 2} external: demo images" in as_read(c.value) for c in at.caption)
     assert_cam_names_the_chosen_image(at, predictions)
 
 
@@ -152,14 +153,14 @@ def test_operating_threshold_by_default_and_an_explicit_preview(run_copy):  # no
     at.run()
     assert not at.exception, at.exception
     assert at.metric[0].value == "0.420" and not at.warning
-    assert any(operating.describe() in c.value for c in at.caption)
+    assert any(operating.describe() in as_read(c.value) for c in at.caption)
     assert list(at.dataframe[0].value["path"]) == list(mistakes(predictions, 0.42)["path"])
 
     at.toggle(key="mistakes_preview").set_value(True).run()
     at.slider(key="mistakes_preview_threshold").set_value(0.999).run()
     assert not at.exception, at.exception
     assert "not** the operating threshold's mistakes" in at.warning[0].value
-    assert operating.describe() in at.warning[0].value
+    assert operating.describe() in as_read(at.warning[0].value)
     assert list(at.dataframe[0].value["path"]) == list(mistakes(predictions, 0.999)["path"])
 
     at.toggle(key="mistakes_preview").set_value(False).run()
@@ -171,7 +172,7 @@ def test_damaged_threshold_file_is_an_error_not_a_traceback(run_copy):  # noqa: 
     (run_copy / "threshold.json").write_text("{not json")
     at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
     assert not at.exception, at.exception
-    assert "threshold.json is damaged" in at.error[0].value
+    assert "threshold.json is damaged" in as_read(at.error[0].value)
     assert not at.dataframe and not at.image
 
 
@@ -183,8 +184,8 @@ def test_missing_image_file_is_reported_not_raised(run_copy):  # noqa: F811
     df.to_csv(csv, index=False)
     at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
     assert not at.exception, at.exception
-    assert any(c.value.startswith("file missing or unreadable: missing.jpeg") for c in at.caption)
-    assert any("missing.jpeg" in e.value for e in at.error)
+    assert any(as_read(c.value).startswith("file missing or unreadable: missing.jpeg") for c in at.caption)
+    assert any("missing.jpeg" in as_read(e.value) for e in at.error)
 
 
 def test_colour_map_and_opacity_controls(run_copy):  # noqa: F811

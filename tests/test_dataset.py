@@ -213,14 +213,14 @@ def test_a_read_failure_is_retried_next_time_but_a_content_verdict_is_cached(tmp
     (root / "NORMAL" / "fake.jpeg").write_text("not an image")
     paths = sorted(str(p) for p in root.rglob("*.jpeg"))
     locked = paths[0]
-    real_read = Path.read_bytes
+    real_open = os.open
 
-    def denied(self):
-        if str(self) == locked:
+    def denied(path, *args, **kwargs):
+        if os.fspath(path) == locked:
             raise PermissionError(13, "Permission denied")
-        return real_read(self)
+        return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    monkeypatch.setattr(os, "open", denied)
     first = decode_images(paths, 32, tmp_path / "cache", workers=1)
     assert "Permission denied" in first.failed[locked] and len(first.failed) == 2
     monkeypatch.undo()  # the user fixes the permissions
@@ -299,3 +299,38 @@ def test_files_and_folders_outside_the_class_folders_are_listed_not_dropped(tmp_
     assert "without images" in index.unusable[str(root / "val" / "NORMAL")]
     assert str(root / "train" / "README.txt") in index.ignored_files
     assert index.counts()["train"] == {"NORMAL": 6, "PNEUMONIA": 6}
+
+
+@pytest.fixture
+def fail_if_blocked():
+    """Turn a read that blocks (a FIFO waiting for a writer) into a test failure after 10 s, not a hang."""
+    import signal
+
+    def blocked(signum, frame):
+        raise TimeoutError("a read blocked")
+
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_path_that_is_no_regular_file_is_refused_without_blocking(tmp_path, fail_if_blocked):
+    """A predictions file may name a FIFO, a device, a folder or a missing file: every way of opening an image
+    (gallery thumbnail, decode, header summary, the batch decoder) refuses it at once with the reason."""
+    from bad_inputs import unreadable_paths
+
+    paths = unreadable_paths(tmp_path / "odd")
+    for path, words in paths.items():
+        for read in (lambda p: load_thumbnail(p, 64), lambda p: load_grayscale(p, 64),
+                     lambda p: load_grayscale(Path(p))):
+            with pytest.raises(ValueError, match=words):
+                read(path)
+        assert words in image_summary([path])[0]["error"]
+    good = tmp_path / "good.png"
+    make_xray().save(good)
+    decoded = decode_images([str(good), *paths], 32, cache_dir=tmp_path / "cache")
+    assert decoded.ok_indices == [0]
+    assert set(decoded.failed) == set(paths)
+    assert all("not a regular file" in decoded.failed[p] for p, words in paths.items() if "regular" in words)

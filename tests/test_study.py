@@ -4,6 +4,7 @@ finished runs, and the results (per-arm table, paired tests) on tiny generated X
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 
 import pytest
@@ -125,3 +126,83 @@ def test_a_damaged_study_file_is_named_and_the_others_still_list(tmp_path):
         read_study(runs_dir / "studies" / "nothing-here")
     with pytest.raises(ValueError, match="seeds must be between"):
         create_study(_base(data, runs_dir), ["scratch"], 0)
+
+
+def _write_study(runs_dir, name="study-20000101-000000", **fields):
+    """A study.json written by hand (as a user or a damaged disk might), valid unless `fields` say otherwise."""
+    folder = runs_dir / "studies" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    base = _base(runs_dir, runs_dir).to_dict()
+    data = {"id": name, "base": base, "arms": ["frozen", "scratch"], "seeds": [0, 1],
+            "runs": {"frozen/0": "run-a", "scratch/0": "run-b"}, "created": 1.0, "command": "test", **fields}
+    (folder / "study.json").write_text(json.dumps(data))
+    return folder
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"runs": {"frozen/0": "run-a", "scratch/0": "run-a"}}, "mapped to frozen/0 and scratch/0"),
+    ({"runs": {"frozen/0": "run-a", "frozen/1": "run-a"}}, "mapped to frozen/0 and frozen/1"),
+    ({"runs": {"frozen/0": "../outside"}}, "not a run folder name"),
+    ({"runs": {"frozen/0": "/etc"}}, "not a run folder name"),
+    ({"runs": {"frozen/0": ".."}}, "not a run folder name"),
+    ({"runs": {"frozen/0": 5}}, "not a run folder name"),
+    ({"runs": {"frozen/0": "a\nb"}}, "not a run folder name"),
+    ({"runs": {"full/0": "run-a"}}, "not '<arm>/<seed>'"),
+    ({"runs": {"frozen/00": "run-a"}}, "not '<arm>/<seed>'"),
+    ({"runs": ["run-a"]}, "'runs' must map"),
+    ({"arms": ["frozen", "frozen"]}, "'arms'"),
+    ({"arms": ["finetune"]}, "'arms'"),
+    ({"arms": [["frozen"]]}, "'arms'"),
+    ({"seeds": [True, 1]}, "'seeds'"),
+    ({"seeds": [0, 0]}, "'seeds'"),
+    ({"seeds": [1e30]}, "'seeds'"),
+    ({"seeds": [10**400]}, "'seeds'"),
+    ({"seeds": list(range(21))}, "'seeds'"),
+    ({"base": {"epochs": 10**400}}, "base config is damaged"),
+    ({"base": {"arch": "smallcnn"}}, "only the 'scratch' arm"),
+    ({"base": "x"}, "'base'"),
+])
+def test_a_damaged_study_file_is_refused_in_one_line_naming_the_field(tmp_path, fields, words):
+    if "base" in fields and isinstance(fields["base"], dict):
+        fields = {"base": {**_base(tmp_path, tmp_path).to_dict(), **fields["base"]}}
+    folder = _write_study(tmp_path / "runs", **fields)
+    with pytest.raises(ValueError, match=re.escape(words)) as refused:
+        read_study(folder)
+    message = str(refused.value)
+    assert "study.json" in message and "\n" not in message
+    (listed,) = list_studies(tmp_path / "runs")  # Compare lists it with the reason instead of breaking
+    assert listed == (folder.name, message)
+
+
+def test_damaged_optional_fields_read_as_absent(tmp_path):
+    study = read_study(_write_study(tmp_path / "runs", created=10**400, command=["x"]))
+    assert study.created == 0.0 and study.command == ""
+    assert read_study(_write_study(tmp_path / "runs", created=float("nan"))).created == 0.0
+
+
+def test_a_run_whose_config_is_another_arm_or_seed_is_left_out_of_the_paired_tests(tmp_path, finished_run):
+    """A run folder that says it trained something else than the study file claims is never paired."""
+    import shutil
+
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    folder = runs_dir / "studies" / "study-20000101-000000"
+    names = {"scratch/0": "run-0", "scratch/1": "run-1", "scratch/2": "run-2"}
+    for key, name in names.items():
+        shutil.copytree(finished_run, runs_dir / name, ignore=shutil.ignore_patterns("last.pt"))
+        seed = int(key.split("/")[1])
+        config = {**runs.read_config(runs_dir / name), "study": folder.name, "seed": 0 if name == "run-2" else seed}
+        (runs_dir / name / "config.json").write_text(json.dumps(config))
+    folder.mkdir(parents=True)
+    (folder / "study.json").write_text(json.dumps({"base": runs.read_config(finished_run), "arms": ["scratch"],
+                                                   "seeds": [0, 1, 2], "runs": names}))
+    results = study_results(read_study(folder), n_resamples=50)
+    used = [r["run"] for r in results["rows"] if "auc" in r]
+    assert used == ["run-0", "run-1"]
+    assert any("run-2 is listed as scratch, seed 2" in p and "seed 0" in p for p in results["problems"])
+
+    # A second name for a folder (a link) is not a second run: its config says which run it is.
+    (runs_dir / "run-1").rename(runs_dir / "moved")
+    (runs_dir / "run-1").symlink_to(runs_dir / "run-0")
+    results = study_results(read_study(folder), n_resamples=50)
+    assert [r["run"] for r in results["rows"] if "auc" in r] == ["run-0"]

@@ -3,6 +3,9 @@ with intervals per group."""
 
 from __future__ import annotations
 
+import os
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -67,3 +70,68 @@ def test_groups_csv_rows_without_a_path_are_skipped(tmp_path):
     csv = tmp_path / "groups.csv"
     csv.write_text("path,site\n,A\n/d/test/NORMAL/other.png,B\n")
     assert groups_from_csv(PATHS, csv)["site"].tolist()[4] == "B"
+
+
+def test_a_path_listed_twice_with_different_groups_is_refused_naming_it(tmp_path):
+    csv = tmp_path / "groups.csv"
+    csv.write_text("path,site\n/d/test/NORMAL/other.png,A\n/d/test/NORMAL/other.png,B\n"
+                   "/d/test/NORMAL/IM-0001-0001.jpeg,A\n")
+    with pytest.raises(ValueError, match="more than once with different groups") as refused:
+        groups_from_csv(PATHS, csv)
+    assert "/d/test/NORMAL/other.png" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_identical_duplicate_rows_are_counted_once_with_a_note(tmp_path):
+    csv = tmp_path / "groups.csv"
+    csv.write_text("path,site\n/d/test/NORMAL/other.png,A\n/d/test/NORMAL/other.png,A\n,B\n")
+    groups = groups_from_csv(PATHS, csv)
+    assert groups["site"].tolist()[4] == "A"
+    assert groups.attrs["notes"] == ["1 row without a path skipped",
+                                     "1 repeated row (same path, same groups) counted once"]
+
+
+def test_one_file_name_in_two_folders_with_different_groups_is_refused_when_matched_by_name(tmp_path):
+    csv = tmp_path / "groups.csv"
+    csv.write_text("path,site\n/a/other.png,A\n/b/other.png,B\n")
+    with pytest.raises(ValueError, match="files of the same name in different folders.*other.png"):
+        groups_from_csv(PATHS, csv)
+    csv.write_text("path,site\n/a/other.png,A\n/b/other.png,B\n/d/test/NORMAL/other.png,C\n")
+    assert groups_from_csv(PATHS, csv)["site"].tolist()[4] == "C"  # its full path decides
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"", "it is empty"),
+    (b"   \n\n", "it is empty"),
+    (b"\x00\xff\xfe garbage \x89PNG" * 20, "binary"),
+    (b"path,site\n/d/x.png,\xff\xfe\n", "not UTF-8"),
+    (b"site,sex\nA,F\n", "needs a column naming the image"),
+    (b"path\n/d/test/NORMAL/other.png\n", "group columns"),
+    (b"path,site\n,A\n", "lists no image"),
+    (b'path,site\n"/d/x.png,A\n', "Cannot read"),
+    (("path,id\n" + "".join(f"/d/{i}.png,{i}\n" for i in range(500))).encode(), "500 distinct values"),
+    (("path," + ",".join(f"c{i}" for i in range(30)) + "\n/d/x.png" + ",a" * 30 + "\n").encode(), "30 group columns"),
+])
+def test_a_bad_groups_file_is_refused_in_one_line(tmp_path, content, words):
+    csv = tmp_path / "groups.csv"
+    csv.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(words)) as refused:
+        groups_from_csv(PATHS, csv)
+    assert "\n" not in str(refused.value) and str(csv) in str(refused.value)
+
+
+def test_a_huge_groups_file_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    import core.subgroups as subgroups
+
+    monkeypatch.setattr(subgroups, "MAX_GROUPS_CSV_BYTES", 1000)
+    csv = tmp_path / "groups.csv"
+    csv.write_text("path,site\n" + "/d/test/NORMAL/other.png,A\n" * 100)
+    with pytest.raises(ValueError, match="a groups CSV is at most"):
+        groups_from_csv(PATHS, csv)
+
+
+def test_a_groups_path_that_is_no_regular_file_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "groups.csv"
+    os.mkfifo(fifo)  # opening a FIFO for reading would wait for a writer forever
+    for path in (fifo, tmp_path, "/dev/zero"):
+        with pytest.raises(ValueError, match="not a regular file"):
+            groups_from_csv(PATHS, path)
