@@ -17,6 +17,7 @@ from .cam import CamResult
 from .config import ARCHITECTURES
 from .dataset import NOT_AN_IMAGE, load_grayscale
 from .model import Classifier, build_model
+from .ood import OOD_FILE, OodDetector, folder_shift, image_gate, read_run_detector, verdict
 
 # Uploads and CLI inputs larger than this are refused before decoding.
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024
@@ -33,6 +34,8 @@ class LoadedModel:
     temperature: float
     threshold: float  # the run's operating threshold (runs.operating_point)
     device: torch.device
+    ood: OodDetector | None = None  # the run's out-of-distribution score (None: not fitted, or damaged)
+    ood_error: str | None = None  # why there is no score, when its file is damaged
 
 
 IMAGE_SIZE_RANGE = (16, 4096)  # what a checkpoint may declare; outside it the metadata is damaged
@@ -120,30 +123,47 @@ def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu") -> L
         raise ValueError(f"{path} has damaged metadata: {e}.") from None
     # Before the weights: a damaged threshold.json is refused with its own message, never replaced.
     threshold = runs.operating_point(Path(run_dir)).threshold
+    model = build_model(info.arch, pretrained=False, dropout=info.dropout)
     try:
-        model = build_model(info.arch, pretrained=False, dropout=info.dropout)
-        model.load_state_dict(load_file(str(path)))
+        state = load_file(str(path))
     except (SafetensorError, RuntimeError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a usable checkpoint: {type(e).__name__}: {e}") from e
+        raise ValueError(f"{path} is not a usable checkpoint: {type(e).__name__}: {e}") from None
+    _check_state_dict(path, info.arch, model.state_dict(), state)
+    model.load_state_dict(state)
+    try:
+        ood, ood_error = read_run_detector(run_dir), None
+        if ood is not None and ood.dim != model.feature_dim:
+            ood, ood_error = None, f"{Path(run_dir) / OOD_FILE} does not fit this model's features: fit it again " \
+                                   "with python -m core fit-ood RUN."
+    except ValueError as e:
+        ood, ood_error = None, str(e)
     device = torch.device(device)
     model.to(device).eval()
     return LoadedModel(model, info.arch, info.classes, info.image_size, info.mean, info.std, info.temperature,
-                       threshold, device)
+                       threshold, device, ood, ood_error)
+
+
+def _check_state_dict(path: Path, arch: str, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
+    """One line when the weights do not belong to the declared architecture (PyTorch's own message lists every
+    tensor: thousands of characters)."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [k for k in expected if k in found and tuple(found[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} tensors missing (e.g. {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+                 f"{len(shapes)} of another shape (e.g. {shapes[0]})" if shapes else ""]
+        raise ValueError(f"{path} does not hold {arch} weights as its metadata says: "
+                         f"{', '.join(p for p in parts if p)}.")
+    bad = [k for k, v in found.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path} holds NaN or infinite weights ({len(bad)} tensors, e.g. {bad[0]}): the run cannot "
+                         "predict; train it again.")
 
 
 def read_image(source: str | Path | bytes | BinaryIO, size: int) -> np.ndarray:
     """Validated decode for user-supplied files: size limit, then the training preprocessing."""
-    if isinstance(source, (str, Path)):
-        p = Path(source)
-        if not p.is_file():
-            raise ValueError(f"Not a file: {p}")
-        if p.stat().st_size > MAX_UPLOAD_BYTES:
-            raise ValueError(f"{p.name} is larger than {MAX_UPLOAD_BYTES // 2**20} MB.")
-        source = p.read_bytes()
-    elif not isinstance(source, bytes):
-        source = source.read(MAX_UPLOAD_BYTES + 1)
-    if len(source) > MAX_UPLOAD_BYTES:
-        raise ValueError(f"The file is larger than {MAX_UPLOAD_BYTES // 2**20} MB.")
+    source = read_upload(source)
     try:
         return load_grayscale(source, size)
     except ValueError as e:
@@ -156,25 +176,71 @@ def _input_tensor(loaded: LoadedModel, pixels: np.ndarray) -> torch.Tensor:
     return ((x - loaded.mean) / loaded.std).to(loaded.device)
 
 
-def predict_pixels(loaded: LoadedModel, pixels: np.ndarray) -> dict:
-    """Calibrated probability of the positive class and the decision at the run's threshold."""
+def predict_pixels(loaded: LoadedModel, pixels: np.ndarray, gate: str | None = None,
+                   keep_features: bool = False) -> dict:
+    """Calibrated probability of the positive class, the decision at the run's threshold, and whether that
+    decision applies: "ood" says whether the image is unlike the training data (the gate's reason, given by the
+    caller from the file, or the feature score above its threshold). A flagged image keeps its probability and
+    decision, marked "applicable": False."""
     with cam.MODEL_LOCK, torch.inference_mode():
-        logits = loaded.model(_input_tensor(loaded, pixels)).float().cpu()
+        features = loaded.model.backbone(_input_tensor(loaded, pixels))
+        logits = loaded.model.head(features).float().cpu()
     prob = float(torch.softmax(logits / loaded.temperature, dim=1)[0, 1])
     positive = prob >= loaded.threshold
-    return {"prob": prob, "predicted": loaded.classes[1] if positive else loaded.classes[0],
-            "threshold": loaded.threshold, "positive_class": loaded.classes[1]}
+    ood = verdict(loaded.ood, features.float().cpu().numpy(), gate)
+    result = {"prob": prob, "predicted": loaded.classes[1] if positive else loaded.classes[0],
+              "threshold": loaded.threshold, "positive_class": loaded.classes[1], "applicable": not ood.flagged,
+              "ood": ood.as_dict()}
+    if keep_features:  # for a folder test over several images; not JSON
+        result["features"] = features.float().cpu().numpy()[0]
+    return result
 
 
-def predict_files(loaded: LoadedModel, sources: list[str | Path]) -> list[dict]:
+def read_upload(source: str | Path | bytes | BinaryIO) -> bytes:
+    """The file's bytes, refusing what is larger than MAX_UPLOAD_BYTES or not a regular file."""
+    if isinstance(source, (str, Path)):
+        p = Path(source)
+        if not p.is_file():
+            raise ValueError(f"Not a file: {p}")
+        if p.stat().st_size > MAX_UPLOAD_BYTES:
+            raise ValueError(f"{p.name} is larger than {MAX_UPLOAD_BYTES // 2**20} MB.")
+        source = p.read_bytes()
+    elif not isinstance(source, bytes):
+        source = source.read(MAX_UPLOAD_BYTES + 1)
+    if len(source) > MAX_UPLOAD_BYTES:
+        raise ValueError(f"The file is larger than {MAX_UPLOAD_BYTES // 2**20} MB.")
+    return source
+
+
+def predict_image(loaded: LoadedModel, source: str | Path | bytes | BinaryIO, keep_features: bool = False) -> dict:
+    """predict_pixels for one file, with the image gate run on the file itself (colour, aspect ratio)."""
+    data = read_upload(source)
+    pixels = read_image(data, loaded.image_size)
+    return predict_pixels(loaded, pixels, image_gate(data), keep_features)
+
+
+def predict_files(loaded: LoadedModel, sources: list[str | Path], keep_features: bool = False) -> list[dict]:
     """One result per file; unreadable files get an 'error' instead of stopping the batch."""
     out = []
     for src in sources:
         try:
-            out.append({"file": str(src), **predict_pixels(loaded, read_image(src, loaded.image_size))})
+            result = predict_image(loaded, src, keep_features)
         except ValueError as e:
             out.append({"file": str(src), "error": str(e)})
+            continue
+        out.append({"file": str(src), **result})
     return out
+
+
+def batch_shift(loaded: LoadedModel, results: list[dict]) -> dict | None:
+    """The folder verdict (flagged share, two-sample test) over predictions made with keep_features=True; None
+    for fewer than two readable images."""
+    done = [r for r in results if "error" not in r and "features" in r]
+    if len(done) < 2:
+        return None
+    features = np.stack([r["features"] for r in done])
+    flags = np.array([r["ood"]["flagged"] for r in done])
+    return folder_shift(loaded.ood, features, flags, gated=sum(bool(r["ood"]["gate"]) for r in done))
 
 
 def gradcam(loaded: LoadedModel, pixels: np.ndarray, target_class: int = 1) -> CamResult:

@@ -31,6 +31,7 @@ from .config import TrainConfig
 from .dataset import DatasetIndex, assign_splits, decode_images, leakage_report, scan_dataset
 from .metrics import choose_threshold, metrics_at_threshold, safe_auc
 from .model import Classifier, apply_strategy, build_model, count_parameters, normalization, set_train_mode
+from .ood import OOD_FILE, OodDetector, features_and_logits, fit_detector, save_detector
 
 EVAL_SPLITS = ("val", "test")
 
@@ -655,6 +656,24 @@ def load_weights_into(model: Classifier, path: Path) -> dict[str, str]:
     return metadata
 
 
+def fit_run_ood(run_dir: Path, config: TrainConfig, model: Classifier, data: PreparedData,
+                val_features: np.ndarray, device: torch.device, bf16: bool) -> OodDetector | None:
+    """Fit the out-of-distribution score on the training features and save it as ood.safetensors. A failure
+    is logged and leaves the run without a score (prediction says so), never fails the run."""
+    mean, std = normalization(config.arch)
+    try:
+        train_features, _ = features_and_logits(model, data.splits["train"].images, device, mean, std, bf16)
+        detector = fit_detector(train_features, data.splits["train"].labels.numpy(), val_features,
+                                seed=config.seed)
+        save_detector(detector, run_dir / OOD_FILE, {"fitted_by": "training", "arch": config.arch})
+    except (ValueError, np.linalg.LinAlgError) as e:
+        runs.log(run_dir, f"No out-of-distribution score: {e}")
+        return None
+    runs.log(run_dir, f"Out-of-distribution score fitted on {detector.info['n_train']} training images; threshold "
+                      f"{detector.threshold:.2f} passes {1 - detector.info['val_flagged']:.1%} of validation")
+    return detector
+
+
 def finalize_run(run_dir: Path, config: TrainConfig, model: Classifier, data: PreparedData,
                  device: torch.device, bf16: bool) -> dict:
     """Best weights -> calibrated val/test predictions, threshold chosen on validation, report."""
@@ -662,7 +681,9 @@ def finalize_run(run_dir: Path, config: TrainConfig, model: Classifier, data: Pr
     meta = load_weights_into(model, best_path)
     model.to(device)
     mean, std = normalization(config.arch)
-    logits = {s: compute_logits(model, data.splits[s].images, device, mean, std, bf16) for s in EVAL_SPLITS}
+    features, logits = {}, {}
+    for s in EVAL_SPLITS:
+        features[s], logits[s] = features_and_logits(model, data.splits[s].images, device, mean, std, bf16)
     temperature, refused = fit_temperature_checked(logits["val"], data.splits["val"].labels)
     report: dict = {"best_epoch": int(meta.get("epoch", 0)), "temperature": temperature,
                     "temperature_fit": {"fitted": refused is None, "note": refused, "on": "val"},
@@ -671,6 +692,8 @@ def finalize_run(run_dir: Path, config: TrainConfig, model: Classifier, data: Pr
     raw_probs = {s: positive_probs(logits[s]) for s in EVAL_SPLITS}
     val_labels = data.splits["val"].labels.numpy()
     threshold = choose_threshold(val_labels, probs["val"], "youden")
+    detector = fit_run_ood(run_dir, config, model, data, features["val"], device, bf16)
+    report["ood"] = {"fitted": detector is not None, **(detector.info if detector is not None else {})}
     report["threshold"] = threshold
     for s in EVAL_SPLITS:
         table = data.splits[s].table
@@ -679,6 +702,8 @@ def finalize_run(run_dir: Path, config: TrainConfig, model: Classifier, data: Pr
         out = table[["path", "patient", "label", "class_name"]].copy()
         out["prob"] = probs[s]
         out["prob_uncalibrated"] = raw_probs[s]
+        if detector is not None:
+            out["ood_score"] = detector.scores(features[s])
         out.to_csv(run_dir / f"predictions_{s}.csv", index=False)
         report[s] = metrics_at_threshold(table["label"].to_numpy(), probs[s], threshold)
     save_weights(model, best_path, checkpoint_metadata(config, data.index.classes, temperature, threshold,

@@ -12,7 +12,7 @@ import ui
 from core import runs
 from core.cam import COLOUR_MAPS, DEFAULT_ALPHA, DEFAULT_COLOUR_MAP
 from core.dataset import IMAGE_EXTENSIONS
-from core.predict import ACCEPTED_FORMATS, MAX_UPLOAD_BYTES, gradcam_display, predict_pixels, read_image
+from core.predict import ACCEPTED_FORMATS, MAX_UPLOAD_BYTES, batch_shift, gradcam_display, predict_image
 
 CAM_PX = 320
 LIMIT_MB = MAX_UPLOAD_BYTES // 2**20
@@ -50,30 +50,60 @@ colour_map = cam_controls[0].selectbox("Grad-CAM colour map", list(COLOUR_MAPS),
                                        format_func=lambda name: COLOUR_MAPS[name][1], key="predict_colour_map")
 alpha = cam_controls[1].slider("Overlay opacity", 0.0, 1.0, DEFAULT_ALPHA, 0.05, key="predict_alpha")
 
-results = []
+if loaded.ood is None:
+    st.warning(ui.plain(loaded.ood_error) if loaded.ood_error else
+               "This run has no out-of-distribution score, so the page cannot tell when an image is unlike the "
+               "training data (only the checks for colour, blank, white and very elongated images run). Fit it "
+               f"once with python -m core fit-ood {ui.plain(run_dir)}.")
+else:
+    st.caption(f"Each image is first checked against the training data: the distance of the model's features to "
+               f"those of its training images (threshold {loaded.ood.threshold:.2f}, which 95% of validation images "
+               "pass). An image above it, or one that is not a chest X-ray at all, gets its probability with the "
+               "decision marked not applicable.")
+
+results, scored = [], []
 for upload in uploads or []:
     data = upload.getvalue()
+    name = ui.plain(upload.name)
     with st.container(border=True):
-        st.markdown(f"**{upload.name}**")
+        st.markdown(f"**{name}**")
         try:
-            pixels = read_image(data, loaded.image_size)  # size limit and validation: never a traceback
+            result = predict_image(loaded, data, keep_features=True)  # size limit and validation: no traceback
         except ValueError as e:
-            st.error(f"{upload.name}: {e}")
-            results.append({"file": upload.name, "probability": None, "decision": None, "error": str(e)})
+            st.error(f"{name}: {ui.plain(e)}")
+            results.append({"file": upload.name, "probability": None, "decision": None, "applies": None,
+                            "OOD score": None, "why not": None, "error": str(e)})
             continue
-        result = predict_pixels(loaded, pixels)
+        scored.append(result)
+        ood = result["ood"]
         positive = result["predicted"] == loaded.classes[1]
-        results.append({"file": upload.name, "probability": result["prob"], "decision": result["predicted"],
-                        "error": None})
+        decision = result["predicted"] if result["applicable"] else "not applicable"
+        results.append({"file": upload.name, "probability": result["prob"], "decision": decision,
+                        "applies": result["applicable"], "OOD score": ood["score"],
+                        "why not": ood["reason"], "error": None})
+        if not result["applicable"]:
+            st.warning(ood["reason"])
         left, middle, right = st.columns([1, 1.3, 1.3])
         left.metric(f"Probability of {loaded.classes[1]}", f"{result['prob']:.3f}")
-        left.markdown(f"Decision: **:{'red' if positive else 'green'}[{result['predicted']}]**  \n"
-                      f"({result['prob']:.3f} {'≥' if positive else '<'} threshold {result['threshold']:.3f})")
+        comparison = f"{result['prob']:.3f} {'≥' if positive else '<'} threshold {result['threshold']:.3f}"
+        if result["applicable"]:
+            left.markdown(f"Decision: **:{'red' if positive else 'green'}[{result['predicted']}]**  \n({comparison})")
+        else:
+            left.markdown(f"Decision: **not applicable**  \n(the model alone would say {result['predicted']}: "
+                          f"{comparison}; not to be trusted on this image)")
+        if ood["score"] is not None:
+            like = "unlike" if ood["score"] > ood["threshold"] else "like"
+            left.caption(f"{like.capitalize()} the training data (score {ood['score']:.2f}, threshold "
+                         f"{ood['threshold']:.2f})")
         view = gradcam_display(loaded, data, CAM_PX, colour_map, alpha)
         middle.image(view.image, caption="Original", width=CAM_PX)
         right.image(view.overlay, caption=view.caption(loaded.classes[1]), width=CAM_PX)
 
 if len(results) > 1:
     st.subheader("Summary")
+    shift = batch_shift(loaded, scored)
+    if shift is not None:
+        (st.warning if shift["shifted"] else st.info)(shift["verdict"])
     st.dataframe(pd.DataFrame(results), hide_index=True,
-                 column_config={"probability": st.column_config.NumberColumn(format="%.3f")})
+                 column_config={"probability": st.column_config.NumberColumn(format="%.3f"),
+                                "OOD score": st.column_config.NumberColumn(format="%.2f")})

@@ -18,6 +18,11 @@ PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "5_Predict.py")
 TIMEOUT = 120
 
 
+def shown(element) -> str:
+    """An element's text as the reader sees it: file-derived text is Markdown-escaped on the page."""
+    return element.value.replace("\\", "")
+
+
 def original(cls: str = "PNEUMONIA") -> Path:
     """The largest full-size original of a class: the hardest honest upload."""
     return max((ORIGINALS / cls).glob("*.jpeg"), key=lambda p: p.stat().st_size)
@@ -43,7 +48,7 @@ def test_upload_scores_full_size_originals_and_rejects_a_text_file(run_copy):  #
     uploader.set_value([(p.name, p.read_bytes(), "image/jpeg") for p in files]
                        + [("notes.jpeg", b"not an image, just text\n" * 10, "image/jpeg")]).run()
     assert not at.exception, at.exception
-    assert len(at.error) == 1 and at.error[0].value.startswith("notes.jpeg: Not a readable image")
+    assert len(at.error) == 1 and shown(at.error[0]).startswith("notes.jpeg: Not a readable image")
 
     expected = predict_files(load_run_model(run_copy), files)
     probs = [m.value for m in at.metric if m.label == "Probability of PNEUMONIA"]
@@ -62,7 +67,7 @@ def test_oversized_upload_is_refused(run_copy):  # noqa: F811
     at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
     at.file_uploader[0].set_value(("huge.png", b"\0" * (MAX_UPLOAD_BYTES + 1), "image/png")).run()
     assert not at.exception
-    assert at.error[0].value.startswith("huge.png: The file is larger than")
+    assert shown(at.error[0]).startswith("huge.png: The file is larger than")
     assert not at.image
 
 
@@ -97,3 +102,34 @@ def test_colour_map_and_opacity_of_the_overlay(run_copy):  # noqa: F811
     assert not at.exception, at.exception
     # Media URLs name the content: the overlay is redrawn, the original is not.
     assert original_again == original_url and len({viridis_url, jet_url, at.image[1].value[0]}) == 3
+
+
+def test_a_colour_photo_is_flagged_not_a_chest_xray_and_its_decision_not_applicable(run_copy):  # noqa: F811
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    photo = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(photo, "PNG")
+    xray = original("NORMAL")
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    at.file_uploader[0].set_value([("knee [photo](http://x).png", photo.getvalue(), "image/png"),
+                                   (xray.name, xray.read_bytes(), "image/jpeg")]).run()
+    assert not at.exception, at.exception
+    warnings = [w.value for w in at.warning]
+    assert any(w.startswith("Not a chest X-ray: the image is in colour") for w in warnings)
+    decisions = [m.value for m in at.markdown if m.value.startswith("Decision")]
+    assert decisions[0].startswith("Decision: **not applicable**")
+    assert "](http" not in "".join(m.value for m in at.markdown)  # the file name is shown as text, not a link
+    summary = at.dataframe[0].value
+    assert list(summary["applies"]) == [False, True]
+    assert summary["why not"][0].startswith("Not a chest X-ray")
+    assert any(c.value.startswith("Like the training data (score") for c in at.caption)
+
+
+def test_a_run_without_a_score_says_how_to_fit_one(run_copy):  # noqa: F811
+    (run_copy / "ood.safetensors").unlink()
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    assert any("fit-ood" in w.value for w in at.warning)
