@@ -190,3 +190,22 @@ def test_a_damaged_external_set_is_left_out_not_the_page(run_copy):  # noqa: F81
     assert not at.error  # validation and test are fine: the broken set is a warning, the page goes on
     assert any("external: broken left out" in as_read(w.value) for w in at.warning)
     assert list(rates(at).columns) == ["validation", "test"]
+
+
+def test_a_groups_csv_with_conflicting_rows_is_refused_and_identical_ones_are_noted(page, run_copy, tmp_path):
+    test = runs.read_predictions(run_copy, "test")
+    first, second = test["path"].iloc[0], test["path"].iloc[1]
+    csv = tmp_path / "groups.csv"
+    csv.write_text(f"path,site\n{first},A\n{first},B\n{second},A\n")
+    page.text_input(key="thr_groups_csv").input(str(csv)).run()
+    assert not page.exception
+    refused = " ".join(as_read(e.value) for e in page.error)
+    assert "more than once with different groups" in refused and first in refused
+
+    hostile = "<b>x</b> [link](http://x)"
+    csv.write_text(f"path,site\n{first},A\n{first},A\n{second},\"{hostile}\"\n")
+    page.text_input(key="thr_groups_csv").input(str(csv)).run()
+    assert not page.exception and not page.error
+    assert any("1 repeated row (same path, same groups) counted once" in as_read(i.value) for i in page.info)
+    table = next(d.value for d in page.dataframe if "grouping" in d.value.columns)
+    assert set(table["group"]) == {"A", hostile}  # a table cell: shown as text
