@@ -12,22 +12,36 @@ import torch
 from torch import nn
 
 from . import runs
+from .ood import OodDetector
 from .predict import LoadedModel, load_run_model
 
 OPSET = 18
 
 
 class CalibratedProbability(nn.Module):
-    """(N, 1, S, S) pixels scaled to [0, 1] -> (N,) calibrated probability of the positive class, and the raw
-    (N, 2) logits: normalisation, the model and temperature scaling in one graph."""
+    """(N, 1, S, S) pixels scaled to [0, 1] -> (N,) calibrated probability of the positive class, the raw
+    (N, 2) logits and, when the run has an out-of-distribution score, (N,) that score (Mahalanobis distance of the
+    backbone features to the nearest training class mean; above the threshold in the metadata, the image is unlike
+    the training data): normalisation, the model, temperature scaling and the score in one graph."""
 
-    def __init__(self, model: nn.Module, mean: float, std: float, temperature: float):
+    def __init__(self, model: nn.Module, mean: float, std: float, temperature: float,
+                 detector: OodDetector | None = None):
         super().__init__()
         self.model, self.mean, self.std, self.temperature = model, mean, std, temperature
+        self.with_ood = detector is not None
+        if detector is not None:
+            self.register_buffer("class_means", torch.from_numpy(detector.means).float())
+            self.register_buffer("precision", torch.from_numpy(detector.precision).float())
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model((pixels - self.mean) / self.std)
-        return torch.softmax(logits / self.temperature, dim=1)[:, 1], logits
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = self.model.backbone((pixels - self.mean) / self.std)
+        logits = self.model.head(features)
+        probability = torch.softmax(logits / self.temperature, dim=1)[:, 1]
+        if not self.with_ood:
+            return probability, logits
+        diff = features[:, None, :] - self.class_means[None]  # (N, classes, d)
+        squared = ((diff @ self.precision) * diff).sum(-1).amin(1)
+        return probability, logits, squared.clamp_min(0).sqrt()
 
 
 # The exported file must give PyTorch's probabilities: fp32 differences are about 1e-7; more than this (or NaN)
@@ -64,15 +78,26 @@ def export_onnx(run_dir: str | Path, out: str | Path, force: bool = False) -> di
     if broken:
         raise ValueError(f"{checkpoint} holds NaN or infinite values in {len(broken)} tensor(s) (e.g. {broken[0]}): "
                          "the model cannot be exported; nothing written.")
-    wrapper = CalibratedProbability(loaded.model.eval(), loaded.mean, loaded.std, loaded.temperature).eval()
+    wrapper = CalibratedProbability(loaded.model.eval(), loaded.mean, loaded.std, loaded.temperature,
+                                    loaded.ood).eval()
     example = torch.rand(2, 1, loaded.image_size, loaded.image_size)
     metadata = {"classes": json.dumps(loaded.classes), "positive_class": loaded.classes[1],
                 "image_size": str(loaded.image_size), "input": "grayscale pixels / 255, shape (N, 1, S, S), "
                 "resized to S x S without keeping the aspect ratio", "mean": repr(loaded.mean),
                 "std": repr(loaded.std), "temperature": repr(loaded.temperature),
                 "threshold": repr(loaded.threshold), "arch": loaded.arch, "run": Path(run_dir).resolve().name}
+    if loaded.ood is not None:
+        metadata.update(ood_threshold=repr(loaded.ood.threshold), ood_score=(
+            "output 'ood_score': Mahalanobis distance of the model's features to the nearest training class mean; "
+            "above ood_threshold (which 95% of validation images pass) the image is unlike the training data and "
+            "the probability does not apply. The image checks on the original file (colour, blank, mostly white, "
+            "elongated) are not in the graph."))
+    else:
+        metadata["ood_score"] = f"none: the run has no out-of-distribution score ({loaded.ood_error or 'not fitted'}" \
+                                "; python -m core fit-ood RUN, then export again)"
+    outputs = ["probability", "logits"] + (["ood_score"] if loaded.ood is not None else [])
     program = torch.onnx.export(wrapper, (example,), input_names=["pixels"],
-                                output_names=["probability", "logits"], opset_version=OPSET,
+                                output_names=outputs, opset_version=OPSET,
                                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), dynamo=True)
     model = program.model_proto
     for key, value in metadata.items():
@@ -103,8 +128,14 @@ def _parity(loaded: LoadedModel, onnx_path: str | Path, pixels: np.ndarray) -> f
     with torch.inference_mode():
         reference = torch.softmax(loaded.model((x - loaded.mean) / loaded.std) / loaded.temperature, 1)[:, 1]
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    (prob, _) = session.run(None, {"pixels": x.numpy()})
-    return float(np.abs(prob - reference.numpy()).max())
+    outputs = session.run(None, {"pixels": x.numpy()})
+    gap = float(np.abs(outputs[0] - reference.numpy()).max())
+    if loaded.ood is not None and len(outputs) == 3:
+        with torch.inference_mode():
+            expected = loaded.ood.scores(loaded.model.backbone((x - loaded.mean) / loaded.std).numpy())
+        # Relative: distances are in the tens, and the graph computes them in float32.
+        gap = max(gap, float(np.abs(outputs[2] - expected).max() / max(1.0, float(np.abs(expected).max()))))
+    return gap
 
 
 def onnx_parity(run_dir: str | Path, onnx_path: str | Path, pixels: np.ndarray) -> float:

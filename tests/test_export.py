@@ -34,9 +34,12 @@ def test_export_matches_pytorch_and_carries_the_metadata(finished_run, tmp_path,
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    (prob, _) = session.run(None, {"pixels": pixels[:, None].astype(np.float32) / 255.0})
-    expected = [r["prob"] for r in predict_files(loaded, paths)]
-    assert np.abs(prob - np.array(expected)).max() <= 1e-4
+    prob, ood_score = session.run(["probability", "ood_score"], {"pixels": pixels[:, None].astype(np.float32) / 255.0})
+    expected = predict_files(loaded, paths)
+    assert np.abs(prob - np.array([r["prob"] for r in expected])).max() <= 1e-4
+    # The out-of-distribution score travels too, with its threshold in the metadata.
+    assert np.allclose(ood_score, [r["ood"]["score"] for r in expected], rtol=1e-3)
+    assert float(meta["ood_threshold"]) == pytest.approx(loaded.ood.threshold)
 
 
 def test_export_refuses_what_is_not_a_run(tmp_path, capsys):
