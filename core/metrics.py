@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
@@ -168,3 +171,22 @@ def mistakes(predictions: pd.DataFrame, threshold: float) -> pd.DataFrame:
     wrong["kind"] = np.where(wrong["label"] == 1, "false negative", "false positive")
     wrong["confidence"] = np.where(wrong["label"] == 1, 1 - wrong["prob"], wrong["prob"])
     return wrong.sort_values("confidence", ascending=False).reset_index(drop=True)
+
+
+def chance_level_warning(auc: Any, label: str) -> str | None:
+    """When a set's AUC interval (an Interval or its dict) includes 0.5, or lies below it: the model does not
+    rank this population's images better than chance, which no threshold can fix. None otherwise."""
+    value, low, high = (getattr(auc, "value", None), getattr(auc, "low", None), getattr(auc, "high", None)) \
+        if not isinstance(auc, dict) else (auc.get("value"), auc.get("low"), auc.get("high"))
+    numbers = (value, low, high)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
+        return None
+    shown = f"AUC {value:.3f} [{low:.3f}, {high:.3f}]"
+    if high < 0.5:
+        return (f"The model ranks {label}'s images worse than chance ({shown}, below 0.5): on this population its "
+                "scores point the wrong way. No threshold can fix that; do not use this model here.")
+    if low <= 0.5:
+        return (f"The model does not rank {label}'s images better than chance ({shown} includes 0.5). No threshold "
+                "can fix that: every operating point on this set is close to a coin toss, so re-picking the "
+                "threshold here is meaningless.")
+    return None

@@ -414,3 +414,41 @@ def fit_run_detector(run_dir: str | os.PathLike, device: str = "auto", progress=
     detector = fit_detector(features["train"], labels, features["val"])
     save_detector(detector, run_dir / OOD_FILE, {"fitted_by": "fit-ood", "arch": loaded.arch})
     return detector
+
+
+# ---------------------------------------------------------------- prediction sets, split by the verdict
+
+OOD_COLUMNS = ("ood_score", "ood_flag", "ood_reason")
+
+
+def has_ood(frame) -> bool:
+    """Whether a predictions table carries the per-image verdict (external evaluations made since it existed)."""
+    return "ood_flag" in frame.columns
+
+
+def ood_flags(frame) -> np.ndarray:
+    """The per-image 'unlike the training data' flags of a predictions table; a damaged cell reads as flagged
+    (the cautious side: its decision is not claimed to apply)."""
+    import pandas as pd
+
+    raw = frame["ood_flag"]
+    as_text = raw.astype(str).str.strip().str.lower()
+    flags = as_text.isin(("true", "1", "1.0"))
+    known = flags | as_text.isin(("false", "0", "0.0"))
+    return np.asarray((flags | ~known) if len(raw) else pd.Series([], dtype=bool), dtype=bool)
+
+
+def split_by_ood(pset):
+    """(in-distribution part, flagged part) of a PredictionSet whose table has the verdict; None without it."""
+    from .operating import PredictionSet
+
+    if not has_ood(pset.frame):
+        return None
+    flagged = ood_flags(pset.frame)
+    parts = []
+    for mask, label in ((~flagged, "like the training data"), (flagged, "unlike the training data")):
+        rows = np.flatnonzero(mask)
+        parts.append(PredictionSet(f"{pset.name} ({label})", pset.frame.iloc[rows].reset_index(drop=True),
+                                   pset.labels[rows], pset.probs[rows],
+                                   pset.patients[rows] if pset.patients is not None else None, pset.class_names))
+    return tuple(parts)

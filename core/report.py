@@ -29,6 +29,7 @@ import pandas as pd
 
 from . import runs
 from .bootstrap import METRIC_KEYS, METRIC_LABELS, Interval, format_interval
+from .metrics import chance_level_warning
 from .operating import PredictionSet, bootstrap_for, curve_data, load_set, ranking_only, set_summary
 
 # Section ids and headings, in the order they appear.
@@ -798,17 +799,26 @@ def _external(ctx: _Context) -> str:
     for n in names:
         short = n[len(runs.EXTERNAL_PREFIX):]
         parts.append(f"<h3>{_e(runs.set_label(n))}</h3>")
+        if n in ctx.prepared:  # said first: then no threshold below means anything
+            chance = chance_level_warning(ctx.prepared[n].summary["metrics"].get("auc"), runs.set_label(n))
+            if chance:
+                parts.append(_box("error", chance))
         try:
             summary: dict | None = read_external(ctx.run_dir, short)
         except (FileNotFoundError, ValueError) as e:
             summary = None
             parts.append(_box("error", str(e)))
+        if summary is not None and isinstance(summary.get("ood"), dict):
+            verdict = summary["ood"].get("verdict")
+            if isinstance(verdict, str):
+                parts.append(_box("warning" if summary["ood"].get("shifted") else "info", verdict))
         if summary is not None:
             parts.append(_external_summary(summary))
         if n in ctx.prepared:
             assert ctx.operating is not None
             parts.append(f"<p>At the run's current operating threshold <b>{_e(ctx.operating.describe())}</b>:</p>")
             parts.append(_interval_table(ctx, [n]))
+            parts.append(_ood_parts(ctx, n))
         elif n in ctx.set_errors:
             parts.append(_box("error", ctx.set_errors[n]))
         elif ctx.operating is None:
@@ -816,6 +826,23 @@ def _external(ctx: _Context) -> str:
         if summary is not None and summary.get("refit") is not None:
             parts.append(_refit(summary["refit"]))
     return "".join(parts)
+
+
+def _ood_parts(ctx: _Context, name: str) -> str:
+    """The set's metrics on its images like and unlike the training data (the model's own verdict per image)."""
+    from .ood import split_by_ood
+
+    assert ctx.threshold is not None
+    parts = split_by_ood(ctx.prepared[name].pset)
+    if parts is None:
+        return _p("This evaluation predates the out-of-distribution score: evaluate the folder again to split it "
+                  "into images like and unlike the training data.", "note")
+    columns = ["Metric"] + [f"{part.name.split('(')[-1].rstrip(')')} ({len(part.labels)} images)" for part in parts]
+    summaries = [set_summary(part, ctx.threshold) if len(part.labels) else None for part in parts]
+    rows = [[METRIC_LABELS[k]] + [format_interval(s["metrics"][k]) if s else "—" for s in summaries]
+            for k in METRIC_KEYS]
+    return (_p("Split by the model's own verdict on each image (does it do better where it claims to know the "
+               "data?), same threshold, 95% patient-bootstrap intervals:") + _table(columns, rows, row_headers=True))
 
 
 def _external_summary(summary: dict) -> str:
@@ -943,7 +970,32 @@ def _limitations(ctx: _Context) -> str:
         "nothing about another population, label errors, or a shift in acquisition.",
         "<b>Research use only.</b> This is not a medical device and its output is not a diagnosis.",
     ]
+    items.insert(1, "<b>Images unlike the training data.</b> " + _e(_ood_note(ctx)))
     return "<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
+
+
+def _ood_note(ctx: _Context) -> str:
+    from .ood import read_run_detector
+
+    try:
+        detector = read_run_detector(ctx.run_dir)
+    except ValueError as e:
+        return str(e)
+    if detector is None:
+        return ("This run has no out-of-distribution score, so nothing flags an image the model has not seen the like "
+                "of (python -m core fit-ood RUN fits one).")
+    rates = []
+    for name in ("val", "test"):
+        prepared = ctx.prepared.get(name)
+        if prepared is not None and "ood_score" in prepared.pset.frame:
+            scores = pd.to_numeric(prepared.pset.frame["ood_score"], errors="coerce").to_numpy()
+            rates.append(f"{np.mean(~(scores <= detector.threshold)):.1%} of {runs.set_label(name)}")
+    return (f"Prediction flags an image whose features are farther from the training images' than "
+            f"{detector.threshold:.2f} (a threshold that 95% of validation images pass"
+            + (f"; flagged: {', '.join(rates)}" if rates else "") + ") and images that are not chest X-rays "
+            "(colour, blank, mostly white, elongated); a flagged image's decision is marked not applicable. The "
+            "score only knows what is far from the training data: a plausible-looking film from another population "
+            "can pass it.")
 
 
 BUILDERS: dict[str, Callable[[_Context], str]] = {

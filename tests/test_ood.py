@@ -8,9 +8,9 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA, make_xray
 from PIL import Image, ImageDraw
 
-from conftest import SHARED_DATA, make_xray
 from core import ood
 from core.predict import batch_shift, load_run_model, predict_files, predict_image
 
