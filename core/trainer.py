@@ -702,8 +702,9 @@ def finalize_run(run_dir: Path, config: TrainConfig, model: Classifier, data: Pr
         out = table[["path", "patient", "label", "class_name"]].copy()
         out["prob"] = probs[s]
         out["prob_uncalibrated"] = raw_probs[s]
-        if detector is not None:
+        if detector is not None:  # the feature score only: the image gate reads files, which training does not
             out["ood_score"] = detector.scores(features[s])
+            out["ood_flag"] = out["ood_score"] > detector.threshold
         out.to_csv(run_dir / f"predictions_{s}.csv", index=False)
         report[s] = metrics_at_threshold(table["label"].to_numpy(), probs[s], threshold)
     save_weights(model, best_path, checkpoint_metadata(config, data.index.classes, temperature, threshold,

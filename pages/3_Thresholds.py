@@ -15,7 +15,8 @@ from core import runs
 from core.bootstrap import METRIC_KEYS, METRIC_LABELS, PatientBootstrap, format_interval
 from core.calibration import N_BINS, calibration_summary, temperature_note, uncalibrated_probs
 from core.figures import confusion_figure, plain_label, pr_figure, reliability_figure, roc_figure, set_colour
-from core.metrics import TARGET_DEFAULTS, choose_threshold, describe_rule
+from core.metrics import TARGET_DEFAULTS, chance_level_warning, choose_threshold, describe_rule
+from core.ood import split_by_ood
 from core.operating import curve_data, load_set, ranking_only, set_summary, shift_warnings
 from core.subgroups import groups_from_csv, kermany_groups, prepare_subgroups, subgroup_table
 
@@ -67,6 +68,19 @@ def prepared_subgroups(run_dir: str, name: str, mtime: float, groups_csv: str, c
     return prepare_subgroups(pset.labels, pset.probs, pset.patients, groups), groups.attrs.get("notes", [])
 
 
+@st.cache_resource(show_spinner="Resampling patients…", max_entries=32)
+def prepared_part(run_dir: str, name: str, mtime: float, part: int) -> dict | None:
+    """The images of a set that the model calls like (part 0) or unlike (part 1) its training data, prepared as
+    prepared_set; None when the set has no per-image verdict or the part is empty."""
+    parts = split_by_ood(load_set(Path(run_dir), name))
+    if parts is None or len(parts[part].labels) == 0:
+        return None
+    pset = parts[part]
+    boot = PatientBootstrap(pset.patients, len(pset.labels))
+    ranking = ranking_only(pset, boot)
+    return {"set": pset, "boot": boot, "ranking": ranking, "curves": curve_data(pset, ranking)}
+
+
 def colour_of(name: str, names: list[str]) -> str:
     externals = [n for n in names if n.startswith(runs.EXTERNAL_PREFIX)]
     return set_colour(name, externals.index(name) if name in externals else 0)
@@ -110,6 +124,34 @@ for n in names:  # a damaged set is reported and left out; the others stay usabl
 names = list(prepared)
 if "val" not in prepared:
     st.stop()
+
+with_verdict = [n for n in names if n != "val" and "ood_flag" in prepared[n]["set"].frame]
+in_distribution_only = False
+if with_verdict:
+    in_distribution_only = st.toggle(
+        "Read test and external sets on their images like the training data only", key="thr_ood_only",
+        help="Each image carries the model's own verdict (the out-of-distribution score, and for external folders the "
+             "check for images that are not chest X-rays). On: the images it flags are left out of every number and "
+             "curve below; the table under 'Like and unlike the training data' shows both parts.")
+full_sets = dict(prepared)
+if in_distribution_only:
+    for n in with_verdict:
+        part = prepared_part(str(run_dir), n, ui.file_mtime(runs.predictions_path(run_dir, n)), 0)
+        if part is None:
+            st.warning(ui.plain(f"{runs.set_label(n)}: every image is flagged as unlike the training data; it is left "
+                                "out."))
+            del prepared[n]
+        else:
+            prepared[n] = part
+    names = list(prepared)
+
+# Said first: a set the model does not rank better than chance has no threshold worth choosing.
+chance_sets = {}
+for n in names:
+    warning = chance_level_warning(prepared[n]["ranking"].get("auc"), runs.set_label(n))
+    if warning:
+        chance_sets[n] = warning
+        st.warning(ui.plain(warning), icon="⛔")
 
 headline = st.empty()  # filled once a save on this run is handled
 
@@ -157,6 +199,9 @@ if rule == "slider" and abs(threshold - operating.threshold) < 1e-9:
 else:
     fitted_on = fit_on
 
+if fit_on in chance_sets:
+    st.warning(ui.plain(f"A threshold fitted on {runs.set_label(fit_on)} is meaningless: the model does not rank its "
+                      "images better than chance. It cannot be saved from this set."))
 if fit_on != "val":
     st.warning(f"You are fitting the threshold on **{ui.plain(runs.set_label(fit_on))}**. Numbers read on the set the "
                "threshold was fitted on are optimistic; fit on validation and only read the others.")
@@ -165,7 +210,7 @@ summaries = {n: set_summary(p["set"], threshold, p["boot"], p["ranking"]) for n,
 
 top = st.columns([1, 1, 2])
 # The button is handled before the metrics are drawn, so they show the threshold just saved.
-if top[2].button("Save as the operating threshold", type="primary",
+if top[2].button("Save as the operating threshold", type="primary", disabled=fit_on in chance_sets,
                  help="Every view and command then uses this threshold; nothing is retrained."):
     try:
         runs.save_threshold(run_dir, threshold, chosen_on=fit_on, target=rule_text,
@@ -197,6 +242,26 @@ st.subheader(ui.plain(f"Metrics at threshold {threshold:.3f} ({rule_text}, fitte
 st.dataframe(interval_table(summaries))
 st.caption("Value [95% interval]. A dash: undefined (no images of that kind, or too few resamples defined). "
            f"Positive class: {ui.plain(fit.class_names[1])}. PPV and NPV depend on each set's prevalence.")
+
+if with_verdict:
+    with st.expander("Like and unlike the training data: does the model do better where it claims to know the data?",
+                     expanded=bool(set(with_verdict) - {"test"})):
+        for n in with_verdict:
+            parts = [prepared_part(str(run_dir), n, ui.file_mtime(runs.predictions_path(run_dir, n)), i)
+                     for i in (0, 1)]
+            total = len(full_sets[n]["set"].labels)
+            flagged = len(parts[1]["set"].labels) if parts[1] else 0
+            st.markdown(ui.plain(f"{runs.set_label(n)}: {flagged} of {total} images ({flagged / max(total, 1):.0%}) "
+                                 f"flagged as unlike the training data, at threshold {threshold:.3f}"))
+            part_summaries = {f"{label} ({len(p['set'].labels)} images)": set_summary(p["set"], threshold, p["boot"],
+                                                                                      p["ranking"])
+                              for label, p in zip(("like the training data", "unlike it"), parts) if p}
+            st.dataframe(pd.DataFrame({METRIC_LABELS[k]: {c: format_interval(v["metrics"][k])
+                                                          for c, v in part_summaries.items()}
+                                       for k in METRIC_KEYS}).T)
+        st.caption("Value [95% interval], patients resampled within each part. The verdict is the run's own: a feature "
+                   "distance above the threshold that 95% of validation images pass, or an image that is not a chest "
+                   "X-ray (colour, blank, mostly white, elongated; external folders only).")
 
 shown = st.multiselect("Curves of", names, default=[n for n in ("val", "test") if n in names],
                        format_func=runs.set_label, key="thr_curves")

@@ -209,3 +209,36 @@ def test_a_groups_csv_with_conflicting_rows_is_refused_and_identical_ones_are_no
     assert any("1 repeated row (same path, same groups) counted once" in as_read(i.value) for i in page.info)
     table = next(d.value for d in page.dataframe if "grouping" in d.value.columns)
     assert set(table["group"]) == {"A", hostile}  # a table cell: shown as text
+
+
+def test_a_set_ranked_no_better_than_chance_says_so_first_and_cannot_give_the_threshold(page, run_copy):  # noqa: F811
+    # The fixture's model trained 10 steps: its test AUC interval includes 0.5 (checked here, not assumed).
+    auc = run_summary(run_copy)["sets"]["test"]["metrics"]["auc"]
+    assert auc["low"] <= 0.5 <= auc["high"]
+    said = [as_read(w.value) for w in page.warning]
+    assert said[0].startswith("The model does not rank test's images better than chance")
+    assert "No threshold can fix that" in said[0]
+    page.radio(key="thr_split").set_value("test").run()
+    assert not page.exception
+    assert any("is meaningless" in as_read(w.value) for w in page.warning)
+    assert page.button[0].disabled  # Save
+
+
+def test_sets_split_by_the_models_own_verdict_and_read_on_images_like_the_training_data(page, run_copy):  # noqa: F811
+    test = pd.read_csv(run_copy / "predictions_test.csv")
+    test["ood_flag"] = [i % 3 == 0 for i in range(len(test))]  # a third flagged, patients in both parts
+    test.to_csv(run_copy / "predictions_test.csv", index=False)
+    page.run()
+    assert not page.exception, page.exception
+    like = int((~test["ood_flag"]).sum())
+    parts = [d.value for d in page.dataframe if any("like the training data" in str(c) for c in d.value.columns)]
+    assert parts and list(parts[0].columns) == [f"like the training data ({like} images)",
+                                                f"unlike it ({len(test) - like} images)"]
+    assert rates(page).loc["Images", "test"].startswith(f"{len(test)} images")
+    page.toggle(key="thr_ood_only").set_value(True).run()
+    assert not page.exception, page.exception
+    assert rates(page).loc["Images", "test"].startswith(f"{like} images")
+    kept = test[~test["ood_flag"]]
+    threshold = runs.operating_point(run_copy).threshold
+    expected = metrics_at_threshold(kept["label"].to_numpy(), kept["prob"].to_numpy(), threshold)
+    assert rates(page).loc["Sensitivity (recall)", "test"].startswith(f"{expected['sensitivity']:.3f}")
