@@ -971,8 +971,8 @@ _SUMMARY_FIELDS: dict[str, Callable[[Any], Any]] = {
     "splits_found": _list_of(_one_of(*SPLIT_NAMES)), "class_map": _map_of(_text), "classes": _list_of(_text),
     "counts": _map_of(_count), "counts_by_folder": _map_of(_count), "n": _count, "n_patients": _count,
     "n_found": _count, "created": _text, "run": _text, "arch": _text, "image_size": _count,
-    "threshold": _record({"value": _unit}, {"source": _text, "rule": _optional(_text),
-                                            "chosen_on": _optional(_text), "described": _text}),
+    "threshold": _record({}, {"value": _unit, "source": _text, "rule": _optional(_text),
+                              "chosen_on": _optional(_text), "described": _text}),
     "overlap": _OVERLAP, "metrics": _SET_SUMMARY, "refit": _REFIT,
 }
 # Lists whose valid entries are kept when others are damaged.
