@@ -16,12 +16,14 @@ from core import runs
 from core.cam import COLOUR_MAPS, DEFAULT_ALPHA, DEFAULT_COLOUR_MAP
 from core.dataset import load_thumbnail
 from core.metrics import mistakes
+from core.ood import has_ood, ood_flags
 from core.predict import gradcam_display
 
 KINDS = {"both": "Both", "false negative": "False negatives", "false positive": "False positives"}
 THUMB_PX = 256
 CAM_PX = 320
 COLUMNS = 4
+PARTS = {"all": "All", "like": "Like the training data", "unlike": "Unlike the training data ({n})"}
 WHO_USES_THE_OPERATING_THRESHOLD = ("Predict, Compare, `runs`, `evaluate` and the report use the operating "
                                     "threshold; save a new one on the Thresholds page.")
 
@@ -88,6 +90,17 @@ except (FileNotFoundError, ValueError) as e:  # this set only: the others stay s
     st.warning(ui.plain(f"{runs.set_label(set_name)} cannot be shown: {e}"))
     st.stop()
 
+if has_ood(predictions):
+    predictions = predictions.assign(unlike_training=ood_flags(predictions))
+    n_unlike = int(predictions["unlike_training"].sum())
+    part = st.radio("Images", list(PARTS), format_func=lambda k: PARTS[k].format(n=n_unlike), horizontal=True,
+                    key="mistakes_ood", help="The run's own verdict on each image: a feature distance above the "
+                                             "threshold that 95% of validation images pass, or (external folders) "
+                                             "an image that is not a chest X-ray. Does the model err more where it "
+                                             "does not know the data?")
+    if part != "all":
+        predictions = predictions[predictions["unlike_training"] == (part == "unlike")].reset_index(drop=True)
+
 wrong = mistakes(predictions, threshold)
 n_fn = int((wrong["kind"] == "false negative").sum())
 which = "previewed" if preview else "operating"
@@ -101,7 +114,8 @@ if shown.empty:
     st.stop()
 
 table = shown.assign(file=shown["path"].map(lambda p: Path(p).name))
-columns = [c for c in ("file", "kind", "class_name", "label", "prob", "confidence", "patient", "path") if c in table]
+columns = [c for c in ("file", "kind", "class_name", "label", "prob", "confidence", "unlike_training", "ood_score",
+                        "ood_reason", "patient", "path") if c in table]
 st.dataframe(table[columns], hide_index=True, height=240,
              column_config={"prob": st.column_config.NumberColumn("probability", format="%.3f"),
                             "confidence": st.column_config.NumberColumn(format="%.3f")})
@@ -123,7 +137,8 @@ grid = st.columns(COLUMNS)
 for i, row in enumerate(rows.itertuples(index=False)):
     true_name = getattr(row, "class_name", None) or f"label {row.label}"
     caption = (f"{row.kind} · true {true_name} · p={row.prob:.3f}"
-               + (f" · {row.patient}" if isinstance(getattr(row, "patient", None), str) else ""))
+               + (f" · {row.patient}" if isinstance(getattr(row, "patient", None), str) else "")
+               + (" · unlike the training data" if getattr(row, "unlike_training", False) else ""))
     with grid[i % COLUMNS]:
         pixels = thumbnail(str(row.path), ui.file_mtime(row.path))
         if pixels is None:

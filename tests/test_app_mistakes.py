@@ -199,3 +199,22 @@ def test_colour_map_and_opacity_controls(run_copy):  # noqa: F811
     # Media URLs name the content: each change redraws the overlay, of the same image.
     assert len({viridis_url, jet_url, at.image[-1].value[0]}) == 3
     cam_caption(at)
+
+
+def test_mistakes_of_images_like_or_unlike_the_training_data(run_copy):  # noqa: F811
+    test = pd.read_csv(run_copy / "predictions_test.csv")
+    test["ood_flag"] = [i % 2 == 0 for i in range(len(test))]
+    test.to_csv(run_copy / "predictions_test.csv", index=False)
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    threshold = runs.operating_point(run_copy).threshold
+    every = mistakes(test, threshold)
+    assert len(at.dataframe[0].value) == len(every)
+    at.radio(key="mistakes_ood").set_value("unlike").run()
+    assert not at.exception, at.exception
+    flagged = mistakes(test[test["ood_flag"]].reset_index(drop=True), threshold)
+    listed = at.dataframe[0].value
+    assert list(listed["path"]) == list(flagged["path"]) and listed["unlike_training"].all()
+    assert all(c.endswith("unlike the training data") for c in gallery_captions(at))
+    at.radio(key="mistakes_ood").set_value("like").run()
+    assert not at.dataframe[0].value["unlike_training"].any()
