@@ -91,7 +91,7 @@ def file_mtime(path: Path) -> float:
 
 
 @st.cache_resource(show_spinner="Loading model…", max_entries=8)
-def _cached_model(run_dir: str, checkpoint_mtime: float, threshold_mtime: float) -> LoadedModel:
+def _cached_model(run_dir: str, checkpoint_mtime: float, threshold_mtime: float, ood_mtime: float) -> LoadedModel:
     # The mtimes are part of the cache key (Streamlit ignores only parameters starting with "_").
     return load_run_model(run_dir)
 
@@ -99,7 +99,7 @@ def _cached_model(run_dir: str, checkpoint_mtime: float, threshold_mtime: float)
 def cached_model(run_dir: Path) -> LoadedModel:
     """The run's model, loaded once per checkpoint (and reloaded when it or the threshold changes)."""
     return _cached_model(str(run_dir), file_mtime(run_dir / "best.safetensors"),
-                         file_mtime(run_dir / "threshold.json"))
+                         file_mtime(run_dir / "threshold.json"), file_mtime(run_dir / "ood.safetensors"))
 
 
 @st.cache_data(show_spinner=False, max_entries=32)

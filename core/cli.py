@@ -279,10 +279,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             ext = runs.EXTERNAL_PREFIX + set_name
             set_name = ext if ext in runs.prediction_sets(run_dir) else set_name
     pset = load_set(run_dir, set_name)
+    summary = set_summary(pset, threshold)
+    if not args.data:  # said first (an evaluation just made says it at the top of its own lines)
+        from .metrics import chance_level_warning
+
+        chance = chance_level_warning(summary["metrics"]["auc"], runs.set_label(set_name))
+        if chance:
+            print(f"WARNING: {chance}")
+        if set_name.startswith(runs.EXTERNAL_PREFIX):
+            _print_saved_shift(run_dir, set_name[len(runs.EXTERNAL_PREFIX):])
     where = f"operating threshold {operating.describe()}" if args.threshold is None else \
         f"threshold {threshold:.3f} given on the command line (the operating threshold is {operating.threshold:.3f})"
     print(where)
-    _print_summary(runs.set_label(set_name), set_summary(pset, threshold))
+    _print_summary(runs.set_label(set_name), summary)
+    _print_ood_parts(pset, threshold)
     _print_subgroups(pset, threshold, args.groups)
     if args.data and result.get("refit"):
         print(format_refit(result["refit"]))
@@ -292,11 +302,43 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_saved_shift(run_dir: Path, name: str) -> None:
+    from .external import read_external
+
+    try:
+        shift = read_external(run_dir, name).get("ood") or {}
+    except (FileNotFoundError, ValueError):
+        return
+    if shift.get("verdict"):
+        print(f"{'WARNING: ' if shift.get('shifted') else ''}Out-of-distribution check: {shift['verdict']}")
+
+
+def _print_ood_parts(pset, threshold: float) -> None:
+    """The set's metrics on the images the model calls like and unlike its training data."""
+    from .bootstrap import format_interval
+    from .ood import split_by_ood
+    from .operating import set_summary
+
+    parts = split_by_ood(pset)
+    if parts is None:
+        return
+    print("split by the model's own verdict on each image (same threshold):")
+    for part in parts:
+        if len(part.labels) == 0:
+            print(f"  {part.name}: no images")
+            continue
+        m = set_summary(part, threshold)["metrics"]
+        print(f"  {part.name}: {len(part.labels)} images  AUC {format_interval(m['auc'])}  sensitivity "
+              f"{format_interval(m['sensitivity'])}  specificity {format_interval(m['specificity'])}")
+
+
 def _print_subgroups(pset, threshold: float, groups_csv: str | None) -> None:
     from .bootstrap import format_interval
     from .subgroups import groups_from_csv, kermany_groups, prepare_subgroups, subgroup_table
 
     groups = groups_from_csv(pset.frame["path"], groups_csv) if groups_csv else kermany_groups(pset.frame["path"])
+    for note in groups.attrs.get("notes", []):
+        print(f"note: {note}")
     if groups.empty:
         return
     table = subgroup_table(prepare_subgroups(pset.labels, pset.probs, pset.patients, groups), threshold)
@@ -308,20 +350,60 @@ def _print_subgroups(pset, threshold: float, groups_csv: str | None) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import load_run_model, predict_files
+    from .predict import batch_shift, load_run_model, predict_files
 
     loaded = load_run_model(args.run)
-    results = predict_files(loaded, args.images)
-    if args.json:
+    results = predict_files(loaded, args.images, keep_features=True)
+    shift = batch_shift(loaded, results)
+    for r in results:
+        r.pop("features", None)
+    if args.json:  # one object per file, each with its "ood" verdict; the batch's verdict on stderr
         print(json.dumps(results, indent=2))
+        if shift is not None:
+            print(f"note: these {shift['n']} images: {shift['verdict']}", file=sys.stderr)
     else:
+        if loaded.ood is None:
+            print(f"note: {loaded.ood_error or 'this run has no out-of-distribution score'}; only the image checks "
+                  f"ran (python -m core fit-ood {args.run} fits the score).", file=sys.stderr)
         for r in results:
             if "error" in r:
                 print(f"{r['file']}: ERROR {r['error']}")
+                continue
+            line = f"P({r['positive_class']}) = {r['prob']:.4f}  (threshold {r['threshold']:.4f})"
+            ood = r["ood"]
+            if r["applicable"]:
+                score = f"; like the training data (score {ood['score']:.2f}, threshold {ood['threshold']:.2f})" \
+                    if ood["score"] is not None else ""
+                print(f"{r['file']}: {r['predicted']}  {line}{score}")
             else:
-                print(f"{r['file']}: {r['predicted']}  P({r['positive_class']}) = {r['prob']:.4f}  "
-                      f"(threshold {r['threshold']:.4f})")
+                print(f"{r['file']}: NOT APPLICABLE ({r['predicted']} if it were)  {line}; {ood['reason']}")
+        if shift is not None:
+            print(f"{'WARNING: ' if shift.get('shifted') else ''}these {shift['n']} images: {shift['verdict']}")
     return 1 if any("error" in r for r in results) else 0
+
+
+def cmd_fit_ood(args: argparse.Namespace) -> int:
+    from . import runs
+    from .ood import OOD_FILE, fit_run_detector, read_run_detector
+
+    run_dir = Path(args.run)
+    if not runs.is_run_dir(run_dir):
+        raise ValueError(f"{run_dir} is not a run directory (no config.json).")
+    if runs.read_status(run_dir).get("state") != "finished":
+        raise ValueError(f"{run_dir.name} has not finished training: the score is fitted on its best checkpoint.")
+    try:
+        existing = read_run_detector(run_dir)
+    except ValueError:
+        existing = None  # damaged: fitting again is the way out
+    if existing is not None and not args.force:
+        raise ValueError(f"{run_dir / OOD_FILE} exists (threshold {existing.threshold:.2f}): pass --force to fit it "
+                         "again.")
+    detector = fit_run_detector(run_dir, args.device)
+    info = detector.info
+    print(f"wrote {run_dir / OOD_FILE}: Mahalanobis distance of the model's features to its {info['n_train']} training "
+          f"images' class means (Ledoit-Wolf covariance); threshold {detector.threshold:.2f}, which "
+          f"{1 - info['val_flagged']:.1%} of the {info['n_val']} validation images pass.")
+    return 0
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -555,6 +637,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="Image files (JPEG/PNG, any size).")
     p.add_argument("--json", action="store_true", help="Print JSON.")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("fit-ood", help="Fit the out-of-distribution score of a finished run from its checkpoint "
+                                       "(runs trained before the score existed; training fits it itself).",
+                       description="Computes the model's features of the run's training and validation images (from "
+                                   "split.csv, through the decode cache), fits the Mahalanobis score on the training "
+                                   "features and sets its threshold so that 95%% of validation images pass; writes "
+                                   "RUN/ood.safetensors. Predict, evaluate --data and the export then use it.")
+    p.add_argument("run", help="Run directory.")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto).")
+    p.add_argument("--force", action="store_true", help="Fit again when the run already has a score.")
+    p.set_defaults(func=cmd_fit_ood)
 
     p = sub.add_parser("runs", help="List runs with their state, operating threshold and test metrics with "
                                      "95%% intervals.")

@@ -36,14 +36,23 @@ import pandas as pd
 from . import dataset, runs
 from .bootstrap import METRIC_KEYS, METRIC_LABELS, format_interval
 from .dataset import IMAGE_EXTENSIONS, SPLIT_NAMES, DatasetError, decode_images, patient_id
-from .metrics import TARGET_DEFAULTS, THRESHOLD_TARGETS, choose_threshold, describe_rule, metrics_at_threshold
+from .metrics import (
+    TARGET_DEFAULTS,
+    THRESHOLD_TARGETS,
+    chance_level_warning,
+    choose_threshold,
+    describe_rule,
+    metrics_at_threshold,
+)
+from .ood import features_and_logits, folder_shift, image_gate, verdict_from_score
 from .operating import PredictionSet, bootstrap_for, load_set, ranking_only, set_summary
 
 IGNORE = "ignore"
 SPLIT_CHOICES = ("all",) + SPLIT_NAMES
 SUMMARY_FILE = "summary.json"
 PREDICTIONS_FILE = "predictions.csv"
-PREDICTION_COLUMNS = ("path", "patient", "label", "class_name", "source_class", "prob", "prob_uncalibrated")
+PREDICTION_COLUMNS = ("path", "patient", "label", "class_name", "source_class", "prob", "prob_uncalibrated",
+                      "ood_score", "ood_flag", "ood_reason")
 # Splits of the run whose images the model learnt from or was selected on.
 SEEN_SPLITS = ("train", "val")
 EXAMPLES = 5
@@ -422,7 +431,7 @@ def run_classes(run_dir: str | os.PathLike) -> list[str]:
 MAX_NAME_LENGTH = 64  # a folder name: the OS limits its length
 NAME_RULE = "letters, digits, '_', '.' and '-', not starting or ending with '_', '.' or '-'"
 MAX_SAME_NAME = 99  # default names '<folder>-2' ... '<folder>-99'
-STAGING_DIR = ".staging"  # hidden: no view lists it; files are written there, then moved into place
+STAGING_DIR = runs.EXTERNAL_STAGING_DIR  # hidden: no view lists it; files are written there, then moved into place
 
 
 def sanitize_name(name: str) -> str:
@@ -780,7 +789,7 @@ def evaluate_external(run_dir: str | os.PathLike, data: str, class_map: dict[str
     with _writers_lock(run_dir) as base:
         # Again under the lock: another process may have saved under this name since.
         chosen, note = choose_name(run_dir, name, data, split, index.root, replace)
-        predictions, decoded, loaded, hashes = _score(run_dir, config, classes, index, device, progress)
+        predictions, decoded, loaded, hashes, shift = _score(run_dir, config, classes, index, device, progress)
         pset = PredictionSet(set_name(chosen), predictions, predictions["label"].to_numpy(dtype=int),
                              # float32 as the file holds them, so that these figures equal a later reading's
                              predictions["prob"].to_numpy(dtype=np.float32).astype(np.float64),
@@ -789,20 +798,30 @@ def evaluate_external(run_dir: str | os.PathLike, data: str, class_map: dict[str
         summary["threshold"] = {"value": operating.threshold, "source": operating.source, "rule": operating.rule,
                                 "chosen_on": operating.chosen_on, "described": operating.describe()}
         summary["metrics"] = set_summary(pset, operating.threshold)
+        summary["ood"] = shift
+        if loaded.ood_error:
+            summary["warnings"].insert(0, loaded.ood_error)
+        if shift.get("shifted"):
+            summary["warnings"].insert(0, shift["verdict"])
         if refit is not None:
-            summary["refit"] = _refit_result(pset, refit, operating.threshold)
+            try:
+                summary["refit"] = _refit_result(pset, refit, operating.threshold)
+            except ChanceLevelError as e:  # the evaluation stands; the re-pick would mean nothing
+                summary["refit_refused"] = str(e)
         target = _save_evaluation(base, chosen, predictions, summary, replace)
     return {**_json_ready(summary), "dir": str(target), "predictions": predictions, "name_note": note}
 
 
 def _score(run_dir: Path, config: dict, classes: list[str], index: ExternalIndex, device: str,
-           progress: Progress | None) -> tuple[pd.DataFrame, Any, Any, list[str]]:
-    """(predictions, the decoding result, the loaded model, each kept image's sha256): the indexed images scored
-    by the run's best checkpoint; unreadable images are left out (and listed by the decoding result)."""
+           progress: Progress | None) -> tuple[pd.DataFrame, Any, Any, list[str], dict]:
+    """(predictions, the decoding result, the loaded model, each kept image's sha256, the folder's
+    out-of-distribution verdict): the indexed images scored by the run's best checkpoint, each with the model's
+    verdict on whether it is like the training data; unreadable images are left out (and listed by the decoding
+    result)."""
     import torch
 
     from .predict import load_run_model
-    from .trainer import compute_logits, positive_probs, select_device, uses_bf16
+    from .trainer import positive_probs, select_device, uses_bf16
 
     dev = select_device(device)
     loaded = load_run_model(run_dir, dev)
@@ -816,15 +835,29 @@ def _score(run_dir: Path, config: dict, classes: list[str], index: ExternalIndex
         raise DatasetError(f"None of the {len(paths)} images in {index.root} could be read "
                            f"(e.g. {next(iter(decoded.failed.items()))[0]}: {next(iter(decoded.failed.values()))}).")
     images = torch.from_numpy(decoded.images).unsqueeze(1)
-    logits = compute_logits(loaded.model, images, dev, loaded.mean, loaded.std,
-                            uses_bf16(dev, config.get("precision", "auto")))
+    features, logits = features_and_logits(loaded.model, images, dev, loaded.mean, loaded.std,
+                                           uses_bf16(dev, config.get("precision", "auto")))
+    gates = [_gate(r.path) for r in kept]
+    scores = loaded.ood.scores(features) if loaded.ood is not None else np.full(len(kept), np.nan)
+    verdicts = [verdict_from_score(gate, float(score), loaded.ood) for gate, score in zip(gates, scores)]
     predictions = pd.DataFrame({
         "path": [r.path for r in kept], "patient": [r.patient for r in kept], "label": [r.label for r in kept],
         "class_name": [r.class_name for r in kept], "source_class": [r.source_class for r in kept],
         "prob": positive_probs(logits, loaded.temperature), "prob_uncalibrated": positive_probs(logits),
+        "ood_score": scores, "ood_flag": [v.flagged for v in verdicts],
+        "ood_reason": [v.reason or "" for v in verdicts],
     }, columns=list(PREDICTION_COLUMNS))
     hashes = [decoded.sha256[i] or _sha256_file(index.records[i].path) for i in decoded.ok_indices]
-    return predictions, decoded, loaded, hashes
+    shift = folder_shift(loaded.ood, features, predictions["ood_flag"].to_numpy(), gated=sum(map(bool, gates)))
+    return predictions, decoded, loaded, hashes, shift
+
+
+def _gate(path: str) -> str | None:
+    """The image gate for an image the decoder read (a failure here is a file changed since: no verdict)."""
+    try:
+        return image_gate(path)
+    except ValueError:
+        return None
 
 
 def _summary(run_dir: Path, name: str, data: str, split: str, index: ExternalIndex, predictions: pd.DataFrame,
@@ -899,6 +932,12 @@ def _target(value: Any) -> float:
     return float(value)
 
 
+def _finite(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) < 1e12:
+        raise _Damaged
+    return float(value)
+
+
 def _flag(value: Any) -> bool:
     if not isinstance(value, bool):
         raise _Damaged
@@ -965,6 +1004,11 @@ _OVERLAP = _record({"checked": _flag}, {
     "shared_patients": _record({"patients": _count, "images": _count, "examples": _list_of(_text)}),
     "same_file_names": _EXAMPLES,
     "identical_files": _record({"images": _count, "examples": _list_of(_list_of(_text))})})
+_OOD = _record({"n": _count, "flagged": _count, "gated": _count, "verdict": _text}, {
+    "flagged_share": _optional(_unit), "flagged_ci": _list_of(_optional(_unit)), "expected_share": _optional(_unit),
+    "shifted": _optional(_flag),
+    "test": _optional(_record({"p_value": _unit, "n_folder": _count, "n_reference": _count, "permutations": _count},
+                              {"mmd2": _optional(_finite), "bandwidth": _optional(_finite)}))})
 # Every field read_external returns, with its check: a field not listed here is not returned.
 _SUMMARY_FIELDS: dict[str, Callable[[Any], Any]] = {
     "name": _text, "set": _text, "data": _text, "root": _text, "split": _one_of(*SPLIT_CHOICES),
@@ -973,7 +1017,7 @@ _SUMMARY_FIELDS: dict[str, Callable[[Any], Any]] = {
     "n_found": _count, "created": _text, "run": _text, "arch": _text, "image_size": _count,
     "threshold": _record({}, {"value": _unit, "source": _text, "rule": _optional(_text),
                               "chosen_on": _optional(_text), "described": _text}),
-    "overlap": _OVERLAP, "metrics": _SET_SUMMARY, "refit": _REFIT,
+    "overlap": _OVERLAP, "metrics": _SET_SUMMARY, "refit": _REFIT, "ood": _OOD, "refit_refused": _text,
 }
 # Lists whose valid entries are kept when others are damaged.
 _SUMMARY_LISTS: dict[str, Callable[[Any], Any]] = {
@@ -1163,11 +1207,18 @@ def _check_splittable(name: str, labels: np.ndarray, patients: np.ndarray, reque
     return fit, read
 
 
+class ChanceLevelError(ValueError):
+    """A re-pick asked on a set the model does not rank better than chance."""
+
+
 def _refit_result(pset: PredictionSet, request: RefitRequest, operating_threshold: float) -> dict:
     """The threshold re-picked by `request` on a patient-grouped part of `pset`, and the other part read at
     the operating threshold and at the re-picked one (95% patient-bootstrap intervals), JSON-ready."""
     patients = pset.patients if pset.patients is not None else np.array([str(i) for i in range(len(pset.labels))])
     fit, read = _check_splittable(pset.name, pset.labels, patients, request)
+    chance = chance_level_warning(ranking_only(pset, bootstrap_for(pset))["auc"], runs.set_label(pset.name))
+    if chance:
+        raise ChanceLevelError(f"{chance} The threshold was not re-picked.")
     threshold = choose_threshold(pset.labels[fit], pset.probs[fit], request.rule, request.value)
     read_set = PredictionSet(f"{pset.name} (read part)", pset.frame.iloc[read].reset_index(drop=True),
                              pset.labels[read], pset.probs[read],
@@ -1233,9 +1284,15 @@ def format_external(result: dict, include_refit: bool = True) -> str:
     saved. The metrics at the operating threshold are printed by the caller, as for the run's own sets."""
     counts = ", ".join(f"{c} {n}" for c, n in (result.get("counts") or {}).items())
     mapping = ", ".join(f"{quote_map_name(f)} -> {t}" for f, t in (result.get("class_map") or {}).items())
-    lines = [f"External evaluation '{result.get('name')}' of {result.get('root')} (split {result.get('split')}): "
-             f"{result.get('n')} images ({counts}), {result.get('n_patients')} patients.",
-             f"Folders: {mapping}."]
+    chance = chance_level_warning(((result.get("metrics") or {}).get("metrics") or {}).get("auc"),
+                                  f"'{result.get('name')}'")
+    lines = [f"WARNING: {chance}"] if chance else []
+    lines += [f"External evaluation '{result.get('name')}' of {result.get('root')} (split {result.get('split')}): "
+              f"{result.get('n')} images ({counts}), {result.get('n_patients')} patients.",
+              f"Folders: {mapping}."]
+    shift = result.get("ood") or {}
+    if shift.get("verdict") and not shift.get("shifted"):  # a shift is the first of the warnings below
+        lines.append(f"Out-of-distribution check: {shift['verdict']}")
     for folder in result.get("ignored_folders") or []:
         lines.append(f"Ignored folder {quote_map_name(folder['folder'])} ({folder['files']} files).")
     if result.get("ignored_files"):
@@ -1247,6 +1304,8 @@ def format_external(result: dict, include_refit: bool = True) -> str:
     lines += [f"WARNING: {w}" for w in result.get("warnings") or []]
     if include_refit and result.get("refit"):
         lines.append(format_refit(result["refit"]))
+    if result.get("refit_refused"):
+        lines.append(f"Not re-picked: {result['refit_refused']}")
     if result.get("name_note"):
         lines.append(result["name_note"])
     if result.get("dir"):

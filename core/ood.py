@@ -263,7 +263,14 @@ class OodVerdict:
 
 def verdict(detector: OodDetector | None, features: np.ndarray | None, gate: str | None) -> OodVerdict:
     score = float(detector.scores(features)[0]) if detector is not None and features is not None else None
+    return verdict_from_score(gate, score, detector)
+
+
+def verdict_from_score(gate: str | None, score: float | None, detector: OodDetector | None) -> OodVerdict:
+    """The verdict for an image whose score is already computed (None or NaN: no detector)."""
     threshold = detector.threshold if detector is not None else None
+    if score is None or threshold is None or not math.isfinite(score):
+        score = None
     flagged = bool(gate) or (score is not None and score > threshold)
     return OodVerdict(gate, score, threshold, flagged)
 

@@ -284,6 +284,7 @@ def clear_stop(run_dir: Path) -> None:
 
 
 EXTERNAL_DIR = "external"
+EXTERNAL_STAGING_DIR = ".staging"  # core.external writes an evaluation there, then renames it into place
 EXTERNAL_PREFIX = "external:"
 SPLIT_LABELS = {"val": "validation", "test": "test"}
 
@@ -528,16 +529,29 @@ def _foreign_entry(run_dir: Path) -> Path | None:
                 if not ours(entry, RUN_FILES, RUN_OUTPUT_SUFFIXES):
                     return Path(entry.path)
                 continue
-            with os.scandir(entry.path) as evaluations:
-                for evaluation in evaluations:
-                    if evaluation.name in _OS_CLUTTER:
-                        continue
-                    if not evaluation.is_dir(follow_symlinks=False):
-                        return Path(evaluation.path)
-                    with os.scandir(evaluation.path) as files:
-                        foreign = next((f for f in files if not ours(f, EXTERNAL_FILES, ())), None)
-                    if foreign is not None:
-                        return Path(foreign.path)
+            foreign = _foreign_evaluation_entry(Path(entry.path), ours)
+            if foreign is not None:
+                return foreign
+    return None
+
+
+def _foreign_evaluation_entry(folder: Path, ours, depth: int = 0) -> Path | None:
+    """In external/: evaluation folders holding only the files an evaluation writes; its hidden staging folder
+    (external/.staging/, left by a writer killed mid-save) holds evaluation folders too."""
+    with os.scandir(folder) as evaluations:
+        for evaluation in evaluations:
+            if evaluation.name in _OS_CLUTTER:
+                continue
+            if not evaluation.is_dir(follow_symlinks=False):
+                return Path(evaluation.path)
+            if evaluation.name == EXTERNAL_STAGING_DIR and depth == 0:
+                foreign = _foreign_evaluation_entry(Path(evaluation.path), ours, depth + 1)
+            else:
+                with os.scandir(evaluation.path) as files:
+                    found = next((f for f in files if not ours(f, EXTERNAL_FILES, ())), None)
+                foreign = Path(found.path) if found is not None else None
+            if foreign is not None:
+                return foreign
     return None
 
 

@@ -13,7 +13,8 @@ import streamlit as st
 import ui
 from core import external, runs
 from core.dataset import DatasetError
-from core.metrics import TARGET_DEFAULTS, THRESHOLD_TARGETS, describe_rule
+from core.metrics import TARGET_DEFAULTS, THRESHOLD_TARGETS, chance_level_warning, describe_rule
+from core.ood import split_by_ood
 
 EVALUATION_ERRORS = (DatasetError, ValueError, FileNotFoundError, OSError, RuntimeError)
 
@@ -31,6 +32,18 @@ def set_metrics(run_dir: str, name: str, threshold: float, predictions_mtime: fl
     from core.operating import load_set, set_summary
 
     return set_summary(load_set(Path(run_dir), external.set_name(name)), threshold)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def ood_parts(run_dir: str, name: str, threshold: float, predictions_mtime: float) -> dict:
+    """Metrics of the images the model calls like and unlike its training data ({} for an older evaluation)."""
+    from core.operating import load_set, set_summary
+
+    parts = split_by_ood(load_set(Path(run_dir), external.set_name(name)))
+    if parts is None:
+        return {}
+    return {f"{label} ({len(part.labels)})": set_summary(part, threshold) if len(part.labels) else {}
+            for label, part in zip(("like the training data", "unlike it"), parts)}
 
 
 def show_metrics(table: pd.DataFrame) -> None:
@@ -135,8 +148,12 @@ def show_refit(refit: dict) -> None:
                "use a threshold chosen on this set, choose the set on the Thresholds page and save it there.")
 
 
-def refit_section(run_dir: Path, name: str, summary: dict) -> None:
+def refit_section(run_dir: Path, name: str, summary: dict, chance: str | None) -> None:
     st.markdown("#### Re-pick the threshold on part of this set")
+    if chance:
+        st.caption("Not offered: the model does not rank this set's images better than chance, so any threshold "
+                   "re-picked here would mean nothing.")
+        return
     st.caption("A threshold rarely transfers to another site. Pick one with a rule on a share of this set's "
                "patients, and read the rest at the operating threshold and at the re-picked one.")
     columns = st.columns(3)
@@ -192,6 +209,16 @@ def evaluation_view(run_dir: Path, entry: dict, threshold: float, threshold_text
         st.error(md(e))
         delete_section(run_dir, name)
         return
+    try:
+        metrics = set_metrics(str(run_dir), name, threshold,
+                              ui.file_mtime(external.external_dir(run_dir, name) / external.PREDICTIONS_FILE))
+    except (FileNotFoundError, ValueError) as e:
+        metrics, metrics_error = None, e
+    # Said first: below chance, no number further down is worth choosing a threshold from.
+    chance = chance_level_warning(metrics["metrics"]["auc"], runs.set_label(external.set_name(name))) \
+        if metrics else None
+    if chance:
+        st.warning(md(chance), icon="⛔")
     at_eval = (summary.get("threshold") or {}).get("value")
     st.caption(md(f"{summary.get('root', '?')} · split {summary.get('split', '?')} · evaluated "
                   f"{summary.get('created', '?')}" + (f" at threshold {at_eval:.3f}" if at_eval is not None else "")))
@@ -208,20 +235,31 @@ def evaluation_view(run_dir: Path, entry: dict, threshold: float, threshold_text
                 st.dataframe(pd.DataFrame({"path": summary["ignored_files"]}), hide_index=True)
     with right:
         st.markdown(f"At the operating threshold {md(threshold_text)}:")
-        try:
-            metrics = set_metrics(str(run_dir), name, threshold,
-                                  ui.file_mtime(external.external_dir(run_dir, name) / external.PREDICTIONS_FILE))
-        except (FileNotFoundError, ValueError) as e:
-            st.error(md(e))
+        if metrics is None:
+            st.error(md(metrics_error))
         else:
-            show_metrics(external.metrics_table({"value [95% interval]": metrics}))
+            columns = {"all images": metrics}
+            parts = ood_parts(str(run_dir), name, threshold,
+                              ui.file_mtime(external.external_dir(run_dir, name) / external.PREDICTIONS_FILE))
+            columns.update(parts)
+            show_metrics(external.metrics_table(columns))
             st.caption(f"95% patient-bootstrap intervals ({metrics['n_patients']} patients, "
-                       f"{metrics['n_resamples']} resamples); a dash where a metric is undefined on this set.")
+                       f"{metrics['n_resamples']} resamples); a dash where a metric is undefined on this set."
+                       + (" The other columns split the set by the model's own verdict on each image: does it do "
+                          "better where it claims to know the data?" if parts else ""))
+    shift = summary.get("ood")
+    if isinstance(shift, dict) and shift.get("verdict") and not shift.get("shifted"):
+        st.info(md(shift["verdict"]))  # a shift is the first of the warnings below
+    elif not isinstance(shift, dict):
+        st.info("This evaluation predates the out-of-distribution check: evaluate the folder again (tick Replace) "
+                "to see which images are unlike the training data.")
     for warning in summary.get("warnings") or []:
         st.warning(md(warning))
+    if summary.get("refit_refused"):
+        st.warning(md(f"Not re-picked: {summary['refit_refused']}"))
     st.info(f"This set can now be chosen on the **Thresholds** and **Mistakes** pages as "
             f"*{md(runs.set_label(external.set_name(name)))}*.")
-    refit_section(run_dir, name, summary)
+    refit_section(run_dir, name, summary, chance)
     delete_section(run_dir, name)
 
 

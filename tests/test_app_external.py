@@ -81,7 +81,7 @@ def test_evaluate_a_mapped_folder_reopen_refit_and_delete(run_copy, tmp_path):
     counts = at.dataframe[1].value
     assert dict(zip(counts["folder"], counts["class"])) == {"No_findings": "NORMAL", "Pneumonia": "PNEUMONIA"}
     metrics = at.dataframe[2].value
-    metrics = metrics.set_index("metric")["value [95% interval]"]
+    metrics = metrics.set_index("metric")["all images"]
     assert "AUC" in metrics.index and metrics["Sensitivity (recall)"].count("[") == 1
     assert any("rarely transfers to another site" in w.value for w in at.warning)
     assert any("Thresholds" in i.value and "external: Site_B" in plain(i.value) for i in at.info)

@@ -435,3 +435,55 @@ def test_report_and_export_keep_an_existing_file_unless_forced(cli_run, tmp_path
     assert "--force" in one_error_line(capsys) and model.read_text() == "mine"
     assert main(["export", str(cli_run), "--out", str(model), "--force"]) == 0
     assert "parity with PyTorch: max |difference|" in capsys.readouterr().out
+
+
+def test_fit_ood_fits_an_older_run_and_asks_before_fitting_again(trained_run, tmp_path, capsys):
+    import shutil
+
+    from core.cli import main
+
+    run_dir = tmp_path / trained_run[0].name
+    shutil.copytree(trained_run[0], run_dir)
+    (run_dir / "ood.safetensors").unlink()
+    assert main(["fit-ood", str(run_dir), "--device", "cpu"]) == 0
+    assert "validation images pass" in capsys.readouterr().out and (run_dir / "ood.safetensors").exists()
+    before = (run_dir / "ood.safetensors").read_bytes()
+    assert main(["fit-ood", str(run_dir)]) == 1
+    assert "pass --force" in capsys.readouterr().err
+    assert (run_dir / "ood.safetensors").read_bytes() == before
+    assert main(["fit-ood", str(run_dir), "--force", "--device", "cpu"]) == 0
+    assert main(["fit-ood", str(tmp_path)]) == 1 and "not a run directory" in capsys.readouterr().err
+
+
+def test_predict_says_when_a_decision_does_not_apply(trained_run, tmp_path, capsys):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from core.cli import main
+
+    run_dir, data = trained_run
+    photo = tmp_path / "knee.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 100, 3), dtype=np.uint8), "RGB").save(photo)
+    xray = next((data / "test" / "NORMAL").glob("*.jpeg"))
+    assert main(["predict", str(run_dir), str(photo), str(xray)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(f"{photo}: NOT APPLICABLE (") and "the image is in colour" in lines[0]
+    assert "training data (score" in lines[1]
+    assert main(["predict", str(run_dir), str(photo), "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["applicable"] is False and result["ood"]["gate"].startswith("Not a chest X-ray")
+    assert isinstance(result["ood"]["score"], float) and isinstance(result["ood"]["threshold"], float)
+
+
+def test_evaluate_says_first_when_a_set_is_ranked_no_better_than_chance(finished_run, capsys):
+    from core.cli import main
+    from core.operating import run_summary
+
+    auc = run_summary(finished_run)["sets"]["test"]["metrics"]["auc"]
+    assert auc["low"] <= 0.5 <= auc["high"]  # the fixture's model trained 10 steps
+    assert main(["evaluate", str(finished_run)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("WARNING: The model does not rank test's images better than chance")
+    assert "split by the model's own verdict on each image" in out

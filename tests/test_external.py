@@ -621,3 +621,56 @@ def test_refit_rewrites_only_its_own_field(refitted):
     written = json.loads(path.read_text())
     assert written["n_found"] == "not a count" and written["refit"]["rule"] == "best_f1"
     assert not any("damaged fields" in w for w in written["warnings"])  # the reader's note is not saved
+
+
+# ---------------------------------------------------------------- out of distribution
+
+def test_each_image_carries_the_models_verdict_and_the_folder_its_shift_test(run_copy, tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "mixed"
+    originals = SHARED_DATA / "kermany_original_train_subset"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (root / cls).mkdir(parents=True)
+        for src in sorted((originals / cls).glob("*.jpeg"))[:6]:
+            shutil.copy(src, root / cls / f"site-{src.name}")
+    rng = np.random.default_rng(0)
+    for i in range(6):  # colour photos filed as NORMAL: not chest X-rays at all
+        Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8), "RGB").save(root / "NORMAL" / f"p{i}.png")
+    result = external.evaluate_external(run_copy, str(root), device="cpu")
+    table = runs.read_predictions(run_copy, "external:mixed")
+    photos = table["path"].str.contains("/p[0-9].png$")
+    assert table.loc[photos, "ood_flag"].all()
+    assert table.loc[photos, "ood_reason"].str.startswith("Not a chest X-ray: the image is in colour").all()
+    assert table["ood_score"].notna().all()
+    shift = external.read_external(run_copy, "mixed")["ood"]
+    assert shift["n"] == 18 and shift["gated"] == 6 and shift["flagged"] >= 6
+    assert shift["test"]["p_value"] <= 1 and shift["verdict"] == result["ood"]["verdict"]
+    printed = external.format_external(result)
+    assert "distributed differently" in printed or "Out-of-distribution check" in printed
+
+    summary_path = run_copy / "external" / "mixed" / "summary.json"
+    raw = json.loads(summary_path.read_text())
+    raw["ood"]["flagged"] = 1e30
+    summary_path.write_text(json.dumps(raw))
+    damaged = external.read_external(run_copy, "mixed")
+    assert "ood" not in damaged and any("damaged fields (ood)" in w for w in damaged["warnings"])
+
+
+def test_a_set_ranked_no_better_than_chance_gets_no_re_picked_threshold(run_copy, tmp_path):
+    # The same NORMAL films filed half as NORMAL and half as PNEUMONIA: no model can rank them.
+    root = tmp_path / "coin"
+    files = sorted((SHARED_DATA / "kermany_224" / "test" / "NORMAL").glob("*.jpeg"))[:60]
+    for i, src in enumerate(files):
+        folder = root / ("NORMAL" if i % 2 else "PNEUMONIA")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, folder / f"c{i:03d}.jpeg")
+    result = external.evaluate_external(run_copy, str(root), device="cpu",
+                                        refit=external.RefitRequest("recall", 0.95))
+    auc = result["metrics"]["metrics"]["auc"]
+    assert auc["low"] <= 0.5 <= auc["high"]
+    assert "refit" not in result and "better than chance" in result["refit_refused"]
+    assert external.format_external(result).startswith("WARNING: The model does not rank")
+    with pytest.raises(ValueError, match="better than chance"):
+        external.refit_threshold(run_copy, "coin", "youden")
+    assert "refit" not in external.read_external(run_copy, "coin")
