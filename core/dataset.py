@@ -18,7 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageChops, UnidentifiedImageError
@@ -444,16 +444,21 @@ def _open_checked(source: bytes | BinaryIO) -> Iterator[Image.Image]:
         yield img
 
 
-def load_grayscale(path: str | os.PathLike | bytes | BinaryIO, size: int | None = None) -> np.ndarray:
+def load_grayscale(path: str | os.PathLike | bytes | BinaryIO, size: int | None = None,
+                   inspect: Callable[[Image.Image, tuple[int, int]], None] | None = None) -> np.ndarray:
     """Decode one image (a path, raw bytes or a file object) to a uint8 (size, size) array, stretched as
-    the Kermany 224 release is.
+    the Kermany 224 release is. `inspect(image, (width, height))` is called with the decoded image before
+    conversion and the file's own size (the prediction gate looks at colour and shape without decoding twice).
     Raises ValueError with a readable reason for unreadable files."""
     try:
         with open_image(path) as img:
+            original_size = img.size
             if size is not None and img.format == "JPEG":
                 # Let libjpeg downscale by a power of two while decoding: large originals decode ~4x faster.
                 img.draft("L" if img.mode == "L" else "RGB", (size, size))
             img.load()
+            if inspect is not None:
+                inspect(img, original_size)
             gray = to_grayscale_uint8(img)
             if size is not None and gray.size != (size, size):
                 gray = gray.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)

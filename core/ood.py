@@ -72,12 +72,26 @@ def gate_reason(width: int, height: int, rgb: np.ndarray | None, gray: np.ndarra
     return None
 
 
+def gate_from_image(img, original_size: tuple[int, int]) -> str | None:
+    """The gate for a decoded PIL image (perhaps decoded at reduced size) of a file `original_size` pixels."""
+    from PIL import Image
+
+    from .dataset import to_grayscale_uint8
+
+    small = img.copy()
+    small.thumbnail((GATE_PX, GATE_PX), Image.Resampling.BILINEAR)
+    rgb = None
+    if small.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV") or (small.mode == "P" and
+                                                                        small.palette is not None):
+        rgb = np.asarray(small.convert("RGB"), dtype=np.uint8)
+    gray = np.asarray(to_grayscale_uint8(small), dtype=np.uint8)
+    return gate_reason(*original_size, rgb, gray)
+
+
 def image_gate(source: str | os.PathLike | bytes | BinaryIO) -> str | None:
     """The gate for one image file (path or bytes); None when it may be a chest radiograph. Raises ValueError
     for files that cannot be read (as dataset.load_grayscale does)."""
-    from PIL import Image
-
-    from .dataset import open_image, to_grayscale_uint8
+    from .dataset import open_image
 
     try:
         with open_image(source) as img:
@@ -85,16 +99,9 @@ def image_gate(source: str | os.PathLike | bytes | BinaryIO) -> str | None:
             if img.format == "JPEG":
                 img.draft("L" if img.mode == "L" else "RGB", (GATE_PX, GATE_PX))
             img.load()
-            small = img.copy()
+            return gate_from_image(img, (width, height))
     except (OSError, SyntaxError, EOFError) as e:
         raise ValueError(f"{type(e).__name__}: {e}") from None
-    small.thumbnail((GATE_PX, GATE_PX), Image.Resampling.BILINEAR)
-    rgb = None
-    if small.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV") or (small.mode == "P" and
-                                                                        small.palette is not None):
-        rgb = np.asarray(small.convert("RGB"), dtype=np.uint8)
-    gray = np.asarray(to_grayscale_uint8(small), dtype=np.uint8)
-    return gate_reason(width, height, rgb, gray)
 
 
 # ---------------------------------------------------------------- the feature score

@@ -17,7 +17,7 @@ from .cam import CamResult
 from .config import ARCHITECTURES
 from .dataset import NOT_AN_IMAGE, load_grayscale
 from .model import Classifier, build_model
-from .ood import OOD_FILE, OodDetector, folder_shift, image_gate, read_run_detector, verdict
+from .ood import OOD_FILE, OodDetector, folder_shift, gate_from_image, read_run_detector, verdict
 
 # Uploads and CLI inputs larger than this are refused before decoding.
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024
@@ -161,11 +161,12 @@ def _check_state_dict(path: Path, arch: str, expected: dict[str, torch.Tensor], 
                          "predict; train it again.")
 
 
-def read_image(source: str | Path | bytes | BinaryIO, size: int) -> np.ndarray:
-    """Validated decode for user-supplied files: size limit, then the training preprocessing."""
+def read_image(source: str | Path | bytes | BinaryIO, size: int, inspect=None) -> np.ndarray:
+    """Validated decode for user-supplied files: size limit, then the training preprocessing (`inspect`: see
+    dataset.load_grayscale)."""
     source = read_upload(source)
     try:
-        return load_grayscale(source, size)
+        return load_grayscale(source, size, inspect)
     except ValueError as e:
         reason = "" if str(e) == NOT_AN_IMAGE else f" ({e})"
         raise ValueError(f"Not a readable image: {ACCEPTED_FORMATS} expected{reason}.") from None
@@ -214,9 +215,10 @@ def read_upload(source: str | Path | bytes | BinaryIO) -> bytes:
 
 def predict_image(loaded: LoadedModel, source: str | Path | bytes | BinaryIO, keep_features: bool = False) -> dict:
     """predict_pixels for one file, with the image gate run on the file itself (colour, aspect ratio)."""
-    data = read_upload(source)
-    pixels = read_image(data, loaded.image_size)
-    return predict_pixels(loaded, pixels, image_gate(data), keep_features)
+    gate: list[str | None] = []
+    # One decode serves both: the gate looks at the decoded file before it is turned gray and resized.
+    pixels = read_image(source, loaded.image_size, lambda img, size: gate.append(gate_from_image(img, size)))
+    return predict_pixels(loaded, pixels, gate[0] if gate else None, keep_features)
 
 
 def predict_files(loaded: LoadedModel, sources: list[str | Path], keep_features: bool = False) -> list[dict]:
