@@ -4,7 +4,6 @@ of it. The work is done by core.external; this page only collects choices and sh
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +22,7 @@ def md(text: object) -> str:
     """Text from files, folders or errors inside Markdown (st.markdown, st.caption, st.warning, st.error and widget
     labels all render it): every ASCII punctuation character backslash-escaped and line breaks made spaces, so
     that nothing in it becomes a link, an image, HTML or formatting."""
-    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", " ".join(str(text).splitlines()))
+    return ui.plain(" ".join(str(text).splitlines()))
 
 
 # The predictions file's mtime is a hashed argument so that a re-evaluation under the same name is recomputed.
