@@ -336,6 +336,7 @@ def folder_shift(detector: OodDetector | None, features: np.ndarray, flags: np.n
     k = int(flags.sum())
     low, high = flagged_interval(k, n)
     expected = 1 - float(detector.info.get("quantile", QUANTILE)) if detector is not None else None
+    flagged_as = "as not chest X-rays or unlike the training data" if gated else "as unlike the training data"
     out: dict[str, Any] = {"n": n, "flagged": k, "flagged_share": k / n if n else None,
                            "flagged_ci": [low, high], "gated": int(gated), "expected_share": expected,
                            "test": None, "shifted": None}
@@ -344,13 +345,13 @@ def folder_shift(detector: OodDetector | None, features: np.ndarray, flags: np.n
                           "(only the image checks ran).")
         return out
     if len(features) < MIN_FOLDER:
-        out["verdict"] = (f"{k} of {n} images flagged as unlike the training data; too few images for a folder test "
+        out["verdict"] = (f"{k} of {n} images flagged {flagged_as}; too few images for a folder test "
                           f"(at least {MIN_FOLDER}).")
         return out
     test = mmd_permutation_test(detector.project(features), detector.reference, seed=seed)
     out["test"] = test
     out["shifted"] = bool(test["p_value"] < ALPHA)
-    share = f"{k} of {n} images ({k / n:.0%} [{low:.0%}, {high:.0%}]) flagged as unlike the training data, " \
+    share = f"{k} of {n} images ({k / n:.0%} [{low:.0%}, {high:.0%}]) flagged {flagged_as}, " \
             f"against {expected:.0%} expected for images like it"
     p = f"p = {test['p_value']:.3f}" if test["p_value"] >= 0.001 else "p < 0.001"
     if out["shifted"]:

@@ -91,13 +91,16 @@ for upload in uploads or []:
         else:
             left.markdown(f"Decision: **not applicable**  \n(the model alone would say {result['predicted']}: "
                           f"{comparison}; not to be trusted on this image)")
-        if ood["score"] is not None:
+        if ood["score"] is not None and ood["gate"]:
+            left.caption(f"Feature score {ood['score']:.2f} (threshold {ood['threshold']:.2f}): not used, the image "
+                         "is not a chest X-ray.")
+        elif ood["score"] is not None:
             like = "unlike" if ood["score"] > ood["threshold"] else "like"
             left.caption(f"{like.capitalize()} the training data (score {ood['score']:.2f}, threshold "
                          f"{ood['threshold']:.2f})")
         view = gradcam_display(loaded, data, CAM_PX, colour_map, alpha)
-        middle.image(view.image, caption="Original", width=CAM_PX)
-        right.image(view.overlay, caption=view.caption(loaded.classes[1]), width=CAM_PX)
+        middle.image(view.image, caption="Original", width="stretch")
+        right.image(view.overlay, caption=view.caption(loaded.classes[1]), width="stretch")
 
 if len(results) > 1:
     st.subheader("Summary")

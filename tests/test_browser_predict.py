@@ -200,9 +200,6 @@ def test_predict_says_which_images_the_decision_does_not_apply_to(predicted: dic
     assert applies[xray_name] == ("false" if "Decision: not applicable" in xray else "true"), rows
 
 
-@pytest.mark.xfail(strict=True, reason="pages/5_Predict.py draws both images 320 px wide (width=CAM_PX) in columns "
-                   "271 px wide at 1280 px: the Grad-CAM overlay covers the original's right edge and sticks out "
-                   "of the box. Remove this mark once the images fit their columns.")
 def test_predict_cards_fit_a_1280_window(predicted: dict[str, Any]) -> None:
     """Nothing in a file's box covers anything else or reaches outside the box, and the page does not scroll
     sideways."""
