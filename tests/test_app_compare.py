@@ -121,7 +121,7 @@ def test_study_button_runs_every_arm_and_seed_and_shows_the_paired_tests(app_env
     arms = next(d.value for d in at.dataframe if "trainable parameters" in d.value.columns)
     assert list(arms["arm"]) == ["frozen", "scratch"] and list(arms["runs"]) == [2, 2]
     assert arms.set_index("arm").loc["frozen", "test AUC"].startswith("0.")
-    assert any("frozen vs scratch" in m.value and "(Holm)" in m.value for m in at.markdown)
+    assert any("frozen vs scratch" in as_read(m.value) and "(Holm)" in as_read(m.value) for m in at.markdown)
     assert any(t.type == "plotly_chart" for t in at.get("plotly_chart"))
 
     # A second study, launched while the first is shown, becomes the one shown.
