@@ -235,8 +235,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     if not runs.is_run_dir(run_dir):
         raise ValueError(f"{run_dir} is not a run directory (no config.json).")
-    if args.out and (Path(args.out).is_dir() or not Path(args.out).resolve().parent.is_dir()):
-        raise ValueError(f"--out {args.out}: give a CSV file name in an existing folder.")
+    out = runs.check_output_file(args.out, args.force, suffixes=(".csv",)) if args.out else None
     operating = runs.operating_point(run_dir)
     threshold = operating.threshold if args.threshold is None else args.threshold
     if not 0 <= threshold <= 1:
@@ -296,9 +295,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _print_subgroups(pset, threshold, args.groups)
     if args.data and result.get("refit"):
         print(format_refit(result["refit"]))
-    if args.out:
-        pset.frame.to_csv(args.out, index=False)
-        print(f"predictions written to {args.out}")
+    if out is not None:
+        runs.check_output_file(out, args.force, suffixes=(".csv",))  # again, just before replacing
+        runs.write_file_atomic(out, lambda tmp: pset.frame.to_csv(tmp, index=False))
+        print(f"predictions written to {out}")
     return 0
 
 
@@ -613,7 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groups", help="CSV with a path column and group columns: metrics per group (Kermany file "
                                     "names give bacterial/viral and the NORMAL series without it).")
     p.add_argument("--threshold", type=float, help="Read at this threshold instead of the run's operating one.")
-    p.add_argument("--out", help="Write the per-image predictions to this CSV.")
+    p.add_argument("--out", help="Write the per-image predictions to this CSV (never over a run's own files or a "
+                                 "device; an existing file only with --force).")
+    p.add_argument("--force", action="store_true", help="With --out: replace an existing file.")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="Export a run's model to ONNX: pixels in, calibrated probability out, with "

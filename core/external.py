@@ -844,11 +844,12 @@ def _score(run_dir: Path, config: dict, classes: list[str], index: ExternalIndex
         "path": [r.path for r in kept], "patient": [r.patient for r in kept], "label": [r.label for r in kept],
         "class_name": [r.class_name for r in kept], "source_class": [r.source_class for r in kept],
         "prob": positive_probs(logits, loaded.temperature), "prob_uncalibrated": positive_probs(logits),
-        "ood_score": scores, "ood_flag": [v.flagged for v in verdicts],
+        # Without the run's score, no image is called like the training data: the flag stays empty.
+        "ood_score": scores, "ood_flag": [v.flagged if loaded.ood is not None else None for v in verdicts],
         "ood_reason": [v.reason or "" for v in verdicts],
     }, columns=list(PREDICTION_COLUMNS))
     hashes = [decoded.sha256[i] or _sha256_file(index.records[i].path) for i in decoded.ok_indices]
-    shift = folder_shift(loaded.ood, features, predictions["ood_flag"].to_numpy(), gated=sum(map(bool, gates)))
+    shift = folder_shift(loaded.ood, features, np.array([v.flagged for v in verdicts]), gated=sum(map(bool, gates)))
     return predictions, decoded, loaded, hashes, shift
 
 

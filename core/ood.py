@@ -129,7 +129,7 @@ class OodDetector:
         best = np.full(len(f), np.inf)
         for mean in self.means:
             diff = f - mean
-            best = np.minimum(best, np.einsum("ij,jk,ik->i", diff, self.precision, diff))
+            best = np.minimum(best, ((diff @ self.precision) * diff).sum(axis=1))
         return np.sqrt(np.maximum(best, 0.0))
 
     def project(self, features: np.ndarray) -> np.ndarray:
@@ -219,12 +219,16 @@ def load_detector(path: str | os.PathLike) -> OodDetector:
         raise bad("shapes do not agree")
     if not all(np.isfinite(a).all() for a in arrays.values()):
         raise bad("NaN or infinite values")
+    if len(arrays["reference"]) < 2:
+        raise bad("its validation reference holds fewer than 2 images")
+    if not np.allclose(precision, precision.T, rtol=1e-4, atol=1e-6) or np.linalg.eigvalsh(precision).min() <= 0:
+        raise bad("its precision matrix is not symmetric positive definite")
     try:
         threshold = float(meta.get("threshold", "nan"))
     except ValueError:
         threshold = math.nan
-    if not (math.isfinite(threshold) and threshold >= 0):
-        raise bad("its threshold is not a non-negative number")
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise bad("its threshold is not a positive number")
     try:
         info = json.loads(meta.get("info", "{}"))
     except ValueError:
@@ -250,7 +254,7 @@ class OodVerdict:
     """What the tool says about one image before its probability."""
 
     gate: str | None  # why it is not a chest radiograph at all
-    score: float | None  # the feature distance (None without a detector, or for a gated image)
+    score: float | None  # the feature distance (None without a detector); computed for a gated image too
     threshold: float | None
     flagged: bool  # the decision does not apply
 
@@ -367,8 +371,10 @@ def folder_shift(detector: OodDetector | None, features: np.ndarray, flags: np.n
 
 def features_and_logits(model, images, device, mean: float, std: float, bf16: bool,
                         batch_size: int = 128) -> tuple[np.ndarray, "Any"]:
-    """Backbone features (N, d) as float32 numpy and logits (N, 2) as a float32 CPU tensor, in one pass: the
-    logits are the head applied to those features, which is exactly the model's forward."""
+    """Backbone features (N, d) as float32 numpy and logits (N, 2) as a float32 CPU tensor. The logits are the
+    model's forward at the run's precision (bf16 autocast where it trains so); the features are always computed
+    in float32, the precision Predict and the ONNX graph score at, so that one image gets one verdict everywhere
+    (a second pass only where bf16 is used)."""
     import torch
 
     from .trainer import _to_input, autocast
@@ -381,6 +387,8 @@ def features_and_logits(model, images, device, mean: float, std: float, bf16: bo
             with autocast(device, bf16):
                 f = model.backbone(x)
                 out = model.head(f)
+            if bf16:
+                f = model.backbone(x)
             feats.append(f.float().cpu())
             logits.append(out.float().cpu())
     if not feats:
@@ -413,22 +421,43 @@ def fit_run_detector(run_dir: str | os.PathLike, device: str = "auto", progress=
     dev = select_device(device)
     loaded = load_run_model(run_dir, dev)
     bf16 = uses_bf16(dev, str(config.get("precision") or "auto"))
-    features = {}
+    features, paths = {}, {}
     labels = None
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
         rows = table[table["split"] == split]
         decoded = decode_images(list(rows["path"]), loaded.image_size, config.get("cache_dir") or None,
                                 config.get("decode_workers") or None, progress=progress)
-        if not decoded.ok_indices:
+        if not decoded.ok_indices and split != "test":
             raise ValueError(f"None of the run's {split} images could be read (moved or deleted since training?), "
                              f"e.g. {rows['path'].iloc[0] if len(rows) else '-'}.")
         images = torch.from_numpy(decoded.images).unsqueeze(1)
         features[split], _ = features_and_logits(loaded.model, images, dev, loaded.mean, loaded.std, bf16)
+        paths[split] = list(rows["path"].iloc[list(decoded.ok_indices)])
         if split == "train":
             labels = pd.to_numeric(rows["label"], errors="coerce").to_numpy()[decoded.ok_indices]
     detector = fit_detector(features["train"], labels, features["val"])
+    # Every file is checked before any is written; the run's own sets then carry the new verdict, as Predict does.
+    updated = {split: _with_verdicts(run_dir, split, paths[split], detector.scores(features[split]), detector)
+               for split in ("val", "test")}
     save_detector(detector, run_dir / OOD_FILE, {"fitted_by": "fit-ood", "arch": loaded.arch})
+    for split, frame in updated.items():
+        if frame is not None:
+            runs.write_file_atomic(runs.predictions_path(run_dir, split),
+                                   lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
     return detector
+
+
+def _with_verdicts(run_dir: Path, split: str, paths: list[str], scores: np.ndarray, detector: OodDetector):
+    """The run's predictions of `split` with ood_score and ood_flag from `detector` (None when there are none);
+    an image that could not be read now gets no score and is flagged (its decision is not claimed to apply)."""
+    from . import runs
+
+    if not runs.predictions_path(run_dir, split).is_file():
+        return None
+    frame = runs.read_predictions(run_dir, split)
+    frame["ood_score"] = frame["path"].map(dict(zip(paths, scores.tolist())))
+    frame["ood_flag"] = ~(frame["ood_score"] <= detector.threshold)
+    return frame
 
 
 # ---------------------------------------------------------------- prediction sets, split by the verdict
@@ -437,8 +466,9 @@ OOD_COLUMNS = ("ood_score", "ood_flag", "ood_reason")
 
 
 def has_ood(frame) -> bool:
-    """Whether a predictions table carries the per-image verdict (external evaluations made since it existed)."""
-    return "ood_flag" in frame.columns
+    """Whether a predictions table carries the per-image verdict of a run's score (not of older evaluations, nor
+    of runs without a score)."""
+    return "ood_flag" in frame.columns and bool(frame["ood_flag"].notna().any())
 
 
 def ood_flags(frame) -> np.ndarray:

@@ -343,6 +343,9 @@ def read_predictions(run_dir: Path, split: str) -> pd.DataFrame:
         raise ValueError(f"{path}: the path column must name an image on every row.")
     if "patient" in df:
         df["patient"] = df["patient"].fillna("").astype(str)
+    if "ood_score" in df:  # a distance: a damaged cell (text, negative, infinite) reads as unknown, never shown
+        score = pd.to_numeric(df["ood_score"], errors="coerce")
+        df["ood_score"] = score.where(np.isfinite(score) & (score >= 0))
     expected = _split_size(Path(run_dir), split)
     if expected is not None and expected != len(df):
         raise ValueError(f"{path} has {len(df)} rows but split.csv lists {expected} {split} images: the file is "
@@ -454,7 +457,10 @@ RUN_FILES = frozenset({
     "STOP", "process.log", "ood.safetensors"})
 EXTERNAL_FILES = frozenset({"predictions.csv", "summary.json"})
 # Outputs a user may write into a run folder: `export` (default RUN/model.onnx) and `report --out`.
-RUN_OUTPUT_SUFFIXES = (".onnx", ".html")
+# Outputs a command may write into a run folder by their default names (export's RUN/model.onnx, a report named
+# as report's default): a file of another name there, even one ending .onnx or .html, may be the user's own, so
+# delete refuses it and says so.
+RUN_OUTPUT_NAMES = frozenset({"model.onnx", "report.html"})
 # Files an operating system's file browser leaves in any folder it shows; never anyone's data.
 _OS_CLUTTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 # new_run_dir's names: <YYYYmmdd-HHMMSS>-<arch>-<strategy>[-<name>][-<n>]
@@ -526,7 +532,7 @@ def _foreign_entry(run_dir: Path) -> Path | None:
     with os.scandir(run_dir) as entries:
         for entry in entries:
             if entry.name != EXTERNAL_DIR or not entry.is_dir(follow_symlinks=False):
-                if not ours(entry, RUN_FILES, RUN_OUTPUT_SUFFIXES):
+                if not ours(entry, RUN_FILES | RUN_OUTPUT_NAMES, ()):
                     return Path(entry.path)
                 continue
             foreign = _foreign_evaluation_entry(Path(entry.path), ours)

@@ -16,7 +16,7 @@ from core.bootstrap import METRIC_KEYS, METRIC_LABELS, PatientBootstrap, format_
 from core.calibration import N_BINS, calibration_summary, temperature_note, uncalibrated_probs
 from core.figures import confusion_figure, plain_label, pr_figure, reliability_figure, roc_figure, set_colour
 from core.metrics import TARGET_DEFAULTS, chance_level_warning, choose_threshold, describe_rule
-from core.ood import split_by_ood
+from core.ood import has_ood, split_by_ood
 from core.operating import curve_data, load_set, ranking_only, set_summary, shift_warnings
 from core.subgroups import groups_from_csv, kermany_groups, prepare_subgroups, subgroup_table
 
@@ -125,7 +125,7 @@ names = list(prepared)
 if "val" not in prepared:
     st.stop()
 
-with_verdict = [n for n in names if n != "val" and "ood_flag" in prepared[n]["set"].frame]
+with_verdict = [n for n in names if n != "val" and has_ood(prepared[n]["set"].frame)]
 in_distribution_only = False
 if with_verdict:
     in_distribution_only = st.toggle(
@@ -210,7 +210,12 @@ summaries = {n: set_summary(p["set"], threshold, p["boot"], p["ranking"]) for n,
 
 top = st.columns([1, 1, 2])
 # The button is handled before the metrics are drawn, so they show the threshold just saved.
-if top[2].button("Save as the operating threshold", type="primary", disabled=fit_on in chance_sets,
+# A threshold fitted on part of a set would be saved as fitted on the whole of it: not offered.
+filtered = in_distribution_only and fit_on in with_verdict
+if filtered:
+    top[2].caption("Fitted on the images like the training data only: turn the toggle off to save a threshold "
+                   "fitted on this set.")
+if top[2].button("Save as the operating threshold", type="primary", disabled=fit_on in chance_sets or filtered,
                  help="Every view and command then uses this threshold; nothing is retrained."):
     try:
         runs.save_threshold(run_dir, threshold, chosen_on=fit_on, target=rule_text,
@@ -252,7 +257,7 @@ if with_verdict:
             total = len(full_sets[n]["set"].labels)
             flagged = len(parts[1]["set"].labels) if parts[1] else 0
             st.markdown(ui.plain(f"{runs.set_label(n)}: {flagged} of {total} images ({flagged / max(total, 1):.0%}) "
-                                 f"flagged as unlike the training data, at threshold {threshold:.3f}"))
+                                 f"flagged as unlike the training data; metrics at threshold {threshold:.3f}"))
             part_summaries = {f"{label} ({len(p['set'].labels)} images)": set_summary(p["set"], threshold, p["boot"],
                                                                                       p["ranking"])
                               for label, p in zip(("like the training data", "unlike it"), parts) if p}

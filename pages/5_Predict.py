@@ -34,9 +34,9 @@ except (FileNotFoundError, ValueError) as e:  # damaged checkpoint, metadata or 
     st.stop()
 loaded = dataclasses.replace(loaded, threshold=operating.threshold)
 
-st.markdown(f"Model **{loaded.arch}** ({loaded.image_size} px input). Predicts **{loaded.classes[1]}** when "
-            f"the calibrated probability is at least the run's operating threshold, **{operating.describe()}**. "
-            "Save another on the Thresholds page.")
+st.markdown(f"Model **{loaded.arch}** ({loaded.image_size} px input). Predicts **{ui.plain(loaded.classes[1])}** "
+            "when the calibrated probability is at least the run's operating threshold, "
+            f"**{ui.plain(operating.describe())}**. Save another on the Thresholds page.")
 
 uploads = st.file_uploader(f"Chest X-rays: {ACCEPTED_FORMATS}, up to {LIMIT_MB} MB each",
                            type=sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS),
@@ -84,13 +84,15 @@ for upload in uploads or []:
         if not result["applicable"]:
             st.warning(ood["reason"])
         left, middle, right = st.columns([1, 1.3, 1.3])
-        left.metric(f"Probability of {loaded.classes[1]}", f"{result['prob']:.3f}")
+        left.metric(f"Probability of {ui.plain(loaded.classes[1])}", f"{result['prob']:.3f}")
         comparison = f"{result['prob']:.3f} {'≥' if positive else '<'} threshold {result['threshold']:.3f}"
         if result["applicable"]:
-            left.markdown(f"Decision: **:{'red' if positive else 'green'}[{result['predicted']}]**  \n({comparison})")
+            left.markdown(f"Decision: **:{'red' if positive else 'green'}[{ui.plain(result['predicted'])}]**  \n"
+                          f"({comparison})")
         else:
-            left.markdown(f"Decision: **not applicable**  \n(the model alone would say {result['predicted']}: "
-                          f"{comparison}; not to be trusted on this image)")
+            said = ui.plain(result["predicted"])
+            left.markdown(f"Decision: **not applicable**  \n(the model alone would say {said}: {comparison}; not to "
+                          "be trusted on this image)")
         if ood["score"] is not None and ood["gate"]:
             left.caption(f"Feature score {ood['score']:.2f} (threshold {ood['threshold']:.2f}): not used, the image "
                          "is not a chest X-ray.")
@@ -100,7 +102,7 @@ for upload in uploads or []:
                          f"{ood['threshold']:.2f})")
         view = gradcam_display(loaded, data, CAM_PX, colour_map, alpha)
         middle.image(view.image, caption="Original", width="stretch")
-        right.image(view.overlay, caption=view.caption(loaded.classes[1]), width="stretch")
+        right.image(view.overlay, caption=ui.plain(view.caption(loaded.classes[1])), width="stretch")
 
 if len(results) > 1:
     st.subheader("Summary")

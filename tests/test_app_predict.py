@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from app_helpers import ORIGINAL_SUBSET as ORIGINALS
+from bad_inputs import as_read
 from streamlit.testing.v1 import AppTest
 
 from core import runs
@@ -42,7 +43,7 @@ def test_upload_scores_full_size_originals_and_rejects_a_text_file(run_copy):  #
     assert {t.lstrip(".") for t in uploader.allowed_type} == {"jpg", "jpeg", "png", "bmp", "tif", "tiff"}
     assert "JPEG, PNG, BMP or TIFF" in uploader.label
     assert any(f"{MAX_UPLOAD_BYTES // 2**20} MB" in c.value for c in at.caption)
-    assert runs.operating_point(run_copy).describe() in at.markdown[0].value
+    assert runs.operating_point(run_copy).describe() in as_read(at.markdown[0].value)
 
     files = [original("PNEUMONIA"), original("NORMAL")]
     uploader.set_value([(p.name, p.read_bytes(), "image/jpeg") for p in files]
@@ -53,7 +54,7 @@ def test_upload_scores_full_size_originals_and_rejects_a_text_file(run_copy):  #
     expected = predict_files(load_run_model(run_copy), files)
     probs = [m.value for m in at.metric if m.label == "Probability of PNEUMONIA"]
     assert probs == [f"{r['prob']:.3f}" for r in expected]
-    captions = [c for img in at.image for c in img.captions]
+    captions = [as_read(c) for img in at.image for c in img.captions]
     assert captions[::2] == ["Original"] * 2
     # The 64 px fixture model explains with its 8×8 stage (4×4 was the last one's).
     assert all(re.fullmatch(r"Grad-CAM, 8×8 map from backbone\.stages\.1: (evidence for PNEUMONIA|no evidence for "

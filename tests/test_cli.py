@@ -244,9 +244,9 @@ def test_output_paths_and_names_the_os_cannot_hold_are_refused_before_the_work(t
 
     run_dir, data = trained_run
     assert main(["evaluate", str(run_dir), "--out", str(tmp_path)]) == 1
-    assert "give a CSV file name" in capsys.readouterr().err
+    assert "is a folder" in capsys.readouterr().err
     assert main(["evaluate", str(run_dir), "--out", str(tmp_path / "missing" / "x.csv")]) == 1
-    assert "in an existing folder" in capsys.readouterr().err
+    assert "does not exist: give a file in an existing folder" in capsys.readouterr().err
     assert main(["report", str(run_dir), "--out", str(tmp_path)]) == 1
     assert "is a folder" in capsys.readouterr().err
     assert main(["train", "--preset", "tiny", "--data", str(data), "--runs-dir", str(tmp_path / "r"),

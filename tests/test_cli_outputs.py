@@ -110,3 +110,17 @@ def test_a_negative_zero_threshold_is_shown_as_zero(run_copy, capsys):
     out = capsys.readouterr().out
     assert "0.000 (saved" in out and "-0.000" not in out and "-0.0" not in out
 
+
+
+def test_evaluate_out_never_replaces_a_runs_file_and_an_existing_file_only_with_force(run_copy, tmp_path, capsys):
+    predictions = (run_copy / "predictions_test.csv").read_bytes()
+    refused(capsys, ["evaluate", str(run_copy), "--out", str(run_copy / "predictions_test.csv"), "--force"],
+            "predictions_test.csv", "never replaced")
+    assert (run_copy / "predictions_test.csv").read_bytes() == predictions
+    refused(capsys, ["evaluate", str(run_copy), "--out", "/dev/null", "--force"], "not a regular file")
+    out = tmp_path / "mine.csv"
+    out.write_text("my table")
+    refused(capsys, ["evaluate", str(run_copy), "--out", str(out)], "mine.csv exists", "--force")
+    assert out.read_text() == "my table"
+    assert main(["evaluate", str(run_copy), "--out", str(out), "--force"]) == 0
+    assert out.read_text().startswith("path,")

@@ -152,10 +152,17 @@ def test_fit_ood_refits_an_older_run(finished_run, tmp_path):
     trained = ood.read_run_detector(run)
     (run / ood.OOD_FILE).unlink()
     assert load_run_model(run).ood is None
+    import pandas as pd
+
+    test = pd.read_csv(run / "predictions_test.csv").drop(columns=["ood_score", "ood_flag"])
+    test.to_csv(run / "predictions_test.csv", index=False)  # as an older run wrote it
     refit = ood.fit_run_detector(run, "cpu")
-    # Within bf16 rounding (used on CPUs with native bf16): the same images through the same weights.
-    assert refit.threshold == pytest.approx(trained.threshold, rel=1e-2)
+    # The same images through the same weights, features in float32 both times.
+    assert refit.threshold == pytest.approx(trained.threshold, rel=1e-4)
     assert load_run_model(run).ood is not None
+    again = pd.read_csv(run / "predictions_test.csv")
+    assert list(again["path"]) == list(test["path"]) and again["ood_score"].notna().all()
+    assert list(again["ood_flag"]) == list(again["ood_score"] > refit.threshold)
 
 
 def test_predict_marks_non_xrays_not_applicable_and_keeps_xrays(finished_run, tmp_path):
@@ -196,3 +203,14 @@ def test_batch_prediction_gives_a_folder_verdict(finished_run, tmp_path):
     results = predict_files(loaded, files, keep_features=True)
     shift = batch_shift(loaded, results)
     assert shift["flagged"] == 12 and shift["gated"] == 12 and shift["shifted"]
+
+
+def test_a_detector_file_that_would_flag_nothing_or_crash_the_folder_test_is_refused(tmp_path):
+    train, labels = gaussian_features(300)
+    good = ood.fit_detector(train, labels, gaussian_features(100, seed=1)[0])
+    path = tmp_path / ood.OOD_FILE
+    for damage, words in (({"precision": -np.eye(good.dim)}, "positive definite"),
+                          ({"reference": good.reference[:1]}, "fewer than 2")):
+        ood.save_detector(ood.OodDetector(**{**good.__dict__, **damage}), path)
+        with pytest.raises(ValueError, match=words):
+            ood.load_detector(path)

@@ -217,6 +217,15 @@ def test_everything_the_tools_write_in_a_run_is_deletable(finished_run, tmp_path
     assert not run.exists()
 
 
+@pytest.mark.parametrize("name", ["notes.html", "other-model.onnx"])
+def test_a_file_of_the_users_with_an_output_suffix_is_not_taken_for_the_tools(finished_run, tmp_path, name):
+    run = shutil.copytree(finished_run, tmp_path / finished_run.name)
+    (run / name).write_text("mine")
+    with pytest.raises(ValueError, match=f"holds .*{name}.*nothing deleted"):
+        runs.delete_run(run)
+    assert (run / name).read_text() == "mine"
+
+
 def test_an_active_run_is_refused_before_anything(finished_run, tmp_path):
     import os
 
