@@ -209,18 +209,26 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     from . import runs
 
+    # Every argument is checked before anything is asked or deleted.
+    folders = []
     for name in args.runs:
         run_dir = Path(name)
-        runs.check_deletable(run_dir)  # raises ValueError with the reason before anything is asked
+        if ".." in run_dir.parts:  # 'run/external/..' names the run through a folder inside it: say it plainly
+            raise ValueError(f"{runs.display_path(run_dir)}: give the run folder's path without '..' (nothing "
+                             "deleted).")
+        runs.check_deletable(run_dir)  # raises ValueError with the reason
+        if run_dir.resolve() not in [f.resolve() for f in folders]:
+            folders.append(run_dir)
+    for run_dir in folders:
         state = runs.read_status(run_dir).get("state")
         files, size = runs.run_size(run_dir)
-        what = f"{run_dir} ({state}; {files} files, {size / 2**20:.1f} MB)"
+        what = f"{runs.display_path(run_dir)} ({state}; {files} files, {size / 2**20:.1f} MB)"
         if not args.yes:
             if not sys.stdin.isatty():
                 raise ValueError(f"Deleting {what} cannot be undone: add --yes to delete without being asked.")
             answer = input(f"Delete {what}? This cannot be undone. [y/N] ")
             if answer.strip().lower() not in ("y", "yes"):
-                print(f"Kept {run_dir}.")
+                print(f"Kept {runs.display_path(run_dir)}.")
                 continue
         runs.delete_run(run_dir)
         print(f"Deleted {what}.")
@@ -235,7 +243,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     if not runs.is_run_dir(run_dir):
         raise ValueError(f"{run_dir} is not a run directory (no config.json).")
-    out = runs.check_output_file(args.out, args.force, suffixes=(".csv",)) if args.out else None
+    out = runs.check_output_file(args.out, args.force, suffixes=(".csv",)) if args.out is not None else None
     operating = runs.operating_point(run_dir)
     threshold = operating.threshold if args.threshold is None else args.threshold
     if not 0 <= threshold <= 1:
@@ -256,7 +264,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         class_map = read_class_map_file(args.class_map_file) if args.class_map_file else \
             parse_class_map(args.class_map) if args.class_map else None
         refit = None
-        if args.refit_threshold:
+        if args.refit_threshold is not None:
             fraction = 0.5 if args.refit_fraction is None else args.refit_fraction
             refit = RefitRequest(*parse_refit_rule(args.refit_threshold), fraction=fraction)
             refit.check()
@@ -450,7 +458,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     if not runs.is_run_dir(run_dir):
         raise ValueError(f"{run_dir} is not a run directory (no config.json).")
-    out = Path(args.out) if args.out else run_dir / "model.onnx"
+    out = Path(args.out) if args.out is not None else run_dir / "model.onnx"
     metadata = export_onnx(run_dir, out, force=args.force)  # checks parity itself; ValueError when it fails
     size = int(metadata["image_size"])
     print(f"wrote {out}: input 'pixels' (N, 1, {size}, {size}) grayscale / 255; outputs 'probability' (calibrated, "
@@ -607,7 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refit-threshold", metavar="RULE[:VALUE]",
                    help="With --data: also re-pick the threshold on a patient-grouped part of the folder and read "
                         "the rest (rules: youden, best_f1, recall, specificity, cost, ppv, npv; e.g. recall:0.95); "
-                        "saved with the evaluation, and when it cannot be done nothing is saved.")
+                        "saved with the evaluation; a rule, value or set that cannot be used saves nothing. On a "
+                        "folder the model ranks no better than chance the evaluation is saved without a re-pick, "
+                        "and says why.")
     p.add_argument("--refit-fraction", type=float, default=None,
                    help="Share of the folder's patients used to re-pick the threshold (default 0.5).")
     p.add_argument("--groups", help="CSV with a path column and group columns: metrics per group (Kermany file "

@@ -5,6 +5,7 @@ file's metadata."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -86,9 +87,11 @@ def export_onnx(run_dir: str | Path, out: str | Path, force: bool = False) -> di
         metadata["ood_score"] = f"none: the run has no out-of-distribution score ({loaded.ood_error or 'not fitted'}" \
                                 "; python -m core fit-ood RUN, then export again)"
     outputs = ["probability", "logits"] + (["ood_score"] if loaded.ood is not None else [])
-    program = torch.onnx.export(wrapper, (example,), input_names=["pixels"],
-                                output_names=outputs, opset_version=OPSET,
-                                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), dynamo=True)
+    with warnings.catch_warnings():  # the exporter's own deprecation notices say nothing to the user
+        warnings.simplefilter("ignore", FutureWarning)
+        program = torch.onnx.export(wrapper, (example,), input_names=["pixels"],
+                                    output_names=outputs, opset_version=OPSET,
+                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), dynamo=True)
     model = program.model_proto
     for key, value in metadata.items():
         entry = model.metadata_props.add()

@@ -1068,10 +1068,15 @@ def _read_summary_file(run_dir: str | os.PathLike, name: str) -> tuple[dict, Pat
     if not path.exists():
         raise FileNotFoundError(f"No external evaluation '{name}' in {run_dir} ({path} is missing).")
     try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
+        # Only a regular file, and only so much of it: a FIFO would block the page, /dev/zero fill the memory.
+        with dataset.open_regular_file(path) as f:
+            raw = f.read(runs.MAX_JSON_BYTES + 1)
+        if len(raw) > runs.MAX_JSON_BYTES:
+            raise ValueError(f"larger than {runs.MAX_JSON_BYTES >> 20} MB")
+        summary = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
-        raise ValueError(f"{path} is damaged ({type(e).__name__}: {str(e)[:200]}): evaluate the folder again, or "
-                         "delete this evaluation.") from None
+        raise ValueError(f"{dataset.display_path(path)} is damaged ({type(e).__name__}: {str(e)[:200]}): evaluate "
+                         "the folder again, or delete this evaluation.") from None
     if not isinstance(summary, dict):
         raise ValueError(f"{path} is damaged (not a JSON object): evaluate the folder again, or delete this "
                          "evaluation.")

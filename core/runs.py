@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .dataset import display_path, has_valid_name
+from .dataset import display_path, has_valid_name, open_regular_file
 
 ACTIVE_STATES = ("queued", "running")
 
@@ -56,10 +56,17 @@ def typed_command(argv: list[str]) -> str:
     return shlex.join(argv)
 
 
+MAX_JSON_BYTES = 64 << 20  # a run's JSON files are kilobytes; more is not one of them
+
+
 def read_json(path: Path, default: Any = None) -> Any:
+    """A JSON file's content, or `default` when it is missing, unreadable, not a regular file (a FIFO would block,
+    a device never end), larger than MAX_JSON_BYTES or not JSON."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        with open_regular_file(path) as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+        return json.loads(data) if len(data) <= MAX_JSON_BYTES else default
+    except (OSError, ValueError, RecursionError):
         return default
 
 
@@ -109,6 +116,8 @@ def remove_temporary_files(run_dir: Path) -> list[str]:
     """Delete half-written files (`*.tmp`) a failed write left in the run folder; returns their names."""
     removed = []
     for tmp in Path(run_dir).glob("*.tmp"):
+        if not _our_temporary(tmp.name, RUN_FILES):  # a file of the user's that happens to end in .tmp
+            continue
         try:
             tmp.unlink()
             removed.append(tmp.name)
@@ -322,9 +331,10 @@ def read_predictions(run_dir: Path, split: str) -> pd.DataFrame:
         raise FileNotFoundError(f"No {split} predictions in {run_dir} (the run has not finished "
                                 f"evaluating, or the {split} split is empty).")
     try:
-        df = pd.read_csv(path)
-    except Exception as e:  # pandas raises several parser error types
-        raise ValueError(f"{path} is unreadable: {e}") from e
+        with open_regular_file(path) as f:
+            df = pd.read_csv(f)
+    except Exception as e:  # pandas raises several parser error types; a FIFO or device: not a regular file
+        raise ValueError(f"{path} is unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     missing = {"path", "label", "prob"} - set(df.columns)
     if missing:
         raise ValueError(f"{path} lacks the columns {sorted(missing)}.")
@@ -341,6 +351,10 @@ def read_predictions(run_dir: Path, split: str) -> pd.DataFrame:
     paths = df["path"]
     if not paths.map(lambda p: isinstance(p, str) and p.strip() != "").all():
         raise ValueError(f"{path}: the path column must name an image on every row.")
+    repeated = paths[paths.duplicated()]
+    if len(repeated):  # one image counted twice: every figure would be silently wrong
+        raise ValueError(f"{path} lists {display_path(repeated.iloc[0])} more than once ({len(repeated)} repeated "
+                         "rows): the file was edited. Evaluate again to rewrite it.")
     if "patient" in df:
         df["patient"] = df["patient"].fillna("").astype(str)
     if "ood_score" in df:  # a distance: a damaged cell (text, negative, infinite) reads as unknown, never shown
@@ -469,6 +483,22 @@ RUN_NAME = re.compile(r"\d{8}-\d{6}-[A-Za-z0-9_.-]+")
 _CONFIG_IDENTITY = ("data", "runs_dir", "arch", "strategy")
 
 
+def _environment_is_ours(path: Path) -> bool:
+    """environment.json as the trainer writes it (library versions and the device)."""
+    env = read_json(path / "environment.json", None)
+    return isinstance(env, dict) and all(key in env for key in ("python", "torch", "torchvision", "device"))
+
+
+def _split_is_ours(path: Path) -> bool:
+    """split.csv whose header is the trainer's."""
+    try:
+        with open_regular_file(path / "split.csv") as f:
+            header = f.readline(4096).decode("utf-8", "replace").strip().split(",")
+    except (OSError, ValueError):
+        return False
+    return {"path", "split", "label", "class_name", "patient"} <= set(header)
+
+
 def _status_has_known_state(path: Path) -> bool:
     status = read_json(path / "status.json", None)
     return isinstance(status, dict) and status.get("state") in STATES
@@ -489,8 +519,9 @@ def _checkpoint_is_ours(path: Path) -> bool:
 def _not_a_run(path: Path) -> str | None:
     """Why `path` is not a run folder of this tool, in words; None when it is one. A run is recognised by
     evidence every version of the trainer leaves, so that a damaged run stays a run: config.json holding a
-    training config, or else two of: the trainer's folder name, a status.json of a known state, a
-    best.safetensors with the trainer's format tag."""
+    training config, or else (unless config.json is another program's) three of: the trainer's folder name, a
+    status.json of a known state, a best.safetensors with the trainer's format tag, the trainer's
+    environment.json, the trainer's split.csv."""
     shown = display_path(path)
     try:
         mode = os.lstat(path).st_mode
@@ -505,10 +536,16 @@ def _not_a_run(path: Path) -> str | None:
     config = read_json(path / "config.json", None)
     if isinstance(config, dict) and all(key in config for key in _CONFIG_IDENTITY):
         return None
+    if isinstance(config, dict) and not any(key in config for key in _CONFIG_IDENTITY):
+        return (f"{shown} is not a run of this tool: its config.json is another program's (none of "
+                f"{', '.join(_CONFIG_IDENTITY)})")
     evidence = {"its name is not a run name (YYYYmmdd-HHMMSS-arch-strategy)": RUN_NAME.fullmatch(path.name),
                 "its status.json holds no state this tool writes": _status_has_known_state(path),
-                "it holds no best.safetensors this tool wrote": _checkpoint_is_ours(path)}
-    if sum(bool(found) for found in evidence.values()) >= 2:
+                "it holds no best.safetensors this tool wrote": _checkpoint_is_ours(path),
+                "it holds no environment.json this tool wrote": _environment_is_ours(path),
+                "it holds no split.csv this tool wrote": _split_is_ours(path)}
+    # Three pieces: a name and a status.json alone are what another tool's job folder may have too.
+    if sum(bool(found) for found in evidence.values()) >= 3:
         return None
     why = (f"its config.json is not a training config of this tool (it lacks {', '.join(_CONFIG_IDENTITY)})"
            if (path / "config.json").exists() else "it has no config.json")
@@ -522,12 +559,20 @@ def is_run_folder(path: Path) -> bool:
     return _not_a_run(Path(path)) is None
 
 
+def _our_temporary(name: str, names: frozenset[str]) -> bool:
+    """A temporary file this tool's writers leave when killed: '.<file>.<pid>.tmp', '<file>.tmp' or '<stem>.tmp'
+    of one of `names` (the trainer's checkpoint writes)."""
+    match = re.fullmatch(r"\.(.+)\.\d+\.tmp", name)
+    base = match.group(1) if match else name[:-len(".tmp")] if name.endswith(".tmp") else None
+    return base is not None and (base in names or any(Path(n).stem == base for n in names))
+
+
 def _foreign_entry(run_dir: Path) -> Path | None:
     """The first entry of a run folder that this tool never writes there (a file of another kind, a link, a
     folder other than external/<name>/); None when there is none."""
     def ours(entry: os.DirEntry, names: frozenset[str], suffixes: tuple[str, ...]) -> bool:
         return entry.name in _OS_CLUTTER or (entry.is_file(follow_symlinks=False) and (
-            entry.name in names or entry.name.endswith((".tmp", *suffixes))))
+            entry.name in names or entry.name.endswith(suffixes or ("\0",)) or _our_temporary(entry.name, names)))
 
     with os.scandir(run_dir) as entries:
         for entry in entries:

@@ -124,3 +124,35 @@ def test_evaluate_out_never_replaces_a_runs_file_and_an_existing_file_only_with_
     assert out.read_text() == "my table"
     assert main(["evaluate", str(run_copy), "--out", str(out), "--force"]) == 0
     assert out.read_text().startswith("path,")
+
+
+def test_delete_checks_every_folder_before_deleting_any(run_copy, tmp_path, capsys):
+    refused(capsys, ["delete", str(run_copy), str(tmp_path / "missing"), "--yes"], "missing", "nothing deleted")
+    assert run_copy.exists()
+    refused(capsys, ["delete", str(run_copy / "external" / ".."), "--yes"], "without '..'")
+    assert (run_copy / "config.json").exists()
+
+
+def test_another_tools_job_folder_with_a_run_like_name_is_not_deleted(tmp_path, capsys):
+    import json
+
+    for name, files in (("20240101-000000-bert-base", {"config.json": {"architectures": ["BertModel"]},
+                                                       "status.json": {"state": "finished"}}),
+                        ("20240101-120000-job-x", {"status.json": {"state": "finished"}, "log.txt": "done",
+                                                   "metrics.jsonl": "{}"})):
+        folder = tmp_path / name
+        folder.mkdir()
+        for file, content in files.items():
+            (folder / file).write_text(content if isinstance(content, str) else json.dumps(content))
+        refused(capsys, ["delete", str(folder), "--yes"], "is not a run of this tool", "nothing deleted")
+        assert sorted(p.name for p in folder.iterdir()) == sorted(files)
+
+
+def test_a_name_with_a_newline_stays_one_line(run_copy, tmp_path, capsys):
+    out = tmp_path / "x\ny.html"
+    out.write_text("mine")
+    err = refused(capsys, ["report", str(run_copy), "--out", str(out)], "exists")
+    assert "x\\x0ay.html" in err
+    refused(capsys, ["evaluate", str(run_copy), "--data", str(tmp_path), "--refit-threshold", ""],
+            "Unknown threshold rule")
+    refused(capsys, ["export", str(run_copy), "--out", ""], "is a folder")

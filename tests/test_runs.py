@@ -150,8 +150,8 @@ def _other_tools_folder(folder):
 
 def test_another_tools_folder_is_refused_and_kept(tmp_path):
     hf = _other_tools_folder(tmp_path / "hf-model")
-    with pytest.raises(ValueError, match="hf-model is not a run of this tool: its config.json is not a training "
-                                         "config.*nothing deleted"):
+    with pytest.raises(ValueError, match="hf-model is not a run of this tool: its config.json is another "
+                                         "program's.*nothing deleted"):
         runs.check_deletable(hf)
     with pytest.raises(ValueError, match="not a run of this tool"):
         runs.delete_run(hf)
@@ -193,16 +193,21 @@ def test_every_damaged_run_stays_listed_and_deletable(finished_run, tmp_path, va
     assert not run.exists()
 
 
-def test_a_run_without_its_config_is_recognised_by_two_other_signs(finished_run, tmp_path):
+def test_a_run_without_its_config_is_recognised_by_three_other_signs(finished_run, tmp_path):
     run = shutil.copytree(finished_run, tmp_path / finished_run.name)
     (run / "config.json").unlink()
     (run / "status.json").write_bytes(b"\x00garbage")
-    runs.check_deletable(run)  # its name and its checkpoint
+    runs.check_deletable(run)  # its name, checkpoint, environment.json and split.csv
     renamed = run.rename(tmp_path / "renamed")
+    (renamed / "environment.json").write_text("{}")
+    (renamed / "split.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match="it has no config.json, and its name is not a run name"):
         runs.check_deletable(renamed)  # its checkpoint alone proves nothing
     runs.write_status(renamed, state="finished")
-    runs.check_deletable(renamed)  # its checkpoint and its status
+    with pytest.raises(ValueError, match="not a run of this tool"):
+        runs.check_deletable(renamed)  # a checkpoint and a status: another tool could have both names
+    shutil.copy(finished_run / "split.csv", renamed / "split.csv")
+    runs.check_deletable(renamed)  # its checkpoint, status and split.csv
 
 
 def test_everything_the_tools_write_in_a_run_is_deletable(finished_run, tmp_path):
