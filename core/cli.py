@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -395,6 +396,8 @@ def cmd_fit_ood(args: argparse.Namespace) -> int:
     from .ood import OOD_FILE, fit_run_detector, read_run_detector
 
     run_dir = Path(args.run)
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d{1,3})?", args.device):  # as train's --device
+        raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, not '{args.device}'.")
     if not runs.is_run_dir(run_dir):
         raise ValueError(f"{run_dir} is not a run directory (no config.json).")
     if runs.read_status(run_dir).get("state") != "finished":
