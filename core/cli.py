@@ -362,7 +362,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import batch_shift, load_run_model, predict_files
 
     loaded = load_run_model(args.run)
-    results = predict_files(loaded, args.images, keep_features=True)
+    results = predict_files(loaded, _image_files(args.images), keep_features=True)
     shift = batch_shift(loaded, results)
     for r in results:
         r.pop("features", None)
@@ -389,6 +389,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if shift is not None:
             print(f"{'WARNING: ' if shift.get('shifted') else ''}these {shift['n']} images: {shift['verdict']}")
     return 1 if any("error" in r for r in results) else 0
+
+
+def _image_files(sources: list[str]) -> list[str]:
+    """The files given, with a folder standing for the images under it (sorted, hidden ones left out): a folder
+    without labels gets its predictions and its folder verdict."""
+    from .dataset import IMAGE_EXTENSIONS
+
+    files: list[str] = []
+    for source in sources:
+        folder = Path(source)
+        if folder.is_dir():
+            found = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                           and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+            if not found:
+                raise ValueError(f"{source} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+            files += found
+        else:
+            files.append(source)
+    return files
 
 
 def cmd_fit_ood(args: argparse.Namespace) -> int:
@@ -649,7 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="Class and probability for image files.")
     p.add_argument("run", help="Run directory.")
-    p.add_argument("images", nargs="+", help="Image files (JPEG/PNG, any size).")
+    p.add_argument("images", nargs="+", help="Image files (JPEG/PNG, any size), or folders of them (no labels "
+                                              "needed): several images also get the folder's out-of-distribution "
+                                              "verdict.")
     p.add_argument("--json", action="store_true", help="Print JSON.")
     p.set_defaults(func=cmd_predict)
 

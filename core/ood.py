@@ -10,7 +10,9 @@ Two layers:
   flagged by design.
 
 For a folder, `folder_shift` adds a two-sample test of its features against the run's validation features
-(maximum mean discrepancy with a permutation p-value). The reference is validation, not train: the model was
+(maximum mean discrepancy with a permutation p-value), the validation images resampled to the folder's mix of
+classes (each image's class: the class mean it is nearest to, no labels needed) so that another prevalence alone
+is not called a shift. The reference is validation, not train: the model was
 fitted on its training images, whose features sit tighter around the class means than those of any new image
 from the same population, so a test against them would call held-out images of the training distribution
 "different". Validation is carved from the same pool and never trained on.
@@ -118,6 +120,7 @@ class OodDetector:
     projection: np.ndarray  # (d, k): whitened principal components of the training features
     reference: np.ndarray  # (n, k): validation features, projected
     info: dict[str, Any] = field(default_factory=dict)
+    reference_class: np.ndarray | None = None  # (n,): each reference image's nearest class mean
 
     @property
     def dim(self) -> int:
@@ -131,6 +134,12 @@ class OodDetector:
             diff = f - mean
             best = np.minimum(best, ((diff @ self.precision) * diff).sum(axis=1))
         return np.sqrt(np.maximum(best, 0.0))
+
+    def nearest_class(self, features: np.ndarray) -> np.ndarray:
+        """Index of the class mean each row is nearest to (Mahalanobis): a label-free stand-in for its class."""
+        f = np.asarray(features, dtype=np.float64).reshape(-1, self.dim)
+        distances = np.stack([((f - mean) @ self.precision * (f - mean)).sum(axis=1) for mean in self.means], axis=1)
+        return distances.argmin(axis=1)
 
     def project(self, features: np.ndarray) -> np.ndarray:
         return (np.asarray(features, dtype=np.float64).reshape(-1, self.dim) - self.projection_mean) @ self.projection
@@ -168,6 +177,7 @@ def fit_detector(train_features: np.ndarray, train_labels: np.ndarray, val_featu
     # "higher" keeps the threshold an observed score: exactly the quantile's share of validation passes.
     detector.threshold = float(np.quantile(val_scores, quantile, method="higher"))
     detector.reference = detector.project(val[keep])
+    detector.reference_class = detector.nearest_class(val[keep]).astype(np.float64)
     detector.info = {"n_train": int(len(train)), "n_val": int(len(val)), "quantile": float(quantile),
                      "val_flagged": float((val_scores > detector.threshold).mean()), "feature_dim": int(train.shape[1]),
                      "method": "Mahalanobis distance to the nearest class mean, Ledoit-Wolf shared covariance"}
@@ -181,7 +191,8 @@ def save_detector(detector: OodDetector, path: str | os.PathLike, extra: dict[st
 
     path = Path(path)
     tensors = {name: torch.from_numpy(np.ascontiguousarray(getattr(detector, name), dtype=np.float32))
-               for name in ("means", "precision", "projection_mean", "projection", "reference")}
+               for name in ("means", "precision", "projection_mean", "projection", "reference", "reference_class")
+               if getattr(detector, name) is not None}
     metadata = {"threshold": repr(float(detector.threshold)), "info": json.dumps(detector.info), **(extra or {})}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -221,6 +232,10 @@ def load_detector(path: str | os.PathLike) -> OodDetector:
         raise bad("NaN or infinite values")
     if len(arrays["reference"]) < 2:
         raise bad("its validation reference holds fewer than 2 images")
+    reference_class = arrays.get("reference_class")
+    if reference_class is not None and (reference_class.shape != (len(arrays["reference"]),) or not np.isin(
+            reference_class, np.arange(len(means))).all()):
+        raise bad("its reference classes do not fit its reference")
     if not np.allclose(precision, precision.T, rtol=1e-4, atol=1e-6) or np.linalg.eigvalsh(precision).min() <= 0:
         raise bad("its precision matrix is not symmetric positive definite")
     try:
@@ -235,7 +250,8 @@ def load_detector(path: str | os.PathLike) -> OodDetector:
         info = {}
     info = info if isinstance(info, dict) else {}
     return OodDetector(means, precision, threshold, arrays["projection_mean"], projection, arrays["reference"],
-                       {k: v for k, v in info.items() if isinstance(v, (str, int, float)) and not isinstance(v, bool)})
+                       {k: v for k, v in info.items() if isinstance(v, (str, int, float)) and not isinstance(v, bool)},
+                       reference_class.astype(int) if reference_class is not None else None)
 
 
 def read_run_detector(run_dir: str | os.PathLike) -> OodDetector | None:
@@ -321,6 +337,27 @@ def mmd_permutation_test(x: np.ndarray, y: np.ndarray, n_permutations: int = N_P
             "permutations": n_permutations, "bandwidth": bandwidth}
 
 
+def matched_reference(detector: OodDetector, features: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The validation reference resampled (without replacement, seeded) to the folder's mix of classes, each
+    image's class being the class mean it is nearest to: a folder of only NORMAL films, or of another prevalence,
+    is then compared with validation films of the same mix, so the test asks whether the images differ, not
+    whether the prevalence does."""
+    if detector.reference_class is None or len(features) == 0:
+        return detector.reference
+    folder_class = detector.nearest_class(features)
+    classes = np.arange(len(detector.means))
+    share = np.array([(folder_class == c).mean() for c in classes])
+    available = np.array([(detector.reference_class == c).sum() for c in classes])
+    # The largest reference with the folder's mix that validation can supply.
+    total = min(len(detector.reference), MAX_TEST_SAMPLE,
+                *[int(available[c] / share[c]) for c in classes if share[c] > 0])
+    rng = np.random.default_rng(seed)
+    rows = [rng.choice(np.flatnonzero(detector.reference_class == c), int(round(total * share[c])), replace=False)
+            for c in classes if share[c] > 0 and round(total * share[c]) > 0]
+    chosen = np.sort(np.concatenate(rows)) if rows else np.arange(len(detector.reference))
+    return detector.reference[chosen] if len(chosen) >= MIN_FOLDER else detector.reference
+
+
 def flagged_interval(flagged: int, n: int) -> tuple[float, float]:
     """Wilson 95% interval of the flagged share (scipy)."""
     from scipy.stats import binomtest
@@ -352,7 +389,8 @@ def folder_shift(detector: OodDetector | None, features: np.ndarray, flags: np.n
         out["verdict"] = (f"{k} of {n} images flagged {flagged_as}; too few images for a folder test "
                           f"(at least {MIN_FOLDER}).")
         return out
-    test = mmd_permutation_test(detector.project(features), detector.reference, seed=seed)
+    reference = matched_reference(detector, features, seed)
+    test = mmd_permutation_test(detector.project(features), reference, seed=seed)
     out["test"] = test
     out["shifted"] = bool(test["p_value"] < ALPHA)
     share = f"{k} of {n} images ({k / n:.0%} [{low:.0%}, {high:.0%}]) flagged {flagged_as}, " \

@@ -214,3 +214,16 @@ def test_a_detector_file_that_would_flag_nothing_or_crash_the_folder_test_is_ref
         ood.save_detector(ood.OodDetector(**{**good.__dict__, **damage}), path)
         with pytest.raises(ValueError, match=words):
             ood.load_detector(path)
+
+
+def test_a_folder_of_one_class_from_the_same_population_is_not_called_different():
+    train, labels = gaussian_features(1500)
+    val, val_labels = gaussian_features(600, seed=1)
+    detector = ood.fit_detector(train, labels, val)
+    fresh, fresh_labels = gaussian_features(1200, seed=2)
+    normal_only = fresh[fresh_labels == 0][:120]  # another prevalence, the same images
+    fired = sum(bool(ood.folder_shift(detector, normal_only[i::3], np.zeros(40, bool), seed=i)["shifted"])
+                for i in range(3))
+    assert fired == 0
+    # Against validation as a whole (half positives), the prevalence alone would have been "different".
+    assert ood.mmd_permutation_test(detector.project(normal_only), detector.reference)["p_value"] < 0.05
