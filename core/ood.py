@@ -190,9 +190,12 @@ def save_detector(detector: OodDetector, path: str | os.PathLike, extra: dict[st
     from safetensors.torch import save_file
 
     path = Path(path)
-    tensors = {name: torch.from_numpy(np.ascontiguousarray(getattr(detector, name), dtype=np.float32))
-               for name in ("means", "precision", "projection_mean", "projection", "reference", "reference_class")
-               if getattr(detector, name) is not None}
+    # The means and precision in float64: a shrinkage precision can be ill-conditioned on a small training set,
+    # and float32 rounding would make it indefinite.
+    tensors = {name: torch.from_numpy(np.ascontiguousarray(
+        getattr(detector, name), dtype=np.float64 if name in ("means", "precision") else np.float32))
+        for name in ("means", "precision", "projection_mean", "projection", "reference", "reference_class")
+        if getattr(detector, name) is not None}
     metadata = {"threshold": repr(float(detector.threshold)), "info": json.dumps(detector.info), **(extra or {})}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -236,7 +239,10 @@ def load_detector(path: str | os.PathLike) -> OodDetector:
     if reference_class is not None and (reference_class.shape != (len(arrays["reference"]),) or not np.isin(
             reference_class, np.arange(len(means))).all()):
         raise bad("its reference classes do not fit its reference")
-    if not np.allclose(precision, precision.T, rtol=1e-4, atol=1e-6) or np.linalg.eigvalsh(precision).min() <= 0:
+    scale = float(np.abs(precision).max()) or 1.0
+    eigenvalues = np.linalg.eigvalsh((precision + precision.T) / 2) if np.isfinite(precision).all() else [-1.0]
+    if not np.allclose(precision, precision.T, rtol=1e-4, atol=1e-6 * scale) or \
+            min(eigenvalues) <= -1e-9 * max(abs(e) for e in eigenvalues):
         raise bad("its precision matrix is not symmetric positive definite")
     try:
         threshold = float(meta.get("threshold", "nan"))
