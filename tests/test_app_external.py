@@ -147,7 +147,8 @@ def test_a_saved_evaluation_is_replaced_only_after_ticking_replace(run_copy, tmp
     at.text_input(key="ext_folder").set_value(str(root)).run()
     at.button(key="ext_evaluate").click().run()
     assert not at.exception, at.exception
-    kept = (run_copy / "external" / "site" / "summary.json").read_bytes()
+    saved = run_copy / "external" / "site" / "summary.json"
+    kept, kept_inode = saved.read_bytes(), saved.stat().st_ino
     at.run()  # the next interaction
     # The same name again: a warning and an unticked box; Evaluate alone replaces nothing.
     assert any("An evaluation named 'site' exists" in plain(w.value) for w in at.warning)
@@ -155,12 +156,13 @@ def test_a_saved_evaluation_is_replaced_only_after_ticking_replace(run_copy, tmp
     at.button(key="ext_evaluate").click().run()
     assert not at.exception, at.exception
     assert any("tick 'Replace the evaluation site'" in plain(e.value) for e in at.error)
-    assert (run_copy / "external" / "site" / "summary.json").read_bytes() == kept
+    assert saved.read_bytes() == kept and saved.stat().st_ino == kept_inode
     at.checkbox(key="ext_replace:site").check().run()
     at.button(key="ext_evaluate").click().run()
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
-    assert (run_copy / "external" / "site" / "summary.json").read_bytes() != kept
+    # Replaced: a new file moved into place (its content may match to the second of its timestamp).
+    assert saved.stat().st_ino != kept_inode
     # A name that would have to change is refused with the one it could be, not changed silently.
     at.text_input(key=f"ext_name:{root.resolve()}:all").set_value("my site").run()
     assert any("'my_site', say" in plain(e.value) for e in at.error)
