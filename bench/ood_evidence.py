@@ -58,7 +58,7 @@ def transforms(paths: list[str], seed: int = 0) -> dict[str, list[bytes]]:
 def score_files(loaded, sources: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features, score, gated) for files (paths or bytes): decoded and gated one by one as Predict does, the
     model run in batches."""
-    from core.ood import features_and_logits
+    from core.trainer import features_and_logits
 
     pixels, gated = [], []
     for src in sources:
@@ -128,7 +128,7 @@ def main() -> int:
               f"({fired / args.draws:.0%}; nominal {ood.ALPHA:.0%})")
     if args.train_draws:
         from core.dataset import decode_images
-        from core.ood import features_and_logits
+        from core.trainer import features_and_logits
 
         paths = list(split.loc[split["split"] == "train", "path"])
         decoded = decode_images(paths, loaded.image_size)

@@ -44,7 +44,7 @@ from .metrics import (
     describe_rule,
     metrics_at_threshold,
 )
-from .ood import features_and_logits, folder_shift, image_gate, verdict_from_score
+from .ood import folder_shift, image_gate, verdict_from_score
 from .operating import PredictionSet, bootstrap_for, load_set, ranking_only, set_summary
 
 IGNORE = "ignore"
@@ -821,7 +821,7 @@ def _score(run_dir: Path, config: dict, classes: list[str], index: ExternalIndex
     import torch
 
     from .predict import load_run_model
-    from .trainer import positive_probs, select_device, uses_bf16
+    from .trainer import features_and_logits, positive_probs, select_device, uses_bf16
 
     dev = select_device(device)
     loaded = load_run_model(run_dir, dev)

@@ -413,33 +413,6 @@ def folder_shift(detector: OodDetector | None, features: np.ndarray, flags: np.n
 
 # ---------------------------------------------------------------- from a run
 
-def features_and_logits(model, images, device, mean: float, std: float, bf16: bool,
-                        batch_size: int = 128) -> tuple[np.ndarray, "Any"]:
-    """Backbone features (N, d) as float32 numpy and logits (N, 2) as a float32 CPU tensor. The logits are the
-    model's forward at the run's precision (bf16 autocast where it trains so); the features are always computed
-    in float32, the precision Predict and the ONNX graph score at, so that one image gets one verdict everywhere
-    (a second pass only where bf16 is used)."""
-    import torch
-
-    from .trainer import _to_input, autocast
-
-    model.eval()
-    feats, logits = [], []
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            x = _to_input(images[i:i + batch_size], device, mean, std, None, None)
-            with autocast(device, bf16):
-                f = model.backbone(x)
-                out = model.head(f)
-            if bf16:
-                f = model.backbone(x)
-            feats.append(f.float().cpu())
-            logits.append(out.float().cpu())
-    if not feats:
-        return np.zeros((0, model.feature_dim), np.float32), torch.zeros(0, 2)
-    return torch.cat(feats).numpy(), torch.cat(logits)
-
-
 def fit_run_detector(run_dir: str | os.PathLike, device: str = "auto", progress=None) -> OodDetector:
     """Fit and save the detector of a finished run from its best checkpoint and its split.csv (for runs trained
     before the score existed). Images come through the decode cache training filled."""
@@ -449,7 +422,7 @@ def fit_run_detector(run_dir: str | os.PathLike, device: str = "auto", progress=
     from . import runs
     from .dataset import decode_images
     from .predict import load_run_model
-    from .trainer import select_device, uses_bf16
+    from .trainer import compute_logits, select_device
 
     run_dir = Path(run_dir)
     if not runs.is_run_dir(run_dir):
@@ -464,7 +437,6 @@ def fit_run_detector(run_dir: str | os.PathLike, device: str = "auto", progress=
         raise ValueError(f"{run_dir / 'split.csv'} lacks the path, split or label column.")
     dev = select_device(device)
     loaded = load_run_model(run_dir, dev)
-    bf16 = uses_bf16(dev, str(config.get("precision") or "auto"))
     features, paths = {}, {}
     labels = None
     for split in ("train", "val", "test"):
@@ -475,7 +447,9 @@ def fit_run_detector(run_dir: str | os.PathLike, device: str = "auto", progress=
             raise ValueError(f"None of the run's {split} images could be read (moved or deleted since training?), "
                              f"e.g. {rows['path'].iloc[0] if len(rows) else '-'}.")
         images = torch.from_numpy(decoded.images).unsqueeze(1)
-        features[split], _ = features_and_logits(loaded.model, images, dev, loaded.mean, loaded.std, bf16)
+        # float32 features, as every score is read (see trainer.features_and_logits)
+        features[split] = compute_logits(loaded.model, images, dev, loaded.mean, loaded.std, False,
+                                         features_only=True).numpy()
         paths[split] = list(rows["path"].iloc[list(decoded.ok_indices)])
         if split == "train":
             labels = pd.to_numeric(rows["label"], errors="coerce").to_numpy()[decoded.ok_indices]

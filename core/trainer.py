@@ -31,7 +31,7 @@ from .config import TrainConfig
 from .dataset import DatasetIndex, assign_splits, decode_images, leakage_report, scan_dataset
 from .metrics import choose_threshold, metrics_at_threshold, safe_auc
 from .model import Classifier, apply_strategy, build_model, count_parameters, normalization, set_train_mode
-from .ood import OOD_FILE, OodDetector, features_and_logits, fit_detector, save_detector
+from .ood import OOD_FILE, OodDetector, fit_detector, save_detector
 
 EVAL_SPLITS = ("val", "test")
 
@@ -181,6 +181,29 @@ def compute_logits(model: Classifier, images: torch.Tensor, device: torch.device
             out.append(net(x).float().cpu())
     dim = model.feature_dim if features_only else 2
     return torch.cat(out) if out else torch.zeros(0, dim)
+
+
+def features_and_logits(model: Classifier, images: torch.Tensor, device: torch.device, mean: float, std: float,
+                        bf16: bool, batch_size: int = 128) -> tuple[np.ndarray, torch.Tensor]:
+    """Backbone features (N, d) as float32 numpy and logits (N, 2) as a float32 CPU tensor. The logits are the
+    model's forward at the run's precision (bf16 autocast where it trains so); the features are always computed
+    in float32, the precision Predict and the ONNX graph score at, so that one image gets one verdict everywhere
+    (a second pass only where bf16 is used)."""
+    model.eval()
+    feats, logits = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = _to_input(images[i:i + batch_size], device, mean, std, None, None)
+            with autocast(device, bf16):
+                f = model.backbone(x)
+                out = model.head(f)
+            if bf16:
+                f = model.backbone(x)
+            feats.append(f.float().cpu())
+            logits.append(out.float().cpu())
+    if not feats:
+        return np.zeros((0, model.feature_dim), np.float32), torch.zeros(0, 2)
+    return torch.cat(feats).numpy(), torch.cat(logits)
 
 
 def fit_temperature_checked(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, str | None]:
@@ -662,7 +685,9 @@ def fit_run_ood(run_dir: Path, config: TrainConfig, model: Classifier, data: Pre
     is logged and leaves the run without a score (prediction says so), never fails the run."""
     mean, std = normalization(config.arch)
     try:
-        train_features, _ = features_and_logits(model, data.splits["train"].images, device, mean, std, bf16)
+        # float32 features only: the training logits are not needed
+        train_features = compute_logits(model, data.splits["train"].images, device, mean, std, False,
+                                        features_only=True).numpy()
         detector = fit_detector(train_features, data.splits["train"].labels.numpy(), val_features,
                                 seed=config.seed)
         save_detector(detector, run_dir / OOD_FILE, {"fitted_by": "training", "arch": config.arch})

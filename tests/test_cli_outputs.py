@@ -65,12 +65,16 @@ def test_report_never_replaces_a_runs_file_or_a_pipe(run_copy, tmp_path, capsys)
 
 def test_report_replaces_an_existing_file_only_with_force(run_copy, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(report_module, "MISTAKES_PER_KIND", 1)
-    out = tmp_path / "report.html"
-    out.write_text("my earlier report")
-    refused(capsys, ["report", str(run_copy), "--out", str(out)], "report.html exists", "--force")
-    assert out.read_text() == "my earlier report"
-    assert main(["report", str(run_copy), "--out", str(out), "--force"]) == 0
-    assert out.read_text().startswith("<!DOCTYPE html>")
+    replaced_only_with_force(capsys, ["report", str(run_copy)], tmp_path / "report.html", "<!DOCTYPE html>")
+
+
+def replaced_only_with_force(capsys, argv: list[str], out, written_start: str) -> None:
+    """An existing `out` survives the command without --force (one-line refusal) and is replaced with it."""
+    out.write_text("mine")
+    refused(capsys, [*argv, "--out", str(out)], f"{out.name} exists", "--force")
+    assert out.read_text() == "mine"
+    assert main([*argv, "--out", str(out), "--force"]) == 0
+    assert out.read_text().startswith(written_start)
 
 
 def _nan_weights(run_dir: Path) -> None:
@@ -118,12 +122,7 @@ def test_evaluate_out_never_replaces_a_runs_file_and_an_existing_file_only_with_
             "predictions_test.csv", "never replaced")
     assert (run_copy / "predictions_test.csv").read_bytes() == predictions
     refused(capsys, ["evaluate", str(run_copy), "--out", "/dev/null", "--force"], "not a regular file")
-    out = tmp_path / "mine.csv"
-    out.write_text("my table")
-    refused(capsys, ["evaluate", str(run_copy), "--out", str(out)], "mine.csv exists", "--force")
-    assert out.read_text() == "my table"
-    assert main(["evaluate", str(run_copy), "--out", str(out), "--force"]) == 0
-    assert out.read_text().startswith("path,")
+    replaced_only_with_force(capsys, ["evaluate", str(run_copy)], tmp_path / "mine.csv", "path,")
 
 
 def test_delete_checks_every_folder_before_deleting_any(run_copy, tmp_path, capsys):
