@@ -127,7 +127,7 @@ def main() -> int:
         print(f"folder test on {args.draws} draws of {args.draw_size} {label}: fired {fired} times "
               f"({fired / args.draws:.0%}; nominal {ood.ALPHA:.0%})")
     if args.train_draws:
-        from core.dataset import decode_images
+        from core.cache import decode_images
         from core.trainer import features_and_logits
 
         paths = list(split.loc[split["split"] == "train", "path"])

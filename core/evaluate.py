@@ -10,7 +10,8 @@ import pandas as pd
 import torch
 
 from . import runs
-from .dataset import assign_splits, decode_images, image_summary, leakage_report, scan_dataset
+from .cache import decode_images
+from .dataset import assign_splits, image_summary, leakage_report, scan_dataset
 from .metrics import metrics_at_threshold
 from .predict import load_run_model
 from .trainer import compute_logits, positive_probs, select_device, uses_bf16

@@ -35,7 +35,8 @@ import pandas as pd
 
 from . import dataset, runs
 from .bootstrap import METRIC_KEYS, METRIC_LABELS, format_interval
-from .dataset import IMAGE_EXTENSIONS, SPLIT_NAMES, DatasetError, decode_images, patient_id
+from .cache import decode_images
+from .dataset import IMAGE_EXTENSIONS, SPLIT_NAMES, DatasetError, patient_id
 from .metrics import (
     TARGET_DEFAULTS,
     THRESHOLD_TARGETS,

@@ -420,7 +420,7 @@ def fit_run_detector(run_dir: str | os.PathLike, device: str = "auto", progress=
     import torch
 
     from . import runs
-    from .dataset import decode_images
+    from .cache import decode_images
     from .predict import load_run_model
     from .trainer import compute_logits, select_device
 

@@ -27,8 +27,9 @@ from safetensors.torch import load_file, save_file
 
 from . import runs
 from .augment import AugmentParams, augment_batch
+from .cache import decode_images
 from .config import TrainConfig
-from .dataset import DatasetIndex, assign_splits, decode_images, leakage_report, scan_dataset
+from .dataset import DatasetIndex, assign_splits, leakage_report, scan_dataset
 from .metrics import choose_threshold, metrics_at_threshold, safe_auc
 from .model import Classifier, apply_strategy, build_model, count_parameters, normalization, set_train_mode
 from .ood import OOD_FILE, OodDetector, fit_detector, save_detector
