@@ -361,6 +361,10 @@ def _print_subgroups(pset, threshold: float, groups_csv: str | None) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import batch_shift, load_run_model, predict_files
 
+    if args.out:  # a folder, a label file or a zip of any size, in batches, to a CSV
+        from .batch_predict import cli_batch_predict
+
+        return cli_batch_predict(args)
     loaded = load_run_model(args.run)
     results = predict_files(loaded, _image_files(args.images), keep_features=True)
     shift = batch_shift(loaded, results)
@@ -672,6 +676,12 @@ def build_parser() -> argparse.ArgumentParser:
                                               "needed): several images also get the folder's out-of-distribution "
                                               "verdict.")
     p.add_argument("--json", action="store_true", help="Print JSON.")
+    p.add_argument("--out", help="Write one row per image to this CSV (probability, decision at the operating "
+                                 "threshold, out-of-distribution verdict, unreadable files with the reason): images "
+                                 "may be folders, a CSV label file with a path column, or a .zip, predicted in "
+                                 "batches with a progress bar (never over a run's own files; an existing file "
+                                 "only with --force).")
+    p.add_argument("--force", action="store_true", help="With --out: replace an existing file.")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("fit-ood", help="Fit the out-of-distribution score of a finished run from its checkpoint "

