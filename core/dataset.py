@@ -20,12 +20,16 @@ from typing import BinaryIO, Callable, Iterator
 import numpy as np
 from PIL import Image, ImageChops, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"}
+from .dicom import DICOM_EXTENSIONS, PREAMBLE_BYTES, has_dicom_preamble, header_fields, read_dicom
+
+IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
+# Files with other names are images too when they hold the DICOM magic: hospital exports name files by their
+# UID (1.2.840.113619.2.55.504) or give them no extension at all.
 SPLIT_NAMES = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test"}
 # Bump when decoding or resizing changes, so stale caches are not reused.
-PREPROCESSING_VERSION = 3  # 3: multi-frame images and all-NaN float images refused
+PREPROCESSING_VERSION = 4  # 3: multi-frame images and all-NaN float images refused; 4: DICOM, header fields
 NOT_AN_IMAGE = "not an image file (no known image format)"
 # Decompression-bomb guard, checked from the header before any pixel is decoded. The largest flat-panel
 # detectors give about 4,300 x 4,300 = 18.5 megapixels; 40 keeps the worst decode (RGBA) near 0.5 GB.
@@ -190,8 +194,19 @@ def _class_files(class_dir: Path, unusable: dict[str, str] | None = None) -> tup
             continue
         if f.is_dir():
             continue
-        (images if f.suffix.lower() in IMAGE_EXTENSIONS else ignored).append(f)
+        (images if is_image_file(f) else ignored).append(f)
     return images, ignored
+
+
+def is_image_file(path: Path) -> bool:
+    """An image by its extension, or a DICOM file by its content whatever its name."""
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return True
+    try:
+        with open_regular_file(path) as f:
+            return has_dicom_preamble(f.read(PREAMBLE_BYTES))
+    except (OSError, ValueError):
+        return False
 
 
 def scan_dataset(root: str | os.PathLike, positive_class: str | None = None) -> DatasetIndex:
@@ -410,10 +425,31 @@ def open_image(source: str | os.PathLike | bytes | BinaryIO) -> Iterator[Image.I
     warns between one and two times its limit; here the limit is hard. A path must name a regular file
     (see open_regular_file). Raises ValueError with a reason."""
     with ExitStack() as files:
+        name = ""
         if isinstance(source, (str, os.PathLike)):
+            name = os.fspath(source)
             source = files.enter_context(open_regular_file(source))
+        if _is_dicom(source, name):
+            with read_dicom(source, MAX_IMAGE_PIXELS) as img:
+                yield img
+            return
         with _open_checked(source) as img:
             yield img
+
+
+def _is_dicom(source: bytes | BinaryIO, name: str = "") -> bool:
+    """DICOM by its magic bytes, or by a .dcm name (older files have no preamble)."""
+    if Path(name).suffix.lower() in DICOM_EXTENSIONS:
+        return True
+    if isinstance(source, bytes):
+        return has_dicom_preamble(source[:PREAMBLE_BYTES])
+    try:
+        position = source.tell()
+        head = source.read(PREAMBLE_BYTES)
+        source.seek(position)
+    except (OSError, AttributeError, ValueError):
+        return False
+    return has_dicom_preamble(head)
 
 
 @contextmanager
@@ -469,8 +505,12 @@ def load_grayscale(path: str | os.PathLike | bytes | BinaryIO, size: int | None 
 
 
 def image_metadata(data: bytes) -> dict[str, str]:
-    """What is kept of a file's header besides its pixels: for DICOM the patient id, age, sex and view position
-    (no other tag: these are patient data); {} for other formats."""
+    """What is kept of a file's header besides its pixels: for DICOM the patient id (`patient`), age in years
+    (`age`), `sex` and view position (`view`), those present (no other tag: these are patient data); {} for other
+    formats."""
+    # A DICOM file without the preamble starts with its first tag, of group 0002 or 0008 (little endian).
+    if has_dicom_preamble(data[:PREAMBLE_BYTES]) or data[:2] in (b"\x02\x00", b"\x08\x00"):
+        return header_fields(data)
     return {}
 
 
