@@ -39,6 +39,7 @@ _PATIENT_PATTERNS = [
     re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+", re.IGNORECASE),
     re.compile(r"^(NORMAL2-IM-\d+)-\d+", re.IGNORECASE),
     re.compile(r"^(IM-\d+)-\d+", re.IGNORECASE),
+    re.compile(r"^(\d{8})_\d{3}$"),  # NIH ChestX-ray14: <patient>_<follow-up>.png
 ]
 
 
@@ -53,6 +54,8 @@ class ImageRecord:
     label: int  # 1 = positive class
     patient: str
     official_split: str | None  # train/val/test from the folder layout, None without split folders
+    # Kept header or label-file fields: patient age (years), sex, view position, site; only those present.
+    metadata: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass
@@ -66,6 +69,9 @@ class DatasetIndex:
     # Entries that cannot be used, listed rather than dropped: escaped path -> why (a name that is not
     # UTF-8, a broken or looping link, a link to a folder, something that is not a regular file).
     unusable: dict[str, str] = field(default_factory=dict)
+    label_file: str = ""  # the label file the records come from ("" for class folders)
+    labels: str = ""  # how the label file was read (format and policies), for reports
+    patients_from: str = ""  # where patient ids come from when not from file names
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per official split (or 'all') and class."""
