@@ -756,7 +756,7 @@ def _calibration(ctx: _Context) -> str:
 
 
 def _subgroups(ctx: _Context) -> str:
-    from .subgroups import MIN_GROUP_IMAGES, kermany_groups, prepare_subgroups, subgroup_table
+    from .subgroups import MIN_GROUP_IMAGES, NO_METADATA, metadata_groups, prepare_subgroups, set_groups, subgroup_table
 
     missing = _needs_threshold(ctx)
     if missing:
@@ -769,9 +769,13 @@ def _subgroups(ctx: _Context) -> str:
     for n in names:
         pset = ctx.prepared[n].pset
         parts.append(f"<h3>{_e(runs.set_label(n))}</h3>")
-        groups = kermany_groups(pset.frame["path"])
-        if groups.empty or groups.shape[1] == 0:
-            parts.append(_p("No subgroups: the file names do not follow Kermany's patterns."))
+        groups = set_groups(pset.frame)
+        parts.extend(_p(f"{note}.", "note") for note in groups.attrs.get("notes", []))
+        if metadata_groups(pset.frame).empty:
+            parts.append(_p(NO_METADATA, "note"))
+        if groups.shape[1] == 0:
+            parts.append(_p("No subgroups: the file names do not follow Kermany's patterns and the images carry no "
+                            "metadata."))
             continue
         table = subgroup_table(prepare_subgroups(pset.labels, pset.probs, pset.patients, groups), ctx.threshold)
         keys = [k for k in ("sensitivity", "specificity", "auc") if k in table]
@@ -780,10 +784,13 @@ def _subgroups(ctx: _Context) -> str:
                 for _, r in table.iterrows()]
         parts.append(_table(["grouping", "group", "images", "positives", "negatives",
                              *[METRIC_LABELS[k] for k in keys]], rows))
-    parts.append(_p(f"At the operating threshold {ctx.threshold:.3f}; 95% patient-bootstrap intervals. Groups come "
-                    "from Kermany's file names: the pneumonia subtype (bacterial / viral, pneumonia images only, so "
-                    "only a sensitivity) and the two acquisition series of the normal images (only a specificity). "
-                    f"Groups under {MIN_GROUP_IMAGES} images get no interval.", "note"))
+    parts.append(_p(f"At the operating threshold {ctx.threshold:.3f}; 95% patient-bootstrap intervals, patients "
+                    "resampled within each group. Groups come from Kermany's file names (the pneumonia subtype, "
+                    "bacterial / viral: pneumonia images only, so only a sensitivity; the two acquisition series of "
+                    "the normal images: only a specificity) and from the image metadata where the data had it: age "
+                    "band in years (0-4 and 5-17: children; 18-39, 40-64 and 65+: adults), sex, view position (AP "
+                    "films are mostly bedside, of sicker patients; PA standing) and site; unknown: no value, or none "
+                    f"that is an age. Groups under {MIN_GROUP_IMAGES} images get no interval.", "note"))
     return "".join(parts)
 
 

@@ -11,7 +11,8 @@ A run directory holds:
   best.safetensors   best weights (by validation AUC) with the metadata prediction needs
   last.pt            resumable state (weights, optimizer, scheduler, RNG), loaded with weights_only
   predictions_{val,test}.csv   path, patient, label, class_name, prob (calibrated probability of the
-                     positive class), prob_uncalibrated (before temperature scaling)
+                     positive class), prob_uncalibrated (before temperature scaling); and where the data had
+                     them, the image metadata age (years), sex, view, site (see read_predictions)
   report.json        training-time metrics at the threshold chosen on validation (Youden), temperature
   ood.safetensors    the out-of-distribution score fitted on the training features (core/ood.py)
   threshold.json     the operating threshold chosen by the user (overrides the training-time one)
@@ -323,23 +324,53 @@ def set_label(name: str) -> str:
     return SPLIT_LABELS.get(name, name)
 
 
+# Optional image metadata of a predictions file (from a label file or DICOM headers; older files have none).
+METADATA_TEXT_COLUMNS = ("sex", "view", "site")
+MAX_METADATA_CHARS = 200  # a sex, view or site is a few characters; more is a damaged cell, cut
+
+
+def _finite_number(value: Any) -> float:
+    try:
+        number = float(value)  # a string of 400 digits is inf here, where pandas' parsers overflow
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer of 400 digits
+        return math.nan
+    return number if math.isfinite(number) else math.nan
+
+
+def _numbers(values: pd.Series) -> pd.Series:
+    """A column as numbers, NaN where a cell is none (text); an integer too large for a float (a damaged
+    cell of 400 digits, which pandas reads as a Python int and cannot convert) reads as NaN too."""
+    try:
+        return pd.to_numeric(values, errors="coerce")
+    except OverflowError:
+        return values.map(_finite_number).astype(float)
+
+
+def _metadata_text(value: Any) -> str | None:
+    text = value.strip()[:MAX_METADATA_CHARS] if isinstance(value, str) else ""
+    return text or None
+
+
 def read_predictions(run_dir: Path, split: str) -> pd.DataFrame:
     """Per-image predictions of a set (see `predictions_path`); raises FileNotFoundError/ValueError with
-    the file named when missing or unusable."""
+    the file named when missing or unusable. The optional metadata columns are kept when present and never
+    refuse a file: `age` as years (text or an infinite number reads as unknown, NaN), `sex`, `view` and `site`
+    as text (stripped, cut to MAX_METADATA_CHARS; blank reads as NaN)."""
     path = predictions_path(run_dir, split)
     if not path.exists():
         raise FileNotFoundError(f"No {split} predictions in {run_dir} (the run has not finished "
                                 f"evaluating, or the {split} split is empty).")
     try:
         with open_regular_file(path) as f:
-            df = pd.read_csv(f)
+            # Metadata as text, checked below: a site "007" stays 007, a column with blanks never turns 1 into
+            # "1.0", and an age of 400 digits is no overflow.
+            df = pd.read_csv(f, dtype={column: str for column in ("age", *METADATA_TEXT_COLUMNS)})
     except Exception as e:  # pandas raises several parser error types; a FIFO or device: not a regular file
         raise ValueError(f"{path} is unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     missing = {"path", "label", "prob"} - set(df.columns)
     if missing:
         raise ValueError(f"{path} lacks the columns {sorted(missing)}.")
-    label = pd.to_numeric(df["label"], errors="coerce")
-    prob = pd.to_numeric(df["prob"], errors="coerce")
+    label, prob = _numbers(df["label"]), _numbers(df["prob"])
     if not label.isin([0, 1]).all():
         raise ValueError(f"{path}: the label column must hold 0 or 1 on every row.")
     if not (prob.between(0, 1)).all():
@@ -358,8 +389,13 @@ def read_predictions(run_dir: Path, split: str) -> pd.DataFrame:
     if "patient" in df:
         df["patient"] = df["patient"].fillna("").astype(str)
     if "ood_score" in df:  # a distance: a damaged cell (text, negative, infinite) reads as unknown, never shown
-        score = pd.to_numeric(df["ood_score"], errors="coerce")
+        score = _numbers(df["ood_score"])
         df["ood_score"] = score.where(np.isfinite(score) & (score >= 0))
+    if "age" in df:
+        df["age"] = df["age"].map(_finite_number).astype(float)
+    for column in METADATA_TEXT_COLUMNS:
+        if column in df:
+            df[column] = df[column].map(_metadata_text).astype("str")
     expected = _split_size(Path(run_dir), split)
     if expected is not None and expected != len(df):
         raise ValueError(f"{path} has {len(df)} rows but split.csv lists {expected} {split} images: the file is "

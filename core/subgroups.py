@@ -1,12 +1,14 @@
 """Subgroup metrics with patient-bootstrap intervals: Kermany's groups from file names (bacterial vs
-viral pneumonia, the two NORMAL series), or any grouping from a user's CSV (a path column plus group
-columns)."""
+viral pneumonia, the two NORMAL series), the image metadata a predictions file carries (age band, sex, view
+position, site), and any grouping from a user's CSV (a path column plus group columns)."""
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +168,105 @@ def groups_from_csv(paths: pd.Series, csv_path: str | Path, columns: list[str] |
     return merged
 
 
+# The image metadata a predictions file may carry (read from a label file or DICOM headers, normalised when the
+# dataset is read; see core.runs.read_predictions), and the grouping each gives.
+METADATA_GROUPINGS = {"age": "age band", "sex": "sex", "view": "view position", "site": "site"}
+UNKNOWN = "unknown"
+MAX_GROUP_TEXT = 40  # characters of a group's name: text from a file is cut, never as wide as it likes
+MAX_AGE = 120  # years; an older age is a damaged field
+# Age bands in years, [low, high). 18 separates children from adults, the shift a model trained on one transfers
+# worst across (Kermany's images are of 1-5-year-olds); under 5 is where most childhood pneumonia is, and viral;
+# 65 is the usual geriatric cut-off (the highest pneumonia risk, the most bedside AP films); 40 splits the
+# working-age adults in two of similar size.
+AGE_BANDS = ((0, 5, "0-4"), (5, 18, "5-17"), (18, 40, "18-39"), (40, 65, "40-64"), (65, MAX_AGE, "65+"))
+NO_METADATA = ("No image metadata in these predictions: age, sex, view position and site come from a label file "
+               "(NIH's Data_Entry_2017.csv, CheXpert's train.csv) or DICOM headers; folders of PNG/JPEG images, and "
+               "predictions written before this version, carry none.")
+
+
+def group_text(value: object) -> str | None:
+    """A group's name from untrusted text: control and format characters (a terminal's escape codes, a
+    right-to-left override) become spaces, runs of spaces one, and it is cut to MAX_GROUP_TEXT characters;
+    None when blank."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value)[:4 * MAX_GROUP_TEXT]  # no need to clean what is cut anyway
+    text = " ".join("".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in text).split())
+    if not text:
+        return None
+    return text if len(text) <= MAX_GROUP_TEXT else text[:MAX_GROUP_TEXT - 1] + "…"
+
+
+def age_band(value: object) -> str:
+    """The band (AGE_BANDS) of an age in years; UNKNOWN for a blank, text, a negative age or one over MAX_AGE."""
+    try:
+        years = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return UNKNOWN
+    return next((label for low, high, label in AGE_BANDS if low <= years < high or years == high == MAX_AGE),
+                UNKNOWN)
+
+
+def metadata_groups(frame: pd.DataFrame) -> pd.DataFrame:
+    """Group columns from a set's image metadata, rows aligned with `frame`: "age band" (from `age`, AGE_BANDS),
+    "sex", "view position" (from `view`) and "site", each only when its column is there and holds at least one
+    known value. An image without a value (blank, or an age that is no age) is in the group "unknown", so every
+    grouping counts every image. The groups are ordered (ages by band, text alphabetically, unknown last). A text
+    column with more than MAX_GROUPS_PER_COLUMN distinct values is an identifier, not a grouping: it is left out
+    and said so in attrs["notes"]."""
+    out = pd.DataFrame(index=frame.index)
+    notes = []
+    for column, grouping in METADATA_GROUPINGS.items():
+        if column not in frame:
+            continue
+        if column == "age":
+            values = frame[column].map(age_band)
+            order = [label for _, _, label in AGE_BANDS]
+        else:
+            values = frame[column].map(lambda v: group_text(v) or UNKNOWN)
+            order = sorted(set(values) - {UNKNOWN})
+            if len(order) > MAX_GROUPS_PER_COLUMN:
+                notes.append(f"Image metadata: {grouping} has {len(order):,} distinct values, more than a grouping "
+                             f"has ({MAX_GROUPS_PER_COLUMN}): left out")
+                continue
+        if (values == UNKNOWN).all():
+            continue
+        out[grouping] = pd.Categorical(values, categories=[*order, UNKNOWN], ordered=True)
+    out.attrs["notes"] = notes
+    return out
+
+
+def set_groups(frame: pd.DataFrame, groups_csv: str | Path | None = None,
+               columns: list[str] | None = None) -> pd.DataFrame:
+    """Every grouping of a set's images (`frame`: its predictions, path column and any metadata), rows aligned
+    with it: Kermany's groups from file names, the image metadata (metadata_groups), and a user's groups CSV when
+    given (groups_from_csv; its values cleaned as group names, an image it does not name in no group of it; a
+    column of it replaces an automatic grouping of the same name). What was tidied or left out is in
+    attrs["notes"]; raises ValueError for an unusable CSV."""
+    metadata = metadata_groups(frame)
+    automatic = pd.concat([kermany_groups(frame["path"]), metadata], axis=1)
+    notes = list(metadata.attrs.get("notes", []))
+    parts = [automatic]
+    if groups_csv:
+        from_csv = groups_from_csv(frame["path"], groups_csv, columns)
+        notes += [f"Groups CSV: {note}" for note in from_csv.attrs.get("notes", [])]
+        replaced = [c for c in from_csv.columns if c in automatic.columns]
+        notes += [f"Groups CSV: its column {c!r} replaces the automatic grouping of that name" for c in replaced]
+        parts = [automatic.drop(columns=replaced),
+                 from_csv.apply(lambda values: values.map(group_text).astype(object))]
+    groups = pd.concat(parts, axis=1)
+    groups.attrs = {"notes": notes}
+    return groups
+
+
+def _groups_in_order(values: pd.Series) -> list:
+    """The groups present in a column: in the categories' order (age bands), else alphabetically."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        present = set(values.dropna())
+        return [c for c in values.cat.categories if c in present]
+    return sorted(values.dropna().unique(), key=str)
+
+
 @dataclass
 class Subgroup:
     grouping: str
@@ -185,7 +286,7 @@ def prepare_subgroups(labels: np.ndarray, probs: np.ndarray, patients: np.ndarra
     out = []
     for column in groups.columns:
         values = groups[column]
-        for value in sorted(values.dropna().unique(), key=str):
+        for value in _groups_in_order(values):
             mask = (values == value).to_numpy()
             boot = ranking = None
             if mask.sum() >= MIN_GROUP_IMAGES:

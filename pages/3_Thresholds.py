@@ -18,7 +18,14 @@ from core.figures import confusion_figure, plain_label, pr_figure, reliability_f
 from core.metrics import TARGET_DEFAULTS, chance_level_warning, choose_threshold, describe_rule
 from core.ood import has_ood, split_by_ood
 from core.operating import curve_data, load_set, ranking_only, set_summary, shift_warnings
-from core.subgroups import groups_from_csv, kermany_groups, prepare_subgroups, subgroup_table
+from core.subgroups import (
+    MIN_GROUP_IMAGES,
+    NO_METADATA,
+    metadata_groups,
+    prepare_subgroups,
+    set_groups,
+    subgroup_table,
+)
 
 RULES = {
     "slider": "By hand",
@@ -60,12 +67,14 @@ def prepared_calibration(run_dir: str, sets: tuple[tuple[str, str, float], ...],
 
 @st.cache_resource(show_spinner="Resampling subgroups…", max_entries=32)
 def prepared_subgroups(run_dir: str, name: str, mtime: float, groups_csv: str, csv_mtime: float
-                       ) -> tuple[list, list[str]]:
-    """Subgroups of a set (from Kermany file names, or the user's CSV) with their resamples, and what was
-    tidied in the CSV; raises ValueError for an unusable CSV."""
+                       ) -> tuple[list, list[str], bool]:
+    """Subgroups of a set (Kermany's file names, the image metadata, and the user's CSV when given) with their
+    patient resamples, what was tidied or left out, and whether the set carries image metadata; raises ValueError
+    for an unusable CSV."""
     pset = load_set(Path(run_dir), name)
-    groups = groups_from_csv(pset.frame["path"], groups_csv) if groups_csv else kermany_groups(pset.frame["path"])
-    return prepare_subgroups(pset.labels, pset.probs, pset.patients, groups), groups.attrs.get("notes", [])
+    groups = set_groups(pset.frame, groups_csv or None)
+    return (prepare_subgroups(pset.labels, pset.probs, pset.patients, groups), groups.attrs.get("notes", []),
+            not metadata_groups(pset.frame).empty)
 
 
 @st.cache_resource(show_spinner="Resampling patients…", max_entries=32)
@@ -312,12 +321,12 @@ read_on = st.selectbox("Set", names, index=names.index("test") if "test" in name
 groups_csv = st.text_input("Groups CSV (optional): a path column plus group columns", key="thr_groups_csv")
 try:
     csv_path = groups_csv.strip()
-    subgroups, csv_notes = prepared_subgroups(
+    subgroups, group_notes, has_metadata = prepared_subgroups(
         str(run_dir), read_on, ui.file_mtime(runs.predictions_path(run_dir, read_on)), csv_path,
         ui.file_mtime(Path(csv_path)) if csv_path else 0.0)
 except ValueError as e:
     st.error(ui.plain(e))
-    subgroups, csv_notes = [], []
+    subgroups, group_notes, has_metadata = [], [], True
 if not subgroups:
     st.caption("No subgroups: file names do not follow Kermany's patterns; give a groups CSV.")
 else:
@@ -326,11 +335,15 @@ else:
         if key in table:
             table[key] = table[key].map(lambda iv: format_interval(iv) if isinstance(iv, dict) else "—")
     st.dataframe(table, hide_index=True)
-    for note in csv_notes:
-        st.info(ui.plain(f"Groups CSV: {note}."))
-    st.caption(f"At threshold {threshold:.3f}, on {ui.plain(runs.set_label(read_on))}. Sensitivity needs positives and "
-               "specificity negatives: a pneumonia subtype has only a sensitivity, a normal series only a "
-               "specificity. Groups under 5 images get no interval.")
+    st.caption(f"At threshold {threshold:.3f}, on {ui.plain(runs.set_label(read_on))}; 95% intervals from resampling "
+               "patients within each group. Sensitivity needs positives and specificity negatives: a pneumonia "
+               "subtype has only a sensitivity, a normal series only a specificity. Age bands in years (0-4 and 5-17: "
+               "children; 18-39, 40-64 and 65+: adults); unknown: no value, or none that is an age. Groups under "
+               f"{MIN_GROUP_IMAGES} images get no interval.")
+for note in group_notes:
+    st.info(ui.plain(f"{note}."))
+if not has_metadata:
+    st.caption(ui.plain(NO_METADATA))
 
 st.header("Report")
 st.caption("One self-contained HTML file (opens offline): data and leakage, config, training curves, the operating "

@@ -17,6 +17,7 @@ from core import runs
 from core.bootstrap import format_interval
 from core.metrics import metrics_at_threshold
 from core.operating import load_set, run_summary, set_summary
+from core.subgroups import NO_METADATA, prepare_subgroups, set_groups, subgroup_table
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "3_Thresholds.py")
 TIMEOUT = 120  # the first run in a process imports torch
@@ -125,10 +126,53 @@ def test_calibration_before_and_after(page):
     assert any("Temperature" in c.value for c in page.caption)
 
 
+def subgroups_shown(at: AppTest) -> pd.DataFrame:
+    return next(d.value for d in at.dataframe if "grouping" in d.value.columns)
+
+
 def test_kermany_subgroups_with_intervals(page):
-    table = next(d.value for d in page.dataframe if "grouping" in d.value.columns)
+    table = subgroups_shown(page)
     assert {"pneumonia subtype", "normal series"} <= set(table["grouping"])
     assert set(table.loc[table["grouping"] == "pneumonia subtype", "group"]) == {"bacterial", "viral"}
+    assert any(as_read(c.value) == NO_METADATA for c in page.caption)  # predictions without metadata say so
+
+
+def add_metadata(run_dir: Path) -> pd.DataFrame:
+    """Image metadata as the dataset writes it into the predictions files; the test set's table."""
+    for name in ("val", "test"):
+        path = runs.predictions_path(run_dir, name)
+        table = pd.read_csv(path)
+        rows = range(len(table))
+        table["age"] = [(2, 9, 30, 52, 77, "")[i % 6] for i in rows]
+        table["sex"] = [("F", "M", "")[i % 3] for i in rows]
+        table["view"] = [("PA", "AP")[i % 2] for i in rows]
+        table.to_csv(path, index=False)
+    return table
+
+
+def test_metadata_subgroups_with_intervals_at_the_pages_threshold(run_copy):  # noqa: F811
+    add_metadata(run_copy)
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    shown = subgroups_shown(at)
+    assert {"age band", "sex", "view position"} <= set(shown["grouping"])
+    rows = shown.set_index(["grouping", "group"])
+    assert [g for k, g in rows.index if k == "age band"] == ["0-4", "5-17", "18-39", "40-64", "65+", "unknown"]
+    assert [g for k, g in rows.index if k == "sex"] == ["F", "M", "unknown"]
+    assert not any(as_read(c.value) == NO_METADATA for c in at.caption)
+    pset = load_set(run_copy, "test")
+    threshold = runs.operating_point(run_copy).threshold
+    expected = subgroup_table(prepare_subgroups(pset.labels, pset.probs, pset.patients, set_groups(pset.frame)),
+                              threshold).set_index(["grouping", "group"])
+    for key in (("age band", "65+"), ("sex", "F"), ("view position", "AP")):
+        assert rows.loc[key, "images"] == expected.loc[key, "images"] >= 5
+        for metric_key in ("sensitivity", "specificity", "auc"):
+            assert rows.loc[key, metric_key] == format_interval(expected.loc[key, metric_key]), (key, metric_key)
+        assert "[" in rows.loc[key, "specificity"] or "[" in rows.loc[key, "sensitivity"]  # with its interval
+    # A threshold moved on the page moves the groups' rates with it.
+    at.slider(key="thr_slider").set_value(0.999).run()
+    moved = subgroups_shown(at).set_index(["grouping", "group"])
+    assert moved.loc[("view position", "AP"), "sensitivity"].startswith("0.000")
 
 
 def test_save_updates_the_operating_point(page, run_copy):  # noqa: F811
@@ -207,8 +251,8 @@ def test_a_groups_csv_with_conflicting_rows_is_refused_and_identical_ones_are_no
     page.text_input(key="thr_groups_csv").input(str(csv)).run()
     assert not page.exception and not page.error
     assert any("1 repeated row (same path, same groups) counted once" in as_read(i.value) for i in page.info)
-    table = next(d.value for d in page.dataframe if "grouping" in d.value.columns)
-    assert set(table["group"]) == {"A", hostile}  # a table cell: shown as text
+    table = subgroups_shown(page)
+    assert set(table.loc[table["grouping"] == "site", "group"]) == {"A", hostile}  # a table cell: shown as text
 
 
 def test_a_set_ranked_no_better_than_chance_says_so_first_and_cannot_give_the_threshold(page, run_copy):  # noqa: F811

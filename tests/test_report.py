@@ -3,6 +3,7 @@ core.operating at the run's operating threshold, and a report (with the damage n
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -19,6 +20,7 @@ from core.cli import main
 from core.metrics import mistakes
 from core.operating import run_summary
 from core.report import SECTION_IDS, build_report_html, write_report
+from core.subgroups import NO_METADATA
 
 
 class _Tables(HTMLParser):
@@ -156,6 +158,7 @@ def test_figures_mistakes_and_calibration(document: str, report_run: Path) -> No
     assert len(images) == 2 * (min(n_fn, 6) + min(n_fp, 6))
     assert mistakes.count("<p class=\"note\">Grad-CAM, ") == min(n_fn, 6) + min(n_fp, 6)  # layer, map size
     assert "pneumonia subtype" in section(document, "subgroups")
+    assert NO_METADATA in html.unescape(section(document, "subgroups"))  # files without metadata say so
 
 
 def test_a_saved_threshold_changes_every_number(run_copy: Path, quick: None) -> None:
@@ -326,3 +329,36 @@ def test_text_from_the_runs_files_is_escaped(run_copy: Path, quick: None) -> Non
     from plotly.offline import get_plotlyjs
 
     assert 'href="http' not in document.replace(get_plotlyjs(), "")
+
+
+def test_subgroups_of_image_metadata_for_test_and_external_sets(run_copy: Path, quick: None) -> None:
+    from core.operating import load_set
+    from core.subgroups import prepare_subgroups, set_groups, subgroup_table
+
+    path = runs.predictions_path(run_copy, "test")
+    frame = pd.read_csv(path)
+    rows = range(len(frame))
+    frame["age"] = [(3, 12, 25, 50, 70)[i % 5] for i in rows]
+    frame["view"] = [("PA", "AP")[i % 2] for i in rows]
+    frame.to_csv(path, index=False)
+    _fake_external(run_copy, "site-c", json.dumps({"name": "site-c", "n": len(frame)}))
+    external = run_copy / runs.EXTERNAL_DIR / "site-c" / "predictions.csv"
+    frame.assign(site=[("<b>A</b>", "B")[i % 2] for i in rows]).to_csv(external, index=False)
+
+    fragment = section(build_report_html(run_copy), "subgroups")
+    test_part, external_part = fragment.split("<h3>external: site-c</h3>")
+    table = tables_of(test_part)[0]
+    assert table[0][:2] == ["grouping", "group"]
+    shown = {(r[0], r[1]): r for r in table[1:]}
+    assert [g for k, g in shown if k == "age band"] == ["0-4", "5-17", "18-39", "40-64", "65+"]
+    pset = load_set(run_copy, "test")
+    expected = subgroup_table(prepare_subgroups(pset.labels, pset.probs, pset.patients, set_groups(pset.frame)),
+                              runs.operating_threshold(run_copy)).set_index(["grouping", "group"])
+    columns = table[0]
+    for key in (("age band", "65+"), ("view position", "AP")):
+        for metric_key in ("sensitivity", "specificity", "auc"):
+            cell = shown[key][columns.index(METRIC_LABELS[metric_key])]
+            assert cell == format_interval(expected.loc[key, metric_key]), (key, metric_key)
+    assert NO_METADATA not in html.unescape(test_part)
+    assert ("site", "<b>A</b>") in {(r[0], r[1]) for r in tables_of(external_part)[0][1:]}
+    assert "<b>A</b>" not in external_part and "&lt;b&gt;A&lt;/b&gt;" in external_part  # shown as text

@@ -66,6 +66,42 @@ def test_old_float32_text_reads_back_as_the_value_the_threshold_was_chosen_on(tm
     assert back[0] == float(probs[0]) and back[0] >= 0.7599862217903137
 
 
+def test_image_metadata_is_read_back_validated_and_never_refuses_a_file(tmp_path):
+    import math
+
+    import pandas as pd
+
+    huge = "1" + "0" * 400
+    (tmp_path / "predictions_val.csv").write_text(
+        "path,label,prob,age,sex,view,site\n"
+        "/a.png,1,0.9,45,M,PA,007\n"
+        "/b.png,0,0.2,,,,\n"
+        "/c.png,1,0.7,abc, F ,AP," + "s" * 5000 + "\n"
+        f"/d.png,0,0.1,{huge},O,LL,1\n"
+        "/e.png,0,0.4,-3,,AP,2\n")
+    read = runs.read_predictions(tmp_path, "val")
+    assert read["age"].tolist()[0] == 45 and read["age"].tolist()[4] == -3  # a number; its range is judged later
+    assert all(math.isnan(a) for a in read["age"].tolist()[1:4])  # blank, text, 400 digits
+    assert read["sex"].fillna("blank").tolist() == ["M", "blank", "F", "O", "blank"]  # stripped
+    assert read["view"].fillna("blank").tolist() == ["PA", "blank", "AP", "LL", "AP"]
+    assert read["site"].tolist()[0] == "007" and read["site"].tolist()[3] == "1"  # text, never 7 or 1.0
+    assert len(read["site"].tolist()[2]) == runs.MAX_METADATA_CHARS
+    assert pd.isna(read["site"][1])
+    (tmp_path / "predictions_val.csv").write_text("path,label,prob\n/a.png,1,0.9\n")  # written before metadata
+    assert list(runs.read_predictions(tmp_path, "val").columns) == ["path", "label", "prob"]
+
+
+@pytest.mark.parametrize("column", ["label", "prob", "ood_score"])
+def test_a_number_of_400_digits_is_a_damaged_cell_not_a_crash(tmp_path, column):
+    row = {"path": "/a.png", "label": "1", "prob": "0.5", "ood_score": "1.0", column: "1" + "0" * 400}
+    (tmp_path / "predictions_val.csv").write_text(",".join(row) + "\n" + ",".join(row.values()) + "\n")
+    if column == "ood_score":
+        assert runs.read_predictions(tmp_path, "val")["ood_score"].isna().all()
+    else:
+        with pytest.raises(ValueError, match=f"the {column} column must hold"):
+            runs.read_predictions(tmp_path, "val")
+
+
 @pytest.mark.parametrize("content", ["[1, 2]", '"abc"', "\x00\xff", "null"])
 def test_writing_status_over_a_damaged_file_replaces_it(tmp_path, content):
     (tmp_path / "status.json").write_text(content)

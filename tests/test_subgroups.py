@@ -1,5 +1,5 @@
-"""Subgroups: Kermany's groups from file names, a user's CSV matched by path or file name, and metrics
-with intervals per group."""
+"""Subgroups: Kermany's groups from file names, image metadata (age bands, sex, view position, site), a user's
+CSV matched by path or file name, and metrics with intervals per group."""
 
 from __future__ import annotations
 
@@ -10,7 +10,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.subgroups import groups_from_csv, kermany_groups, prepare_subgroups, subgroup_table
+from core.subgroups import (
+    MAX_GROUP_TEXT,
+    MAX_GROUPS_PER_COLUMN,
+    groups_from_csv,
+    kermany_groups,
+    metadata_groups,
+    prepare_subgroups,
+    set_groups,
+    subgroup_table,
+)
 
 PATHS = pd.Series(["/d/test/PNEUMONIA/person1_bacteria_1.jpeg", "/d/test/PNEUMONIA/person2_virus_3.jpeg",
                    "/d/test/NORMAL/IM-0001-0001.jpeg", "/d/test/NORMAL/NORMAL2-IM-0007-0001.jpeg",
@@ -135,3 +144,85 @@ def test_a_groups_path_that_is_no_regular_file_is_refused_without_blocking(tmp_p
     for path in (fifo, tmp_path, "/dev/zero"):
         with pytest.raises(ValueError, match="not a regular file"):
             groups_from_csv(PATHS, path)
+
+
+# ---------------------------------------------------------------- image metadata
+
+
+def test_age_bands_at_their_edges():
+    ages = [0, 4, 4.99, 5, 17, 17.5, 18, 39, 40, 64, 65, 119.9, 120]
+    bands = metadata_groups(pd.DataFrame({"age": ages}))["age band"].tolist()
+    assert bands == ["0-4", "0-4", "0-4", "5-17", "5-17", "5-17", "18-39", "18-39", "40-64", "40-64", "65+", "65+",
+                     "65+"]
+
+
+@pytest.mark.parametrize("age", ["abc", "045Y", "", None, float("nan"), float("inf"), -1, -0.5, 120.5, 1e30,
+                                 "1" + "0" * 400, [4]])
+def test_an_age_that_is_no_age_is_unknown(age):
+    groups = metadata_groups(pd.DataFrame({"age": [age, 30]}, dtype=object))
+    assert groups["age band"].tolist() == ["unknown", "18-39"]
+
+
+def test_blank_metadata_is_the_group_unknown_and_a_column_without_a_known_value_is_no_grouping():
+    frame = pd.DataFrame({"age": [None, None, None], "sex": ["F", "", None], "view": [" ", None, float("nan")],
+                          "site": ["a", "a", "b"]})
+    groups = metadata_groups(frame)
+    assert list(groups.columns) == ["sex", "site"]  # no age, no view: nothing known
+    assert groups["sex"].tolist() == ["F", "unknown", "unknown"]
+    assert metadata_groups(pd.DataFrame({"path": ["/x.png"]})).empty  # a file written before the metadata
+
+
+def test_metadata_groups_come_in_a_readers_order_with_unknown_last():
+    frame = pd.DataFrame({"age": [70, None, 3, 30, 10], "view": ["PA", None, "AP", "LL", "AP"]})
+    labels = np.array([1, 0, 1, 0, 1])
+    subgroups = prepare_subgroups(labels, np.linspace(0, 1, 5), None, metadata_groups(frame))
+    assert [(g.grouping, g.group) for g in subgroups] == [
+        ("age band", "0-4"), ("age band", "5-17"), ("age band", "18-39"), ("age band", "65+"),
+        ("age band", "unknown"), ("view position", "AP"), ("view position", "LL"), ("view position", "PA"),
+        ("view position", "unknown")]
+
+
+def test_metadata_text_is_cleaned_and_cut():
+    long = "x" * 10_000
+    hostile = "F\x1b[31m\u202e\n[link](http://x)"
+    groups = metadata_groups(pd.DataFrame({"sex": [long, hostile, "  M  "]}))
+    shown = groups["sex"].tolist()
+    assert len(shown[0]) == MAX_GROUP_TEXT and shown[0].endswith("…")
+    assert shown[1] == "F [31m [link](http://x)"  # no control character reaches a terminal; shown as text
+    assert shown[2] == "M"
+
+
+def test_a_metadata_column_with_more_values_than_a_grouping_is_left_out_and_said_so():
+    many = pd.DataFrame({"site": [f"s{i}" for i in range(MAX_GROUPS_PER_COLUMN + 1)],
+                         "sex": ["F", "M"] * ((MAX_GROUPS_PER_COLUMN + 1) // 2) + ["F"]})
+    groups = metadata_groups(many)
+    assert list(groups.columns) == ["sex"]
+    assert groups.attrs["notes"] == [f"Image metadata: site has {MAX_GROUPS_PER_COLUMN + 1} distinct values, more than "
+                                     f"a grouping has ({MAX_GROUPS_PER_COLUMN}): left out"]
+    assert list(metadata_groups(many.iloc[1:])["site"].cat.categories)[-1] == "unknown"  # 100 values: kept
+
+
+def test_set_groups_combines_file_names_metadata_and_a_groups_csv(tmp_path):
+    frame = pd.DataFrame({"path": PATHS, "age": [3, 30, 70, None, 8], "sex": ["F", "M", "F", "M", ""]})
+    groups = set_groups(frame)
+    assert list(groups.columns) == ["pneumonia subtype", "normal series", "age band", "sex"]
+    csv = tmp_path / "groups.csv"
+    csv.write_text("path,site,sex\n/d/test/NORMAL/other.png,B\x1b,X\n/d/test/NORMAL/other.png,B\x1b,X\n")
+    combined = set_groups(frame, csv)
+    assert list(combined.columns) == ["pneumonia subtype", "normal series", "age band", "site", "sex"]
+    assert combined["site"].tolist()[4] == "B" and pd.isna(combined["site"][0])  # not named: in no group of it
+    assert combined.attrs["notes"] == ["Groups CSV: 1 repeated row (same path, same groups) counted once",
+                                       "Groups CSV: its column 'sex' replaces the automatic grouping of that name"]
+    assert set_groups(pd.DataFrame({"path": ["/x/a.png"]})).shape == (1, 0)
+
+
+def test_subgroup_intervals_resample_patients_not_images():
+    # 40 patients with 5 images each, all of one patient predicted alike: resampling patients widens the interval.
+    patients = np.repeat([f"p{i}" for i in range(40)], 5)
+    labels = np.ones(200, int)
+    probs = np.repeat(np.where(np.arange(40) % 2, 0.9, 0.1), 5)
+    frame = pd.DataFrame({"view": ["PA"] * 200})
+    by_patient, by_image = (subgroup_table(prepare_subgroups(labels, probs, p, metadata_groups(frame)), 0.5)
+                            .iloc[0]["sensitivity"] for p in (patients, None))
+    assert by_patient["value"] == by_image["value"] == 0.5
+    assert by_patient["high"] - by_patient["low"] > 1.5 * (by_image["high"] - by_image["low"])
