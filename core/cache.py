@@ -229,7 +229,7 @@ def _shard_lock(shard: Path) -> Iterator[None]:
     workers, and released by the kernel when its process dies, even by SIGKILL), within one process a
     threading lock (POSIX locks do not exclude threads of the same process)."""
     with _thread_locks_guard:
-        thread_lock = _thread_locks.setdefault(str(shard), threading.Lock())
+        thread_lock = _thread_locks.setdefault(os.path.abspath(shard), threading.Lock())
     with thread_lock:
         try:
             shard.mkdir(parents=True, exist_ok=True)
