@@ -4,15 +4,19 @@ lives in core/."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import streamlit as st
 
 from core import runs
+from core.config import LABEL_FIELDS, TrainConfig
+from core.labels import LabelSpec, spec_from
 from core.predict import LoadedModel, load_run_model
 
 PROJECT_ROOT = Path(__file__).resolve().parent
@@ -80,6 +84,68 @@ def data_folder() -> str:
 def set_data_folder(path: str) -> None:
     st.session_state["data_folder"] = path
     save_setting("data_folder", path)
+
+
+LABEL_SETTING = "label_options"
+LABEL_INPUTS = {  # field -> (label, help); the choices of the select boxes come from TrainConfig
+    "path_col": ("Path column", "Default: the format's, or a column named path, file, filename or image."),
+    "label_col": ("Label column", "Default: the format's, or label, class or target."),
+    "patient_col": ("Patient column", "Default: the format's, or patient / patient_id; else DICOM PatientID or "
+                                      "file names."),
+    "split_col": ("Split column", "train / val / test per row, kept as the official split."),
+    "positive_value": ("Positive values", "Comma-separated (default 1, true, yes, positive, pneumonia)."),
+    "negative_value": ("Negative values", "Comma-separated (default 0, false, no, negative, normal)."),
+}
+
+
+def label_options() -> dict[str, str]:
+    """The label-file options chosen on the Data page (TrainConfig field -> value), remembered between sessions;
+    {} for a dataset of class folders."""
+    if LABEL_SETTING not in st.session_state:
+        saved = load_settings().get(LABEL_SETTING)
+        st.session_state[LABEL_SETTING] = ({k: v for k, v in saved.items() if k in LABEL_FIELDS and isinstance(v, str)}
+                                           if isinstance(saved, dict) else {})
+    options = dict(st.session_state[LABEL_SETTING])
+    return options if options.get("labels") else {}
+
+
+def label_file_inputs(key: str, remember: bool) -> dict[str, str]:
+    """A label file and how to read it: path, format, and (folded) columns, values and policies. Returns the
+    options as TrainConfig fields ({} without a label file). `remember`: the Data page's choice, kept for Train."""
+    saved = label_options() if remember else {}
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(TrainConfig)}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for name in LABEL_FIELDS:
+        st.session_state.setdefault(f"{key}_{name}", saved.get(name, defaults[name]))
+    labels = st.text_input("Label file (optional)", key=f"{key}_labels", placeholder="/path/to/labels.csv",
+                           help="A CSV listing the images under the folder above with their labels (RSNA "
+                                "stage_2_train_labels.csv, NIH Data_Entry_2017.csv, CheXpert train.csv, or any CSV "
+                                "with a path and a label column): no class folders needed.").strip()
+    options: dict[str, str] = {}
+    if labels:
+        format_col, uncertain_col, other_col = st.columns(3)
+        format_col.selectbox("Label file format", choices["labels_format"], key=f"{key}_labels_format",
+                             help="csv: any CSV; rsna, nih, chexpert: the public datasets' files as downloaded.")
+        uncertain_col.selectbox("CheXpert uncertain (-1)", choices["uncertain"], key=f"{key}_uncertain",
+                                help="ignore: leave those images out; or count them as positive / negative.")
+        other_col.selectbox("NIH other findings", choices["other_findings"], key=f"{key}_other_findings",
+                            help="exclude: leave out images with findings but no pneumonia; or count them as "
+                                 "negative.")
+        with st.expander("Columns and label values (when the names are not the defaults)"):
+            columns = st.columns(3)
+            for i, (name, (label, help_text)) in enumerate(LABEL_INPUTS.items()):
+                columns[i % 3].text_input(label, key=f"{key}_{name}", help=help_text)
+        options = {name: str(st.session_state[f"{key}_{name}"]).strip() for name in LABEL_FIELDS}
+        options["labels"] = labels
+    if remember and options != label_options():
+        st.session_state[LABEL_SETTING] = options
+        save_setting(LABEL_SETTING, options)
+    return options
+
+
+def label_spec(options: dict[str, str]) -> LabelSpec | None:
+    """The LabelSpec of label_file_inputs' options (None for class folders); ValueError for a bad choice."""
+    return spec_from(SimpleNamespace(**options)) if options.get("labels") else None
 
 
 def file_mtime(path: Path) -> float:

@@ -9,9 +9,10 @@ import math
 import os
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
-from .config import PRESETS, TrainConfig, config_from_preset
+from .config import LABEL_FIELDS, PRESETS, TrainConfig, config_from_preset
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +27,14 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             kind = {"int": int, "float": float, "str": str}.get(str(f.type), str)
             parser.add_argument(flag, dest=f.name, type=kind, default=None,
                                 choices=f.metadata.get("choices"), help=f"{help_text} (default: {f.default!r})")
+
+
+def _add_label_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The label-file options of `train` (TrainConfig's fields) on a command that reads a dataset."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in LABEL_FIELDS:
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default,
+                                choices=f.metadata.get("choices"), help=prefix + f.metadata.get("help", ""))
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -239,6 +248,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import runs
     from .external import format_external, format_refit
+    from .labels import spec_from
     from .operating import load_set, set_summary
 
     run_dir = Path(args.run)
@@ -272,13 +282,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         elif args.refit_fraction is not None:
             raise ValueError("--refit-fraction goes with --refit-threshold RULE[:VALUE].")
         result = evaluate_external(run_dir, args.data, class_map=class_map, name=args.name,
-                                   split=args.split or "all", replace=args.replace, refit=refit)
+                                   split=args.split or "all", replace=args.replace, refit=refit,
+                                   labels=spec_from(args))
         print(format_external(result, include_refit=False))
         set_name = runs.EXTERNAL_PREFIX + result["name"]
     else:
         used = [flag for flag, value in (("--class-map", args.class_map), ("--class-map-file", args.class_map_file),
                                          ("--name", args.name), ("--refit-threshold", args.refit_threshold),
-                                         ("--refit-fraction", args.refit_fraction), ("--replace", args.replace))
+                                         ("--refit-fraction", args.refit_fraction), ("--replace", args.replace),
+                                         ("--labels", args.labels or None))
                 if value not in (None, False)]
         if used:
             raise ValueError(f"{', '.join(used)} go{'es' if len(used) == 1 else ''} with --data DIR.")
@@ -343,9 +355,9 @@ def _print_ood_parts(pset, threshold: float) -> None:
 
 def _print_subgroups(pset, threshold: float, groups_csv: str | None) -> None:
     from .bootstrap import format_interval
-    from .subgroups import groups_from_csv, kermany_groups, prepare_subgroups, subgroup_table
+    from .subgroups import prepare_subgroups, set_groups, subgroup_table
 
-    groups = groups_from_csv(pset.frame["path"], groups_csv) if groups_csv else kermany_groups(pset.frame["path"])
+    groups = set_groups(pset.frame, groups_csv)
     for note in groups.attrs.get("notes", []):
         print(f"note: {note}")
     if groups.empty:
@@ -503,11 +515,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     from .evaluate import dataset_overview
+    from .labels import spec_from
 
     if not 0 < args.val_fraction < 1 or not 0 < args.test_fraction < 1:
         raise ValueError("--val-fraction and --test-fraction are shares between 0 and 1 (exclusive).")
     overview = dataset_overview(args.data, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                                seed=args.seed)
+                                seed=args.seed, labels=spec_from(args))
     if args.json:
         print(json.dumps(overview, indent=2, default=str))
     else:
@@ -541,8 +554,19 @@ def format_overview(overview: dict) -> str:
     """What `python -m core data` prints: counts, the split training will use, leakage, sizes, left-out files."""
     classes = overview["classes"]
     layout = "official train/val/test folders" if overview["has_official_splits"] else "no split folders"
+    if overview.get("label_file"):
+        layout = "split column of the label file" if overview["has_official_splits"] else "no split column"
     lines = [f"{overview['n_images']:,} images in {overview['root']} ({layout}); classes {', '.join(classes)}, "
-             f"positive class {overview['positive_class']}.", "", "Images per split folder and class:"]
+             f"positive class {overview['positive_class']}."]
+    if overview.get("label_file"):
+        lines.append(f"Labels: {overview['labels']}.")
+    lines.append(f"Patients: {overview.get('n_patients', 0):,}, ids from "
+                 f"{overview.get('patients_from', 'file names')}.")
+    for field, counts in (overview.get("metadata") or {}).items():
+        name = {"view": "view position", "age": "age band"}.get(field, field)
+        lines.append(f"  {name}: " + ", ".join(f"{value} {n:,}" for value, n in counts.items()))
+    lines += ["", "Images per split folder and class:" if not overview.get("label_file")
+              else "Images per split and class:"]
     lines += _count_lines(overview["counts"], classes)
     lines += ["", "Split training will use (grouped by patient, readable images only):"]
     lines += _count_lines(overview["planned_counts"], classes)
@@ -557,7 +581,11 @@ def format_overview(overview: dict) -> str:
                       f"modes {modes}."]
     left_out = overview["unreadable"] + overview.get("unusable_entries", [])
     lines += ["", f"Skipped (unreadable or unusable): {len(left_out)}" + (":" if left_out else ".")]
-    lines += [f"  {item['path']}: {item['reason']}" for item in left_out]
+    lines += [f"  {item['path']}: {item['reason']}" for item in left_out[:50]]
+    if len(left_out) > 50:
+        reasons = Counter(re.sub(r" \(.*row \d+\)$", "", item["reason"]) for item in left_out)
+        lines.append(f"  ... and {len(left_out) - 50:,} more (--json lists them all); by reason: "
+                     + "; ".join(f"{why} {n:,}" for why, n in reasons.most_common(5)))
     ignored = overview["ignored_non_image_files"]
     lines += [f"Ignored (not image files): {len(ignored)}" + (":" if ignored else ".")]
     lines += [f"  {path}" for path in ignored[:20]]
@@ -646,12 +674,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "and says why.")
     p.add_argument("--refit-fraction", type=float, default=None,
                    help="Share of the folder's patients used to re-pick the threshold (default 0.5).")
-    p.add_argument("--groups", help="CSV with a path column and group columns: metrics per group (Kermany file "
-                                    "names give bacterial/viral and the NORMAL series without it).")
+    p.add_argument("--groups", help="CSV with a path column and group columns: metrics per group. Without it the "
+                                    "groups come from the images: Kermany file names (bacterial/viral, the NORMAL "
+                                    "series) and metadata (age band, sex, view position, site from a label file or "
+                                    "DICOM headers).")
     p.add_argument("--threshold", type=float, help="Read at this threshold instead of the run's operating one.")
     p.add_argument("--out", help="Write the per-image predictions to this CSV (never over a run's own files or a "
                                  "device; an existing file only with --force).")
     p.add_argument("--force", action="store_true", help="With --out: replace an existing file.")
+    _add_label_options(p, "With --data: ")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="Export a run's model to ONNX: pixels in, calibrated probability out, with "
@@ -711,6 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Share held out for test when the folder has no test split folder (default 0.15).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the planned split (default 0).")
     p.add_argument("--json", action="store_true", help="Print everything as JSON (every list complete).")
+    _add_label_options(p)
     p.set_defaults(func=cmd_data)
     return parser
 

@@ -14,6 +14,10 @@ ARCHITECTURES = ("smallcnn", "resnet18", "densenet121", "efficientnet_b0", "effi
 STRATEGIES = ("frozen", "partial", "full")
 SCHEDULES = ("plateau", "cosine", "none")
 OPTIMIZERS = ("adamw", "adam")
+LABEL_FORMATS = ("csv", "rsna", "nih", "chexpert")
+# The options that read a dataset from a label file (train, data and evaluate --data take them).
+LABEL_FIELDS = ("labels", "labels_format", "path_col", "label_col", "patient_col", "split_col", "positive_value",
+                "negative_value", "uncertain", "other_findings")
 CLASS_WEIGHTS = ("inverse", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
 MAX_EPOCHS = 10_000
@@ -29,7 +33,29 @@ def _opt(help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
 
 @dataclass
 class TrainConfig:
-    data: str = _opt("Dataset folder: <root>/{train,val,test}/<CLASS>/* or <root>/<CLASS>/*.", default="")
+    data: str = _opt("Dataset folder: <root>/{train,val,test}/<CLASS>/* or <root>/<CLASS>/*; with --labels, the "
+                     "folder the label file's image paths are relative to.", default="")
+    labels: str = _opt("Label file (CSV) listing the images under --data and their labels, instead of class "
+                       "folders.", default="")
+    labels_format: str = _opt("How to read --labels: csv (a path and a label column), rsna "
+                              "(stage_2_train_labels.csv), nih (Data_Entry_2017.csv), chexpert (train.csv).",
+                              LABEL_FORMATS, default="csv")
+    path_col: str = _opt("Label file column with the image path (default: the format's, or a column named path, "
+                         "file, filename, image).", default="")
+    label_col: str = _opt("Label file column with the label (default: the format's, or label, class, target).",
+                          default="")
+    patient_col: str = _opt("Label file column with the patient id (default: the format's, or patient, patient_id;"
+                            " else from file names or the DICOM PatientID).", default="")
+    split_col: str = _opt("Label file column with the split (train, val, test): kept as the official split.",
+                          default="")
+    positive_value: str = _opt("Label values that mean positive, comma-separated (default 1, true, yes, positive, "
+                               "pneumonia).", default="")
+    negative_value: str = _opt("Label values that mean negative, comma-separated (default 0, false, no, negative, "
+                               "normal).", default="")
+    uncertain: str = _opt("CheXpert's uncertain (-1) pneumonia label: ignore (leave the image out), positive or "
+                          "negative.", ("ignore", "positive", "negative"), default="ignore")
+    other_findings: str = _opt("NIH images with findings other than pneumonia: exclude, or count as negative.",
+                               ("exclude", "negative"), default="exclude")
     runs_dir: str = _opt("Folder that holds run directories.", default="checkpoints")
     name: str = _opt("Optional label appended to the run directory name.", default="")
     arch: str = _opt("Architecture.", ARCHITECTURES, default="resnet18")
@@ -87,7 +113,8 @@ class TrainConfig:
                 raise ValueError(f"{f.name} must be of type {str(f.type)}, not {value!r}.")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name} must be a finite number, not {value}.")
-        for name in ("arch", "strategy", "schedule", "optimizer", "class_weights", "precision"):
+        for name in ("arch", "strategy", "schedule", "optimizer", "class_weights", "precision", "labels_format",
+                     "uncertain", "other_findings"):
             choices = next(f for f in dataclasses.fields(self) if f.name == name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, not '{getattr(self, name)}'.")

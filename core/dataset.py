@@ -7,6 +7,7 @@ Images are decoded once, converted to one channel, resized and cached as uint8 o
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import re
@@ -287,6 +288,33 @@ def scan_dataset(root: str | os.PathLike, positive_class: str | None = None) -> 
             raise DatasetError(f"The class folder {folders} holds no images "
                                f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))}).")
     return DatasetIndex(str(root_path), classes, positive_class, bool(split_dirs), records, ignored, unusable)
+
+
+METADATA_FIELDS = ("age", "sex", "view", "site")  # what subgroups read; nothing else of a header is kept
+
+
+def with_header_fields(index: DatasetIndex, headers: list[dict[str, str]]) -> DatasetIndex:
+    """The index with what decoding read from each file's header (DICOM: patient, age, sex, view): the header's
+    patient id replaces one guessed from the file name (a label file's patient column wins over both), and its
+    fields fill metadata the label file does not give."""
+    records, from_header = [], 0
+    for record, header in zip(index.records, headers):
+        patient = record.patient
+        if header.get("patient") and not index.patients_from:
+            patient, from_header = header["patient"], from_header + 1
+        metadata = {**{k: header[k] for k in METADATA_FIELDS if header.get(k)}, **record.metadata}
+        records.append(dataclasses.replace(record, patient=patient, metadata=metadata))
+    patients_from = index.patients_from
+    if from_header:
+        patients_from = ("the DICOM PatientID tag" if from_header == len(records)
+                         else f"the DICOM PatientID tag ({from_header} images), file names (the rest)")
+    return dataclasses.replace(index, records=records, patients_from=patients_from)
+
+
+def metadata_columns(records: list[ImageRecord]) -> dict[str, list[str]]:
+    """One column per metadata field that any record has ('' where a record lacks it)."""
+    return {k: [r.metadata.get(k, "") for r in records] for k in METADATA_FIELDS
+            if any(r.metadata.get(k) for r in records)}
 
 
 # ---------------------------------------------------------------- splits

@@ -11,14 +11,15 @@ import torch
 
 from . import runs
 from .cache import decode_images
-from .dataset import assign_splits, image_summary, leakage_report, scan_dataset
+from .dataset import assign_splits, image_summary, leakage_report, metadata_columns, with_header_fields
+from .labels import LabelSpec, load_index
 from .metrics import metrics_at_threshold
 from .predict import load_run_model
 from .trainer import compute_logits, positive_probs, select_device, uses_bf16
 
 
 def evaluate_run(run_dir: Path, data: str | None = None, split: str = "test",
-                 threshold: float | None = None, device: str = "auto") -> dict:
+                 threshold: float | None = None, device: str = "auto", labels: LabelSpec | None = None) -> dict:
     """Score the run's best checkpoint on `split` of its own data split (split.csv), or of another
     dataset folder `data` (its official split folder; 'all' for every image)."""
     run_dir = Path(run_dir)
@@ -28,7 +29,7 @@ def evaluate_run(run_dir: Path, data: str | None = None, split: str = "test",
         table = table[table["split"] == split].reset_index(drop=True)
         root = None
     else:
-        index = scan_dataset(data, config.get("positive_class") or None)
+        index = load_index(data, labels, config.get("positive_class") or None)
         records = [r for r in index.records if split == "all" or r.official_split in (split, None)]
         table = pd.DataFrame({"path": [r.path for r in records], "label": [r.label for r in records],
                               "class_name": [r.class_name for r in records],
@@ -53,13 +54,17 @@ def evaluate_run(run_dir: Path, data: str | None = None, split: str = "test",
 
 
 def dataset_overview(data: str, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
-                     image_size: int = 224, cache_dir: str | None = None, progress=None) -> dict:
-    """Counts per split and class, image sizes and modes, unreadable files, and leakage: for the
-    official splits as they are, and for the patient-grouped split training will use."""
-    index = scan_dataset(data)
+                     image_size: int = 224, cache_dir: str | None = None, progress=None,
+                     labels: LabelSpec | None = None) -> dict:
+    """Counts per split and class, image sizes and modes, unreadable files, metadata, and leakage: for the
+    official splits as they are, and for the patient-grouped split training will use. With `labels`, the dataset
+    is the label file's images under `data`."""
+    index = load_index(data, labels)
     paths = [r.path for r in index.records]
-    # Decoding (cached, and the cache training reuses) is the only way to find corrupt files.
+    # Decoding (cached, and the cache training reuses) is the only way to find corrupt files, and it reads the
+    # DICOM headers that give patient ids.
     decoded = decode_images(paths, image_size, cache_dir, progress=progress, root=index.root)
+    index = with_header_fields(index, decoded.metadata)
     ok = np.zeros(len(paths), bool)
     ok[decoded.ok_indices] = True
     usable = [r for r, good in zip(index.records, ok) if good]
@@ -73,6 +78,10 @@ def dataset_overview(data: str, val_fraction: float = 0.15, test_fraction: float
     overview = {
         "root": index.root, "classes": index.classes, "positive_class": index.positive_class,
         "has_official_splits": index.has_official_splits,
+        "label_file": index.label_file, "labels": index.labels, "patients_from": index.patients_from or "file names",
+        "n_patients": len({r.patient for r in index.records}),
+        "metadata": {k: dict(Counter(_metadata_group(k, v) for v in values).most_common())
+                     for k, values in metadata_columns(usable).items()},
         "counts": index.counts(),
         "planned_counts": {s: dict(Counter(r.class_name for r, p in zip(usable, planned_ok) if p == s))
                            for s in ("train", "val", "test")},
@@ -93,3 +102,14 @@ def dataset_overview(data: str, val_fraction: float = 0.15, test_fraction: float
     if index.has_official_splits:
         overview["leakage_official"] = leakage_report(usable, [r.official_split or "" for r in usable], hashes)
     return overview
+
+
+def _metadata_group(field: str, value: str) -> str:
+    """How a metadata value is counted in the overview: ages in the bands subgroups use, blanks as unknown."""
+    if not value:
+        return "unknown"
+    if field == "age":
+        from .subgroups import age_band
+
+        return age_band(value)
+    return value

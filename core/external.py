@@ -14,6 +14,7 @@ consent (`replace=True`), and the writers of one run's evaluations take turns (a
 from __future__ import annotations
 
 import csv
+import dataclasses
 import fcntl
 import hashlib
 import io
@@ -36,7 +37,8 @@ import pandas as pd
 from . import dataset, runs
 from .bootstrap import METRIC_KEYS, METRIC_LABELS, format_interval
 from .cache import decode_images
-from .dataset import IMAGE_EXTENSIONS, SPLIT_NAMES, DatasetError, patient_id
+from .dataset import IMAGE_EXTENSIONS, METADATA_FIELDS, SPLIT_NAMES, DatasetError, patient_id
+from .labels import LabelSpec, scan_labeled
 from .metrics import (
     TARGET_DEFAULTS,
     THRESHOLD_TARGETS,
@@ -297,8 +299,9 @@ class ExternalRecord:
     patient: str
     label: int  # 1 = the run's positive class
     class_name: str  # the run's class name
-    source_class: str  # the folder name
-    split: str | None  # the folder's split folder, None without split folders
+    source_class: str  # the folder name, or "<CLASS> (label file)"
+    split: str | None  # the folder's split folder (or the label file's split), None without splits
+    metadata: dict[str, str] = field(default_factory=dict, compare=False, hash=False)  # age, sex, view, site
 
 
 @dataclass
@@ -313,6 +316,9 @@ class ExternalIndex:
     ignored_files: list[str] = field(default_factory=list)  # files without an image extension
     empty_folders: list[str] = field(default_factory=list)  # class folders holding no image
     unusable: dict[str, str] = field(default_factory=dict)  # escaped path -> why (see DatasetIndex.unusable)
+    label_file: str = ""  # the label file the records come from ("" for class folders)
+    labels: str = ""  # how it was read (format and policies)
+    patients_from: str = ""  # the label file's patient column, when it has one
 
     def counts(self) -> dict[str, int]:
         """Images per run class."""
@@ -402,6 +408,26 @@ def scan_external(data: str, run_classes: list[str], class_map: dict[str, str] |
         raise DatasetError(f"No images to evaluate in {root}" + (f" (split '{split}')" if split != "all" else "")
                            + f": looked for {', '.join(sorted(IMAGE_EXTENSIONS))} in the mapped class folders.")
     return index
+
+
+def scan_external_labeled(data: str, run_classes: list[str], spec: LabelSpec, split: str = "all") -> ExternalIndex:
+    """Index the images a label file lists under `data` against the run's classes: the file's negative label is
+    the run's negative class, its positive label the positive class (see core.labels)."""
+    if split not in SPLIT_CHOICES:
+        raise DatasetError(f"Unknown split '{split}': choose one of {', '.join(SPLIT_CHOICES)}.")
+    if len(run_classes) != 2:
+        raise ValueError(f"A run has two classes [negative, positive], not {run_classes}.")
+    labeled = scan_labeled(data, spec)
+    splits_found = sorted({r.official_split for r in labeled.records if r.official_split},
+                          key=SPLIT_NAMES.index)
+    if split != "all" and split not in splits_found:
+        raise DatasetError(f"{dataset.display_path(spec.file)} gives no '{split}' split"
+                           + (f" (found: {', '.join(splits_found)})" if splits_found else " (no split column)") + ".")
+    records = [ExternalRecord(r.path, r.patient, r.label, run_classes[r.label], f"{r.class_name} (label file)",
+                              r.official_split, r.metadata)
+               for r in labeled.records if split == "all" or r.official_split == split]
+    return ExternalIndex(labeled.root, split, splits_found, list(run_classes), {}, records, unusable=labeled.unusable,
+                         label_file=labeled.label_file, labels=labeled.labels, patients_from=labeled.patients_from)
 
 
 # ---------------------------------------------------------------- the run
@@ -767,12 +793,13 @@ class RefitRequest:
 def evaluate_external(run_dir: str | os.PathLike, data: str, class_map: dict[str, str] | None = None,
                       name: str | None = None, split: str = "all", device: str = "auto",
                       progress: Progress | None = None, replace: bool = False,
-                      refit: RefitRequest | None = None) -> dict:
+                      refit: RefitRequest | None = None, labels: LabelSpec | None = None) -> dict:
     """Score the run's best checkpoint on a folder of X-rays and save the predictions and a summary under
     `<run>/external/<name>/`. A saved evaluation is replaced only with `replace`. Without `name` the folder's
     name is used, numbered ('<name>-2') when an evaluation of another folder holds it (see choose_name). With
     `refit`, the threshold is also re-picked on part of the set and saved with it: a re-pick that cannot be
-    done saves nothing. Everything is checked before the model is loaded. Returns the summary plus
+    done saves nothing. With `labels`, the images and their classes come from a label file over `data` (no class
+    map then). Everything is checked before the model is loaded. Returns the summary plus
     "predictions" (a DataFrame), "dir", "name_note" (why the name is not the folder's, or None) and "metrics"
     (every metric with its 95% patient-bootstrap interval at the run's operating threshold)."""
     run_dir = Path(run_dir)
@@ -781,7 +808,10 @@ def evaluate_external(run_dir: str | os.PathLike, data: str, class_map: dict[str
     config = runs.read_config(run_dir)
     classes = run_classes(run_dir)
     operating = runs.operating_point(run_dir)  # a damaged threshold.json stops here, before any work
-    index = scan_external(data, classes, class_map, split)
+    if labels is not None and class_map:
+        raise ValueError("A class map goes with class folders; with a label file the file's labels give the classes.")
+    index = (scan_external_labeled(data, classes, labels, split) if labels is not None
+             else scan_external(data, classes, class_map, split))
     choose_name(run_dir, name, data, split, index.root, replace)  # a taken name is refused before any work
     if refit is not None:
         _check_splittable(default_name(data, split) if not name else name.strip(),
@@ -831,7 +861,8 @@ def _score(run_dir: Path, config: dict, classes: list[str], index: ExternalIndex
     paths = [r.path for r in index.records]
     decoded = decode_images(paths, loaded.image_size, config.get("cache_dir") or None,
                             config.get("decode_workers") or None, progress=progress, root=index.root)
-    kept = [index.records[i] for i in decoded.ok_indices]
+    kept = [_with_header(index.records[i], decoded.metadata[i], bool(index.patients_from))
+            for i in decoded.ok_indices]
     if not kept:
         raise DatasetError(f"None of the {len(paths)} images in {index.root} could be read "
                            f"(e.g. {next(iter(decoded.failed.items()))[0]}: {next(iter(decoded.failed.values()))}).")
@@ -849,9 +880,19 @@ def _score(run_dir: Path, config: dict, classes: list[str], index: ExternalIndex
         "ood_score": scores, "ood_flag": [v.flagged if loaded.ood is not None else None for v in verdicts],
         "ood_reason": [v.reason or "" for v in verdicts],
     }, columns=list(PREDICTION_COLUMNS))
+    for key in METADATA_FIELDS:  # age, sex, view, site: the subgroups of Thresholds and the report
+        if any(r.metadata.get(key) for r in kept):
+            predictions[key] = [r.metadata.get(key, "") for r in kept]
     hashes = [decoded.sha256[i] or _sha256_file(index.records[i].path) for i in decoded.ok_indices]
     shift = folder_shift(loaded.ood, features, np.array([v.flagged for v in verdicts]), gated=sum(map(bool, gates)))
     return predictions, decoded, loaded, hashes, shift
+
+
+def _with_header(record: ExternalRecord, header: dict[str, str], patient_from_file: bool) -> ExternalRecord:
+    """The record with its DICOM header's patient id (unless a label file's column gave one) and fields."""
+    patient = header.get("patient") if header.get("patient") and not patient_from_file else record.patient
+    metadata = {**{k: header[k] for k in METADATA_FIELDS if header.get(k)}, **record.metadata}
+    return dataclasses.replace(record, patient=patient, metadata=metadata)
 
 
 def _gate(path: str) -> str | None:
@@ -882,6 +923,7 @@ def _summary(run_dir: Path, name: str, data: str, split: str, index: ExternalInd
         "skipped": [{"path": p, "reason": r} for p, r in decoded.failed.items()]
         + [{"path": p, "reason": r} for p, r in index.unusable.items()],
         "ignored_folders": index.ignored_folders, "ignored_files": index.ignored_files,
+        "label_file": index.label_file, "labels": index.labels,
         "created": _now(), "run": run_dir.name, "arch": loaded.arch, "image_size": loaded.image_size,
         "overlap": overlap, "warnings": warnings,
     }
@@ -1017,6 +1059,7 @@ _SUMMARY_FIELDS: dict[str, Callable[[Any], Any]] = {
     "splits_found": _list_of(_one_of(*SPLIT_NAMES)), "class_map": _map_of(_text), "classes": _list_of(_text),
     "counts": _map_of(_count), "counts_by_folder": _map_of(_count), "n": _count, "n_patients": _count,
     "n_found": _count, "created": _text, "run": _text, "arch": _text, "image_size": _count,
+    "label_file": _text, "labels": _text,
     "threshold": _record({}, {"value": _unit, "source": _text, "rule": _optional(_text),
                               "chosen_on": _optional(_text), "described": _text}),
     "overlap": _OVERLAP, "metrics": _SET_SUMMARY, "refit": _REFIT, "ood": _OOD, "refit_refused": _text,
@@ -1295,8 +1338,8 @@ def format_external(result: dict, include_refit: bool = True) -> str:
                                   f"'{result.get('name')}'")
     lines = [f"WARNING: {chance}"] if chance else []
     lines += [f"External evaluation '{result.get('name')}' of {result.get('root')} (split {result.get('split')}): "
-              f"{result.get('n')} images ({counts}), {result.get('n_patients')} patients.",
-              f"Folders: {mapping}."]
+              f"{result.get('n')} images ({counts}), {result.get('n_patients')} patients."]
+    lines.append(f"Labels: {result['labels']}." if result.get("labels") else f"Folders: {mapping}.")
     shift = result.get("ood") or {}
     if shift.get("verdict") and not shift.get("shifted"):  # a shift is the first of the warnings below
         lines.append(f"Out-of-distribution check: {shift['verdict']}")
@@ -1306,8 +1349,10 @@ def format_external(result: dict, include_refit: bool = True) -> str:
         lines.append(f"Ignored {len(result['ignored_files'])} files that are not images "
                      f"(e.g. {result['ignored_files'][0]}).")
     skipped = result.get("skipped") or []
-    lines.append(f"Skipped {len(skipped)} unreadable files" + (":" if skipped else "."))
-    lines += [f"  {s['path']}: {s['reason']}" for s in skipped]
+    lines.append(f"Skipped {len(skipped)} unreadable or unusable files or rows" + (":" if skipped else "."))
+    lines += [f"  {s['path']}: {s['reason']}" for s in skipped[:50]]
+    if len(skipped) > 50:
+        lines.append(f"  ... and {len(skipped) - 50:,} more (listed in the saved summary.json)")
     lines += [f"WARNING: {w}" for w in result.get("warnings") or []]
     if include_refit and result.get("refit"):
         lines.append(format_refit(result["refit"]))

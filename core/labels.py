@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import LABEL_FORMATS
 from .dataset import (
     SPLIT_ALIASES,
     DatasetError,
@@ -29,7 +30,7 @@ from .dataset import (
     scan_dataset,
 )
 
-FORMATS = ("csv", "rsna", "nih", "chexpert")
+FORMATS = LABEL_FORMATS
 UNCERTAIN_POLICIES = ("ignore", "positive", "negative")
 OTHER_FINDINGS_POLICIES = ("exclude", "negative")
 CLASSES = ["NORMAL", "PNEUMONIA"]
@@ -256,8 +257,8 @@ def _walk_images(root: Path) -> dict[str, Path]:
 def _flat_index(files: dict[str, Path]) -> dict[str, list[Path]]:
     by_name: dict[str, list[Path]] = {}
     for p in files.values():
-        by_name.setdefault(p.name, []).append(p)
-        by_name.setdefault(p.stem, []).append(p)
+        for key in {p.name, p.stem}:
+            by_name.setdefault(key, []).append(p)
     return by_name
 
 

@@ -434,6 +434,10 @@ def _data(ctx: _Context) -> str:
              f"{_e(', '.join(str(c) for c in report.get('classes') or []))} (positive class "
              f"<b>{_e(report.get('positive_class', '?'))}</b>); images resized to {_e(report.get('image_size', '?'))} "
              "px.</p>"]
+    if report.get("labels"):
+        parts.append(_p(f"Labels: {report['labels']}."))
+    if report.get("patients_from"):
+        parts.append(_p(f"Patient ids from {report['patients_from']}."))
     counts = report.get("counts")
     if isinstance(counts, dict) and counts:
         parts.append(_count_table(counts, "Images per split used for training, validation and test (readable "
@@ -443,7 +447,7 @@ def _data(ctx: _Context) -> str:
     official = report.get("official_counts")
     if isinstance(official, dict) and official:
         parts.append(_count_table(official, "Images per split folder as found on disk."))
-    else:
+    elif not report.get("labels"):
         parts.append(_p("The folder has no split folders (train/val/test): every split was carved by patient.",
                         "note"))
     parts.append(_file_list("Unreadable images (skipped)", report.get("skipped")))

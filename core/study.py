@@ -100,7 +100,7 @@ def _new_id(root: Path) -> str:
 def create_study(base: TrainConfig, arms: list[str], n_seeds: int, command: str = "") -> Study:
     """Check everything a study needs (config of every run, the dataset folder, ImageNet weights for the
     arms that need them) and write its plan. Nothing is written when a check fails."""
-    from .dataset import scan_dataset
+    from .labels import load_index, spec_from
 
     if not 1 <= n_seeds <= MAX_SEEDS:
         raise ValueError(f"seeds must be between 1 and {MAX_SEEDS}, not {n_seeds}.")
@@ -115,7 +115,7 @@ def create_study(base: TrainConfig, arms: list[str], n_seeds: int, command: str 
         config.validate()
     for config in {(c.arch, c.pretrained, c.weights_file): c for c in configs}.values():
         check_weights(config.arch, config.pretrained, config.weights_file)
-    scan_dataset(base.data)  # a bad folder is refused now, not as a dozen failed runs
+    load_index(base.data, spec_from(base))  # a bad folder or label file is refused now, not as a dozen failed runs
     root = Path(base.runs_dir) / STUDIES_FOLDER
     root.mkdir(parents=True, exist_ok=True)
     study_id = _new_id(root)

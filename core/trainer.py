@@ -29,7 +29,15 @@ from . import runs
 from .augment import AugmentParams, augment_batch
 from .cache import decode_images
 from .config import TrainConfig
-from .dataset import DatasetIndex, assign_splits, leakage_report, scan_dataset
+from .dataset import (
+    METADATA_FIELDS,
+    DatasetIndex,
+    assign_splits,
+    leakage_report,
+    metadata_columns,
+    with_header_fields,
+)
+from .labels import load_index, spec_from
 from .metrics import choose_threshold, metrics_at_threshold, safe_auc
 from .model import Classifier, apply_strategy, build_model, count_parameters, normalization, set_train_mode
 from .ood import OOD_FILE, OodDetector, fit_detector, save_detector
@@ -112,18 +120,22 @@ class PreparedData:
 
 
 def prepare_data(config: TrainConfig, progress=None) -> PreparedData:
-    """Scan, split by patient, decode (cached) and report: counts, skipped files, leakage."""
-    index = scan_dataset(config.data, config.positive_class or None)
-    split_names = assign_splits(index, config.val_fraction, config.test_fraction, config.data_split_seed)
+    """Scan (class folders or a label file), decode (cached), take patient ids and metadata from DICOM headers,
+    split by patient and report: counts, skipped files, leakage."""
+    index = load_index(config.data, spec_from(config), config.positive_class or None)
     paths = [r.path for r in index.records]
     decoded = decode_images(paths, config.image_size, config.cache_dir or None,
                             config.decode_workers or None, progress=progress, root=index.root)
+    index = with_header_fields(index, decoded.metadata)
+    split_names = assign_splits(index, config.val_fraction, config.test_fraction, config.data_split_seed)
     table = pd.DataFrame({
         "path": paths, "split": split_names, "label": [r.label for r in index.records],
         "class_name": [r.class_name for r in index.records], "patient": [r.patient for r in index.records],
         "official_split": [r.official_split or "" for r in index.records],
         "sha256": decoded.sha256,  # lets a later external evaluation find files shared with this run
     })
+    for key, column in metadata_columns(index.records).items():  # age, sex, view, site: subgroups read them
+        table[key] = column
     ok = np.zeros(len(paths), bool)
     ok[decoded.ok_indices] = True
     row_of = np.full(len(paths), -1)
@@ -145,6 +157,7 @@ def prepare_data(config: TrainConfig, progress=None) -> PreparedData:
     official = index.counts() if index.has_official_splits else {}
     report = {
         "root": index.root, "classes": index.classes, "positive_class": index.positive_class,
+        "label_file": index.label_file, "labels": index.labels, "patients_from": index.patients_from or "file names",
         "image_size": config.image_size, "counts": counts, "official_counts": official,
         "skipped": [{"path": p, "reason": r} for p, r in decoded.failed.items()],
         "ignored_non_image_files": index.ignored_files,
@@ -725,7 +738,8 @@ def finalize_run(run_dir: Path, config: TrainConfig, model: Classifier, data: Pr
         table = data.splits[s].table
         if len(table) == 0:
             continue
-        out = table[["path", "patient", "label", "class_name"]].copy()
+        out = table[["path", "patient", "label", "class_name"]
+                    + [c for c in METADATA_FIELDS if c in table.columns]].copy()
         out["prob"] = probs[s]
         out["prob_uncalibrated"] = raw_probs[s]
         if detector is not None:  # the feature score only: the image gate reads files, which training does not

@@ -12,9 +12,10 @@ import plotly.graph_objects as go
 import streamlit as st
 
 import ui
-from core.dataset import DatasetError, load_thumbnail, scan_dataset
+from core.dataset import DatasetError, load_thumbnail
 from core.evaluate import dataset_overview
 from core.figures import plain_label
+from core.labels import LabelSpec, load_index
 
 KAGGLE_DATASET = "paultimothymooney/chest-xray-pneumonia"
 SAMPLES_PER_CLASS = 6
@@ -33,16 +34,16 @@ st.set_page_config(page_title="Data · CXR workbench", page_icon="🫁", layout=
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
-def cached_overview(folder: str) -> dict:
+def cached_overview(folder: str, labels: LabelSpec | None) -> dict:
     # Decodes every image once (and fills the cache training reuses): seconds per thousand images.
-    return dataset_overview(folder)
+    return dataset_overview(folder, labels=labels)
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
-def sample_thumbnails(folder: str) -> dict[str, list[tuple[str, np.ndarray]]]:
+def sample_thumbnails(folder: str, labels: LabelSpec | None) -> dict[str, list[tuple[str, np.ndarray]]]:
     """Up to SAMPLES_PER_CLASS readable images per class, picked with a fixed seed so the grid is
     stable between visits; unreadable files are skipped."""
-    index = scan_dataset(folder)
+    index = load_index(folder, labels)
     rng = np.random.default_rng(SAMPLE_SEED)
     samples: dict[str, list[tuple[str, np.ndarray]]] = {}
     for class_name in index.classes:
@@ -156,6 +157,11 @@ folder = st.text_input("Dataset folder", key="data_folder_input", placeholder="/
                        help="A folder on this machine; remembered for the next session.").strip()
 if folder != ui.data_folder():
     ui.set_data_folder(folder)
+try:
+    labels = ui.label_spec(ui.label_file_inputs("data", remember=True))
+except ValueError as e:
+    st.error(ui.plain(e))
+    st.stop()
 
 with st.expander("No dataset yet? Download the Kaggle release (needs internet and Kaggle access)"):
     st.markdown(f"Downloads [`{KAGGLE_DATASET}`](https://www.kaggle.com/datasets/{KAGGLE_DATASET}) "
@@ -180,7 +186,7 @@ if not folder:
 
 try:
     with st.spinner("Scanning and decoding every image once (about 10 s per 5,000 images; cached after)…"):
-        overview = cached_overview(folder)
+        overview = cached_overview(folder, labels)
 except DatasetError as e:
     st.error(ui.plain(e))
     st.markdown("Expected layout:\n" + EXPECTED_LAYOUT)
@@ -191,8 +197,19 @@ except OSError as e:
 
 classes: list[str] = overview["classes"]
 layout = "official train/val/test folders" if overview["has_official_splits"] else "no split folders"
+if overview.get("label_file"):
+    layout = "splits from the label file" if overview["has_official_splits"] else "no split column"
 st.success(f"**{overview['n_images']:,} images** in {ui.plain(overview['root'])} ({layout}); classes "
            f"{ui.plain(', '.join(classes))}; positive class **{ui.plain(overview['positive_class'])}**.")
+if overview.get("label_file"):
+    st.markdown(f"Labels: {ui.plain(overview['labels'])}.")
+st.markdown(f"**{overview.get('n_patients', 0):,} patients**, ids from {ui.plain(overview.get('patients_from'))}.")
+if overview.get("metadata"):
+    st.subheader("Image metadata (subgroups on Thresholds and in the report)")
+    meta_cols = st.columns(len(overview["metadata"]))
+    for column, (field, counts) in zip(meta_cols, overview["metadata"].items()):
+        name = {"age": "age band", "view": "view position"}.get(field, field)
+        column.dataframe(pd.DataFrame({name: list(counts), "images": list(counts.values())}), hide_index=True)
 
 st.header("Images per split and class")
 official = counts_table(overview["counts"], classes)
@@ -248,7 +265,7 @@ with ignored_col:
 
 st.header("Sample images")
 try:
-    samples = sample_thumbnails(folder)
+    samples = sample_thumbnails(folder, labels)
 except (DatasetError, OSError) as e:
     st.error(ui.plain(f"Could not load samples: {e}"))
     samples = {}

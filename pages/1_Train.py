@@ -20,8 +20,8 @@ from core.config import (
     STRATEGIES,
     config_from_preset,
 )
-from core.dataset import scan_dataset
 from core.figures import loss_figure, score_figure
+from core.labels import load_index, spec_from
 from core.launch import launch_resume, launch_training
 from core.model import WeightsUnavailableError
 from core.operating import run_summary
@@ -72,6 +72,10 @@ def training_form() -> None:
     names = device_names()
     with st.form("train_form"):
         st.text_input("Dataset folder", key="train_data", help="Defaults to the folder chosen on the Data page.")
+        if ui.label_options():
+            st.caption(f"With the label file {ui.plain(ui.label_options()['labels'])} "
+                       f"({ui.plain(ui.label_options().get('labels_format') or 'csv')}) chosen on the Data page, for "
+                       "that page's folder.")
         model_col, optim_col, data_col = st.columns(3)
         with model_col:
             st.selectbox("Architecture", ARCHITECTURES, key="train_arch")
@@ -119,11 +123,13 @@ def launch_from_form() -> None:
     if not data:
         st.error("Choose a dataset folder first (type it above, or pick it on the Data page).")
         return
+    # The Data page's label file belongs to the Data page's folder.
+    labels = ui.label_options() if data == ui.data_folder().strip() else {}
     try:
-        config = config_from_preset(st.session_state["train_preset"], **values, data=data,
+        config = config_from_preset(st.session_state["train_preset"], **values, **labels, data=data,
                                     runs_dir=str(ui.runs_dir()), name=st.session_state.get("train_name", "").strip())
         config.validate()
-        scan_dataset(config.data)  # a bad folder is reported here rather than as a failed run
+        load_index(config.data, spec_from(config))  # a bad folder or label file is reported here, not as a failed run
         run_dir = launch_training(config)  # refuses, queueing nothing, when ImageNet weights cannot be had
     except (ValueError, OSError, WeightsUnavailableError) as e:  # ValueError: DatasetError, TrainConfig.validate
         st.error(ui.plain(e))

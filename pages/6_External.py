@@ -12,6 +12,7 @@ import streamlit as st
 import ui
 from core import external, runs
 from core.dataset import DatasetError
+from core.labels import LabelSpec
 from core.metrics import TARGET_DEFAULTS, THRESHOLD_TARGETS, chance_level_warning, describe_rule
 from core.ood import split_by_ood
 
@@ -50,36 +51,42 @@ def show_metrics(table: pd.DataFrame) -> None:
     st.dataframe(table.rename_axis("metric").reset_index(), hide_index=True)
 
 
-def evaluate_section(run_dir: Path, classes: list[str], folder: str) -> None:
-    """Split and class-map choices for `folder`, and the button that evaluates it."""
-    try:
-        layout = external.describe_folder(folder)
-    except DatasetError as e:
-        st.error(md(e))
-        return
+def evaluate_section(run_dir: Path, classes: list[str], folder: str, labels: LabelSpec | None) -> None:
+    """Split and class-map choices for `folder` (or its label file), and the button that evaluates it."""
     split = "all"
-    if layout.splits:
-        split = st.radio("Split folders to evaluate", ["all"] + layout.splits, horizontal=True,
-                         key=f"ext_split:{layout.root}", help="The folder has split folders: evaluate all of them "
-                                                              "or one.")
-    folders = layout.folders(split)
-    suggested = external.suggest_class_map(folders, classes)
-    options = classes + [external.IGNORE]
-    st.markdown(f"**Class of each folder** in {md(layout.root)}: the run's classes, or *ignore* to leave a folder "
-                "out.")
-    columns = st.columns(min(len(folders), 4))
     chosen: dict[str, str | None] = {}
-    for i, name in enumerate(folders):
-        match = suggested[name]
-        chosen[name] = columns[i % len(columns)].selectbox(
-            md(name), options, index=options.index(match) if match else None, placeholder="choose a class",
-            key=f"ext_map:{layout.root}:{name}")
+    if labels is not None:
+        root = str(Path(folder).expanduser().resolve())
+        st.markdown(f"Images and classes from the label file: its negative label is **{md(classes[0])}**, its "
+                    f"positive label **{md(classes[1])}**.")
+    else:
+        try:
+            layout = external.describe_folder(folder)
+        except DatasetError as e:
+            st.error(md(e))
+            return
+        root = layout.root
+        if layout.splits:
+            split = st.radio("Split folders to evaluate", ["all"] + layout.splits, horizontal=True,
+                             key=f"ext_split:{layout.root}", help="The folder has split folders: evaluate all of "
+                                                                  "them or one.")
+        folders = layout.folders(split)
+        suggested = external.suggest_class_map(folders, classes)
+        options = classes + [external.IGNORE]
+        st.markdown(f"**Class of each folder** in {md(layout.root)}: the run's classes, or *ignore* to leave a "
+                    "folder out.")
+        columns = st.columns(min(len(folders), 4))
+        for i, name in enumerate(folders):
+            match = suggested[name]
+            chosen[name] = columns[i % len(columns)].selectbox(
+                md(name), options, index=options.index(match) if match else None, placeholder="choose a class",
+                key=f"ext_map:{layout.root}:{name}")
     try:
-        suggested = external.suggest_name(run_dir, folder, split, layout.root)
+        suggested = external.suggest_name(run_dir, folder, split, root)
     except ValueError as e:
         st.error(md(e))
         return
-    evaluation_name = st.text_input("Name of this evaluation", value=suggested, key=f"ext_name:{layout.root}:{split}",
+    evaluation_name = st.text_input("Name of this evaluation", value=suggested, key=f"ext_name:{root}:{split}",
                                     max_chars=external.MAX_NAME_LENGTH,
                                     help="Letters, digits, '_', '.' and '-'. A name in use asks before it replaces "
                                          "that evaluation.")
@@ -113,15 +120,17 @@ def evaluate_section(run_dir: Path, classes: list[str], folder: str) -> None:
 
     try:
         with st.spinner("Scoring the folder…"):
-            result = external.evaluate_external(run_dir, folder, {f: c for f, c in chosen.items() if c},
-                                                name=saved_as, split=split, progress=progress, replace=replace)
+            result = external.evaluate_external(run_dir, folder, {f: c for f, c in chosen.items() if c} or None,
+                                                name=saved_as, split=split, progress=progress, replace=replace,
+                                                labels=labels)
     except EVALUATION_ERRORS as e:
         bar.empty()
         st.error(md(e))
         return
     bar.empty()
     st.session_state["ext_open"] = result["name"]
-    skipped = f"; {len(result['skipped'])} unreadable files skipped" if result["skipped"] else ""
+    skipped = (f"; {len(result['skipped'])} unreadable files or unusable rows skipped (listed below)"
+               if result["skipped"] else "")
     st.success(md(f"Evaluated {result['n']} images as '{result['name']}'{skipped}."))
 
 
@@ -224,10 +233,15 @@ def evaluation_view(run_dir: Path, entry: dict, threshold: float, threshold_text
     left, right = st.columns([1, 2])
     with left:
         st.markdown(f"**{summary.get('n', '?')} images**, {summary.get('n_patients', '?')} patients")
-        st.dataframe(counts_table(summary), hide_index=True)
+        if summary.get("labels"):
+            st.markdown(md(f"Labels: {summary['labels']}."))
+            st.dataframe(pd.DataFrame([{"class": c, "images": n} for c, n in (summary.get("counts") or {}).items()]),
+                         hide_index=True)
+        else:
+            st.dataframe(counts_table(summary), hide_index=True)
         skipped = summary.get("skipped") or []
         if skipped:
-            with st.expander(f"{len(skipped)} unreadable files skipped"):
+            with st.expander(f"{len(skipped)} unreadable files or unusable rows skipped"):
                 st.dataframe(pd.DataFrame(skipped), hide_index=True)
         if summary.get("ignored_files"):
             with st.expander(f"{len(summary['ignored_files'])} files that are not images, ignored"):
@@ -279,10 +293,16 @@ st.markdown(f"The run predicts **{md(classes[1])}** (positive) against **{md(cla
             f"{md(operating.describe())}.")
 
 st.subheader("Evaluate a folder")
-folder = st.text_input("Folder of X-rays: one sub-folder per class, with or without train/val/test folders",
+folder = st.text_input("Folder of X-rays: one sub-folder per class, with or without train/val/test folders (or "
+                       "the image folder of a label file)",
                        value="", key="ext_folder", placeholder="/data/other_site/chest_xray").strip()
+try:
+    labels = ui.label_spec(ui.label_file_inputs("ext", remember=False))
+except ValueError as e:
+    st.error(md(e))
+    st.stop()
 if folder:
-    evaluate_section(run_dir, classes, folder)
+    evaluate_section(run_dir, classes, folder, labels)
 
 st.subheader("Evaluations of this run")
 entries = external.list_external(run_dir)

@@ -118,3 +118,35 @@ def test_folder_names_with_markdown_and_html_and_a_fifo_are_shown_as_text(app_en
         assert "<b>bold" not in chart.proto.spec
     unusable = next(d.value for d in at.dataframe if "reason" in d.value.columns)
     assert "not a regular file" in unusable.set_index("path").loc[str(root / "NORMAL" / "pipe.jpeg"), "reason"]
+
+
+def test_a_label_file_over_a_dicom_folder_gives_patients_metadata_and_left_out_rows(app_env, tmp_path):
+    import csv
+
+    import numpy as np
+    from conftest import make_xray
+    from dicom_files import write_dicom
+
+    images = tmp_path / "rsna"
+    rows = []
+    for i in range(32):
+        write_dicom(images / f"p{i}.dcm", np.asarray(make_xray(40, i % 2, seed=i)), patient=f"p{i}",
+                    sex="MF"[i % 2], view="AP" if i < 16 else "PA")
+        rows.append([f"p{i}", i % 2])
+    rows.append(["gone", 0])
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["patientId", "Target"], *rows])
+    at = page("streamlit_app.py").run()
+    at.text_input(key="data_folder_input").input(str(images)).run()
+    at.text_input(key="data_labels").input(str(tmp_path / "labels.csv")).run()
+    at.selectbox(key="data_labels_format").select("rsna").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert "**32 images**" in at.success[0].value
+    text = " ".join(m.value for m in at.markdown)
+    assert "32 patients" in text and "patientId" in text
+    frames = [d.value for d in at.dataframe]
+    assert any(list(f.columns) == ["view position", "images"] and set(f["view position"]) == {"AP", "PA"}
+               for f in frames)
+    assert any("path" in f.columns and f["path"].astype(str).str.contains("gone").any() for f in frames)
+    # The choice is remembered for the Train page.
+    assert ui.load_settings()["label_options"]["labels_format"] == "rsna"

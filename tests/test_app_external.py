@@ -188,3 +188,29 @@ def test_file_text_is_shown_as_text_never_as_markdown(run_copy, tmp_path):
             assert not re.search(made_of_it, value), value
     assert any(injected in plain(v) for v in shown)
     assert not any("1e+30" in v or "1e30" in v for v in rendered)  # a number out of range is not shown
+
+
+def test_a_label_file_over_a_flat_folder_is_evaluated_without_a_class_map(run_copy, tmp_path):
+    images = tmp_path / "nih" / "images"
+    images.mkdir(parents=True)
+    rows = [["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender", "View Position"]]
+    for i in range(10):
+        name = f"{i // 2 + 1:08d}_{i % 2:03d}.png"
+        make_xray(256, i % 2, seed=i).save(images / name)
+        rows.append([name, "Pneumonia" if i % 2 else "No Finding", str(i // 2 + 1), str(20 + 9 * i), "MF"[i % 2],
+                     "AP" if i < 5 else "PA"])
+    rows.append(["00000009_000.png", "Effusion", "9", "50", "F", "PA"])  # listed, not silently dropped
+    (tmp_path / "nih" / "Data_Entry_2017.csv").write_text("\n".join(",".join(r) for r in rows) + "\n")
+    at = open_page()
+    at.text_input(key="ext_folder").set_value(str(images)).run()
+    at.text_input(key="ext_labels").set_value(str(tmp_path / "nih" / "Data_Entry_2017.csv")).run()
+    at.selectbox(key="ext_labels_format").set_value("nih").run()
+    assert not at.exception, at.exception
+    assert not [s for s in at.selectbox if s.key and s.key.startswith("ext_map:")]  # no class map to fill
+    at.button(key="ext_evaluate").click().run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert "Evaluated 10 images as 'images'" in plain(at.success[0].value)
+    saved = runs.read_predictions(run_copy, "external:images")
+    assert set(saved["view"]) == {"AP", "PA"} and saved["patient"].nunique() == 5
+    assert any("Labels: label file" in plain(m.value) for m in at.markdown)

@@ -4,6 +4,7 @@ out listed with its reason."""
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -120,8 +121,8 @@ def test_a_generic_csv_with_named_columns_values_and_splits(tmp_path):
     rows = []
     for i in range(10):
         make_xray(32, i % 2, seed=i).save(root / "a" / f"scan{i}.png")
-        rows.append([f"a/scan{i}.png", "Pneumonia" if i % 2 else "Healthy", f"pt{i // 2}", "test" if i >= 8 else "train",
-                     "site-1"])
+        rows.append([f"a/scan{i}.png", "Pneumonia" if i % 2 else "Healthy", f"pt{i // 2}",
+                     "test" if i >= 8 else "train", "site-1"])
     rows.append(["a/scan0.png", "Healthy", "pt0", "train", "site-1"])  # an identical duplicate is one image
     rows.append(["../outside.png", "Healthy", "ptx", "train", "x"])
     rows.append(["a/scan9.png", "Maybe", "pt4", "test", "x"])  # contradicts? no: unknown value, row left out
@@ -160,3 +161,99 @@ def test_options_are_checked_and_without_a_label_file_the_folders_are_read(tiny_
         spec_from(Options())
     assert spec_from(object()) is None
     assert load_index(tiny_dataset, None).classes == ["NORMAL", "PNEUMONIA"]
+
+
+# ---------------------------------------------------------------- end to end on real X-rays
+
+def _real_dicom_dataset(shared_data: Path, root: Path, per_class: int = 24) -> tuple[Path, Path, Path]:
+    """Real X-rays written three ways: PNG class folders, a flat DICOM folder in the variants hospitals export
+    (MONOCHROME1 and 2, 8 to 16 bits, some files without extension) with an RSNA label file, and a flat PNG folder
+    with an NIH Data_Entry file. Returns (png class folders, dicom folder, rsna label file)."""
+    from PIL import Image
+
+    variants = [dict(), dict(monochrome1=True), dict(bits=12, window=True), dict(bits=16, rescale=True),
+                dict(compression="rle")]
+    rows, nih_rows, i = [], [], 0
+    for label, cls in enumerate(("NORMAL", "PNEUMONIA")):
+        for f in sorted((shared_data / "kermany_224" / "train" / cls).glob("*.jpeg"))[:per_class]:
+            pixels = np.asarray(Image.open(f).convert("L"))
+            pid = f"case{i:04d}"
+            write_dicom(root / "dicom" / (pid if i % 3 == 0 else pid + ".dcm"), pixels, patient=pid,
+                        sex="MF"[i % 2], view="AP" if i % 4 < 2 else "PA", age=f"{(7 * i) % 90:03d}Y",
+                        **variants[i % len(variants)])
+            (root / "png" / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(root / "png" / cls / f"{pid}.png")
+            (root / "nih").mkdir(exist_ok=True)
+            Image.fromarray(pixels).save(root / "nih" / f"{i // 2 + 1:08d}_{i % 2:03d}.png")
+            rows += [[pid, "", "", "", "", label]] + ([[pid, 5, 5, 9, 9, 1]] if label else [])
+            nih_rows.append([f"{i // 2 + 1:08d}_{i % 2:03d}.png", "Pneumonia" if label else "No Finding", i % 2,
+                             i // 2 + 1, 30 + i, "MF"[i % 2], "AP" if i % 4 < 2 else "PA"])
+            i += 1
+    _write_csv(root / "Data_Entry_2017.csv", ["Image Index", "Finding Labels", "Follow-up #", "Patient ID",
+                                              "Patient Age", "Patient Gender", "View Position"], nih_rows)
+    labels = _write_csv(root / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height", "Target"], rows)
+    return root / "png", root / "dicom", labels
+
+
+def test_rsna_dicom_and_nih_files_train_evaluate_and_match_the_png_class_folders(shared_data, tmp_path, capsys):
+    import pandas as pd
+
+    from core.cli import main
+
+    png, dicom, labels = _real_dicom_dataset(shared_data, tmp_path)
+    rsna = ["--labels", str(labels), "--labels-format", "rsna"]
+    assert main(["data", str(dicom), *rsna]) == 0
+    out = capsys.readouterr().out
+    assert "48 images" in out and "ids from column 'patientId'" in out and "Skipped (unreadable or unusable): 0" in out
+    assert "sex: " in out and "view position: AP 24, PA 24" in out
+
+    runs_dir = tmp_path / "runs"
+    assert main(["train", "--preset", "tiny", "--data", str(dicom), *rsna, "--runs-dir", str(runs_dir), "--quiet",
+                 "--device", "cpu"]) == 0
+    run = next(p for p in runs_dir.iterdir() if p.is_dir())
+    split = pd.read_csv(run / "split.csv")
+    assert set(split["patient"]) == {Path(p).name.split(".")[0] for p in split["path"]}
+    test = pd.read_csv(run / "predictions_test.csv")
+    assert {"sex", "view", "age"} <= set(test.columns)
+    capsys.readouterr()
+
+    assert main(["evaluate", str(run), "--data", str(dicom), *rsna, "--name", "dicom"]) == 0
+    out = capsys.readouterr().out
+    assert "48 images (NORMAL 24, PNEUMONIA 24), 48 patients" in out and "Labels: label file" in out
+    assert main(["evaluate", str(run), "--data", str(png), "--name", "png"]) == 0
+    as_dicom = pd.read_csv(run / "external" / "dicom" / "predictions.csv")
+    as_png = pd.read_csv(run / "external" / "png" / "predictions.csv")
+    as_dicom["case"] = as_dicom["path"].map(lambda p: Path(p).name.split(".")[0])
+    as_png["case"] = as_png["path"].map(lambda p: Path(p).stem)
+    both = as_dicom.merge(as_png, on="case")
+    assert len(both) == 48 and (both["label_x"] == both["label_y"]).all()
+    eight_bit = both["case"].str[4:].astype(int) % 5 != 2  # a window or a rescale stretches the deeper variants
+    eight_bit &= both["case"].str[4:].astype(int) % 5 != 3
+    assert np.array_equal(both.loc[eight_bit, "prob_x"], both.loc[eight_bit, "prob_y"])
+
+    nih = ["--labels", str(tmp_path / "Data_Entry_2017.csv"), "--labels-format", "nih"]
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--data", str(tmp_path / "nih"), *nih, "--name", "nih"]) == 0
+    out = capsys.readouterr().out
+    assert "48 images (NORMAL 24, PNEUMONIA 24), 24 patients" in out
+    # Subgroups from the file's metadata, each with its interval (resampled by the file's patients).
+    assert re.search(r"sex = F: 24 images \(12 positive\)  sensitivity \d\.\d+ \[", out), out
+    assert "view position = AP: 24 images" in out and "age band = 18-39" in out
+    saved = pd.read_csv(run / "external" / "nih" / "predictions.csv")
+    assert set(saved["view"]) == {"AP", "PA"} and set(saved["sex"]) == {"M", "F"}
+
+
+def test_dicom_class_folders_take_patients_from_the_patientid_tag(shared_data, tmp_path):
+    from core.config import config_from_preset
+    from core.trainer import prepare_data
+
+    for i in range(64):
+        cls = ("NORMAL", "PNEUMONIA")[i % 2]
+        write_dicom(tmp_path / "d" / cls / f"img{i}.dcm", np.asarray(make_xray(48, i % 2, seed=i)),
+                    patient=f"PAT-{i // 4}", sex="MF"[i % 2], view="PA")
+    data = prepare_data(config_from_preset("tiny", data=str(tmp_path / "d")))
+    assert set(data.split_table["patient"]) == {f"PAT-{k}" for k in range(16)}
+    assert data.report["patients_from"] == "the DICOM PatientID tag"
+    assert set(data.split_table["sex"]) == {"M", "F"}
+    shared = data.report["leakage"]["shared_patients"]
+    assert all(v["count"] == 0 for v in shared.values())  # the split groups by the tag's patients
