@@ -327,6 +327,9 @@ def scan_labeled(root: str | os.PathLike, spec: LabelSpec) -> DatasetIndex:
             left_out.append((key, where, why or ""))
             continue
         patient = row.get(cols.patient, "").strip() if cols.patient else ""
+        if not patient and spec.format == "chexpert":  # CheXpert's paths name the patient's folder
+            m = re.search(r"(?:^|/)(patient\d+)/", value.replace("\\", "/"))
+            patient = m.group(1) if m else ""
         split = None
         if cols.split:
             raw = row.get(cols.split, "").strip().lower()
@@ -373,7 +376,8 @@ def scan_labeled(root: str | os.PathLike, spec: LabelSpec) -> DatasetIndex:
                                                                                    else "."))
     return DatasetIndex(str(root_path), list(CLASSES), CLASSES[1], cols.split is not None, records, [], unusable,
                         label_file=label_file_abs, labels=spec.describe(),
-                        patients_from=f"column '{cols.patient}' of the label file" if cols.patient else "")
+                        patients_from=f"column '{cols.patient}' of the label file" if cols.patient else
+                        "the patientNNNNN folders of the paths" if spec.format == "chexpert" else "")
 
 
 def load_index(root: str | os.PathLike, spec: LabelSpec | None = None,

@@ -113,6 +113,7 @@ def test_chexpert_uncertain_by_the_stated_policy_blank_left_out(tmp_path, policy
         assert "uncertain" in index.unusable[str(root / "train/patient00001/study1/view1_frontal.jpg")]
     record = next(r for r in index.records if "patient00000/study1" in r.path)
     assert record.metadata == {"sex": "M", "age": "50", "view": "PA"}
+    assert record.patient == "patient00000" and index.patients_from.startswith("the patientNNNNN folders")
 
 
 def test_a_generic_csv_with_named_columns_values_and_splits(tmp_path):
