@@ -38,8 +38,9 @@ MAX_ZIP_TOTAL_BYTES = 20 * 2**30  # uncompressed, as declared; reading never goe
 MAX_COMPRESSION_RATIO = 100  # images barely compress; a member that shrinks 100:1 (and is over 1 MB) is a bomb
 RATIO_CHECK_BYTES = 2**20
 MAX_LABEL_CSV_BYTES = 50 * 2**20
-# Uploads on the page: each image as a single upload, all of them (zips included) at most this.
-MAX_BATCH_UPLOAD_BYTES = 1024 * 2**20
+# Uploads on the page: each file (a zip too) within the single-upload limit (the server's own, in
+# .streamlit/config.toml), all of them together at most this.
+MAX_BATCH_UPLOAD_BYTES = 512 * 2**20
 ZIP_SUFFIX, CSV_SUFFIX = ".zip", ".csv"
 LIMIT_MB = MAX_UPLOAD_BYTES // 2**20
 CSV_COLUMNS = ("file", "label", "probability", "decision", "threshold", "applicable", "ood_score", "ood_reason",
@@ -301,10 +302,10 @@ def read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     return data
 
 
-def collect_inputs(sources: list[str]) -> BatchInputs:
-    """The images that command-line sources hold: folders (recursively), CSV label files, zips and single files
-    (tried whatever their extension). ValueError (one line) for a source that does not exist or cannot be read as
-    what it is, before any model is loaded."""
+def collect_inputs(sources: list[str], uploads: list[tuple[str, bytes]] | None = None) -> BatchInputs:
+    """The images that sources on disk hold: folders (recursively), CSV label files, zips and single files
+    (tried whatever their extension), then `uploads` (see inputs_from_uploads). ValueError (one line) for a source
+    that does not exist or cannot be read as what it is, before any model is loaded."""
     found = BatchInputs()
     try:
         for source in sources:
@@ -325,6 +326,8 @@ def collect_inputs(sources: list[str]) -> BatchInputs:
                 found.extend(open_zip(source))
             else:
                 found.items.append(ImageInput(shown, path=str(source)))
+        if uploads:
+            found.extend(inputs_from_uploads(uploads))
     except BaseException:
         found.close()
         raise

@@ -1,5 +1,6 @@
 """Predict: upload chest X-rays and read the run's calibrated probability, its decision at the operating
-threshold, and a Grad-CAM overlay of where the evidence lies."""
+threshold, and a Grad-CAM overlay of where the evidence lies; or predict a whole folder, label file or zip in
+batches, as a table and a CSV."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import streamlit as st
 
 import ui
 from core import runs
+from core.batch_predict import MAX_BATCH_UPLOAD_BYTES, collect_inputs, predict_batch
 from core.cam import COLOUR_MAPS, DEFAULT_ALPHA, DEFAULT_COLOUR_MAP
 from core.dataset import IMAGE_EXTENSIONS
 from core.predict import ACCEPTED_FORMATS, MAX_UPLOAD_BYTES, batch_shift, gradcam_display, predict_image
 
 CAM_PX = 320
 LIMIT_MB = MAX_UPLOAD_BYTES // 2**20
+TOTAL_MB = MAX_BATCH_UPLOAD_BYTES // 2**20
+SINGLE, BATCH = "One by one, with Grad-CAM", "A folder, label file or zip (batch)"
 
 
 st.set_page_config(page_title="Predict · CXR workbench", layout="wide")
@@ -38,6 +42,77 @@ st.markdown(f"Model **{loaded.arch}** ({loaded.image_size} px input). Predicts *
             "when the calibrated probability is at least the run's operating threshold, "
             f"**{ui.plain(operating.describe())}**. Save another on the Thresholds page.")
 
+if loaded.ood is None:
+    st.warning(ui.plain(loaded.ood_error) if loaded.ood_error else
+               "This run has no out-of-distribution score, so the page cannot tell when an image is unlike the "
+               "training data (only the checks for colour, blank, white and very elongated images run). Fit it "
+               f"once with python -m core fit-ood {ui.plain(run_dir)}.")
+else:
+    st.caption(f"Each image is first checked against the training data: the distance of the model's features to "
+               f"those of its training images (threshold {loaded.ood.threshold:.2f}, which 95% of validation images "
+               "pass). An image above it, or one that is not a chest X-ray at all, gets its probability with the "
+               "decision marked not applicable.")
+
+
+def batch_mode() -> None:
+    """A server path or several uploads, predicted in batches: progress, a sortable table, what was left out and
+    why, and the CSV. The result stays until the run or its threshold changes, or Predict is pressed again."""
+    with st.form("batch_predict", enter_to_submit=False, border=False):  # Enter in the path must not start it
+        path = st.text_input("Folder, CSV label file or .zip on the server", key="batch_path",
+                             placeholder="/data/xrays/2024-06", help="A folder is read with its sub-folders; a CSV "
+                             "needs a path column (path, file, filename, image, ...; relative to the CSV's folder) "
+                             "and may carry a label column; a zip is read in memory, never extracted.")
+        uploads = st.file_uploader(f"…or upload images or zips: up to {LIMIT_MB} MB each, {TOTAL_MB} MB in all",
+                                   type=sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS) + ["zip"],
+                                   accept_multiple_files=True, max_upload_size=LIMIT_MB, key="batch_files")
+        submitted = st.form_submit_button("Predict", type="primary")
+    key = (str(run_dir), loaded.threshold)
+    if submitted:
+        st.session_state.pop("batch_result", None)
+        sources = [path.strip()] if path.strip() else []
+        if not sources and not uploads:
+            st.error("Give a folder, CSV or zip on the server, or upload files.")
+            return
+        try:
+            inputs = collect_inputs(sources, [(u.name, u.getvalue()) for u in uploads or []])
+        except ValueError as e:
+            st.error(ui.plain(e))
+            return
+        with inputs:
+            if not inputs.items:
+                st.error(f"Nothing to predict: no image found ({len(inputs.skipped)} files skipped, listed below).")
+            bar = st.progress(0.0, text=f"Predicting {len(inputs.items):,} images…")
+            result = predict_batch(loaded, inputs, progress=lambda done, total: bar.progress(
+                done / max(total, 1), text=f"{done:,} of {total:,} images"))
+            bar.empty()
+        st.session_state["batch_result"] = (key, result)
+    stored = st.session_state.get("batch_result")
+    if stored is None or stored[0] != key:
+        return
+    result = stored[1]
+    for line in result.summary_lines()[:2]:
+        st.markdown(ui.plain(line))
+    if result.shift is not None:
+        (st.warning if result.shift["shifted"] else st.info)(result.shift["verdict"])
+    if result.predicted:
+        st.dataframe(result.table(), hide_index=True,
+                     column_config={"probability": st.column_config.NumberColumn(
+                         f"probability of {loaded.classes[1]}", format="%.3f")})
+    left_out = result.left_out()
+    if len(left_out):
+        st.markdown(f"**Not predicted: {len(left_out):,}** (unreadable, or skipped), with the reason")
+        st.dataframe(left_out, hide_index=True)
+    st.download_button("Download the CSV", result.csv_bytes(), file_name="predictions.csv", mime="text/csv",
+                       on_click="ignore", key="batch_download")
+    st.caption("The CSV has a row per file: probability, the decision at the operating threshold (the model's call "
+               "even where it does not apply), applicable, the out-of-distribution score and reason, and the error "
+               "for files not predicted.")
+
+
+if st.radio("Images", [SINGLE, BATCH], horizontal=True, key="predict_mode") == BATCH:
+    batch_mode()
+    st.stop()
+
 uploads = st.file_uploader(f"Chest X-rays: {ACCEPTED_FORMATS}, up to {LIMIT_MB} MB each",
                            type=sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS),
                            accept_multiple_files=True, max_upload_size=LIMIT_MB, key="predict_files")
@@ -49,17 +124,6 @@ colour_map = cam_controls[0].selectbox("Grad-CAM colour map", list(COLOUR_MAPS),
                                        index=list(COLOUR_MAPS).index(DEFAULT_COLOUR_MAP),
                                        format_func=lambda name: COLOUR_MAPS[name][1], key="predict_colour_map")
 alpha = cam_controls[1].slider("Overlay opacity", 0.0, 1.0, DEFAULT_ALPHA, 0.05, key="predict_alpha")
-
-if loaded.ood is None:
-    st.warning(ui.plain(loaded.ood_error) if loaded.ood_error else
-               "This run has no out-of-distribution score, so the page cannot tell when an image is unlike the "
-               "training data (only the checks for colour, blank, white and very elongated images run). Fit it "
-               f"once with python -m core fit-ood {ui.plain(run_dir)}.")
-else:
-    st.caption(f"Each image is first checked against the training data: the distance of the model's features to "
-               f"those of its training images (threshold {loaded.ood.threshold:.2f}, which 95% of validation images "
-               "pass). An image above it, or one that is not a chest X-ray at all, gets its probability with the "
-               "decision marked not applicable.")
 
 results, scored = [], []
 for upload in uploads or []:

@@ -13,7 +13,8 @@ from bad_inputs import as_read
 from streamlit.testing.v1 import AppTest
 
 from core import runs
-from core.predict import MAX_UPLOAD_BYTES, load_run_model, predict_files
+from core.dataset import IMAGE_EXTENSIONS
+from core.predict import ACCEPTED_FORMATS, MAX_UPLOAD_BYTES, load_run_model, predict_files
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "5_Predict.py")
 TIMEOUT = 120
@@ -40,8 +41,9 @@ def test_upload_scores_full_size_originals_and_rejects_a_text_file(run_copy):  #
     assert not at.exception, at.exception
     uploader = at.file_uploader[0]
     assert uploader.accept_multiple_files
-    assert {t.lstrip(".") for t in uploader.allowed_type} == {"jpg", "jpeg", "png", "bmp", "tif", "tiff"}
-    assert "JPEG, PNG, BMP or TIFF" in uploader.label
+    assert {t.lstrip(".") for t in uploader.allowed_type} == {e.lstrip(".") for e in IMAGE_EXTENSIONS}
+    assert {"jpg", "jpeg", "png", "bmp", "tif", "tiff"} <= {t.lstrip(".") for t in uploader.allowed_type}
+    assert ACCEPTED_FORMATS in uploader.label
     assert any(f"{MAX_UPLOAD_BYTES // 2**20} MB" in c.value for c in at.caption)
     assert runs.operating_point(run_copy).describe() in as_read(at.markdown[0].value)
 
@@ -134,3 +136,100 @@ def test_a_run_without_a_score_says_how_to_fit_one(run_copy):  # noqa: F811
     at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
     assert not at.exception, at.exception
     assert any("fit-ood" in w.value for w in at.warning)
+
+
+# ---------------------------------------------------------------- batch mode
+
+BATCH = "A folder, label file or zip (batch)"
+SUBMIT = "FormSubmitter:batch_predict-Predict"
+
+
+def _batch_folder(root: Path, n: int = 50) -> Path:
+    """`n` small generated X-rays (enough for the decoding processes), a damaged PNG, a text file and a file named
+    like a Markdown link."""
+    from conftest import make_xray
+
+    root.mkdir()
+    for i in range(n):
+        make_xray(72, i % 2, seed=i).save(root / f"img{i:03d}.png")
+    make_xray(72, 1, seed=99).save(root / "[click](evil.example) *bold*.png")
+    (root / "damaged.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    (root / "notes.txt").write_text("exported from the PACS")
+    return root
+
+
+def _batch_page() -> AppTest:
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    at.radio(key="predict_mode").set_value(BATCH).run()
+    return at
+
+
+def _predict(at: AppTest, path: str) -> None:
+    """Type the path and press Predict (a form: its fields are sent with the button)."""
+    at.text_input(key="batch_path").set_value(path)
+    at.button(key=SUBMIT).click().run()
+
+
+def test_batch_mode_predicts_a_server_folder_only_when_asked(run_copy, tmp_path):  # noqa: F811
+    folder = _batch_folder(tmp_path / "ward")
+    at = _batch_page()
+    at.text_input(key="batch_path").set_value(str(folder)).run()
+    assert not at.exception, at.exception
+    assert not at.dataframe  # the path alone starts nothing
+    _predict(at, str(folder))
+    assert not at.exception, at.exception
+    table, left_out = at.dataframe[0].value, at.dataframe[1].value
+    assert len(table) == 51 and list(table.columns) == ["probability", "decision", "file", "OOD verdict"]
+    loaded = load_run_model(run_copy)
+    files = [str(folder / f"img{i:03d}.png") for i in range(50)]
+    expected = {r["file"]: r for r in predict_files(loaded, files)}
+    shown_rows = table.set_index("file").loc[files]
+    assert all(abs(p - expected[f]["prob"]) <= 1e-6 for f, p in shown_rows["probability"].items())
+    assert all(d in ("not applicable", expected[f]["predicted"]) for f, d in shown_rows["decision"].items())
+    reasons = dict(zip(left_out["file"].map(lambda f: Path(f).name), left_out["reason"]))
+    assert set(reasons) == {"damaged.png", "notes.txt"}
+    assert reasons["damaged.png"].startswith("Not a readable image")
+    assert reasons["notes.txt"].startswith("skipped: not an image file (.txt")
+    assert at.markdown[1].value.startswith("51 images predicted at the operating threshold")
+    assert "](evil" not in "".join(m.value for m in at.markdown)  # the file name is only in the table, as text
+    assert at.get("download_button")[0].label == "Download the CSV"
+    at.run()  # any later rerun (a widget, the download) keeps the result
+    assert len(at.dataframe[0].value) == 51
+    runs.save_threshold(run_copy, 0.99, chosen_on="val", target="manual")
+    at.run()
+    assert not at.dataframe  # decisions at another threshold: predict again
+
+
+def test_batch_mode_uploads_images_and_a_zip(run_copy):  # noqa: F811
+    import io
+    import zipfile
+
+    from conftest import make_xray
+
+    def png(seed: int) -> bytes:
+        out = io.BytesIO()
+        make_xray(72, seed % 2, seed=seed).save(out, "PNG")
+        return out.getvalue()
+
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("NORMAL/a.png", png(1))
+        z.writestr("../b.png", png(2))
+        z.writestr("readme.txt", "x")
+    at = _batch_page()
+    at.file_uploader(key="batch_files").set_value([("one.png", png(3), "image/png"),
+                                                   ("set.zip", archive.getvalue(), "application/zip")])
+    at.button(key=SUBMIT).click().run()
+    assert not at.exception, at.exception
+    assert list(at.dataframe[0].value["file"]) == ["one.png", "set.zip/NORMAL/a.png", "set.zip/../b.png"]
+    assert list(at.dataframe[1].value["file"]) == ["set.zip/readme.txt"]
+
+
+def test_batch_mode_refuses_a_missing_path_or_nothing_in_one_line(run_copy, tmp_path):  # noqa: F811
+    at = _batch_page()
+    at.button(key=SUBMIT).click().run()
+    assert shown(at.error[0]) == "Give a folder, CSV or zip on the server, or upload files."
+    _predict(at, str(tmp_path / "no_such_[folder]"))
+    assert not at.exception, at.exception
+    assert shown(at.error[0]).startswith(f"{tmp_path / 'no_such_[folder]'}: No such file or directory")
+    assert not at.dataframe and not at.get("download_button")
