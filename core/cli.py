@@ -262,6 +262,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.groups and not Path(args.groups).is_file():
         raise FileNotFoundError(f"--groups {args.groups}: no such file.")
     if args.data:
+        from .cache import DecodeProgress
         from .external import (
             RefitRequest,
             evaluate_external,
@@ -283,7 +284,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise ValueError("--refit-fraction goes with --refit-threshold RULE[:VALUE].")
         result = evaluate_external(run_dir, args.data, class_map=class_map, name=args.name,
                                    split=args.split or "all", replace=args.replace, refit=refit,
-                                   labels=spec_from(args))
+                                   labels=spec_from(args), progress=DecodeProgress())
         print(format_external(result, include_refit=False))
         set_name = runs.EXTERNAL_PREFIX + result["name"]
     else:
@@ -514,13 +515,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    from .cache import DecodeProgress
     from .evaluate import dataset_overview
     from .labels import spec_from
 
     if not 0 < args.val_fraction < 1 or not 0 < args.test_fraction < 1:
         raise ValueError("--val-fraction and --test-fraction are shares between 0 and 1 (exclusive).")
     overview = dataset_overview(args.data, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                                seed=args.seed, labels=spec_from(args))
+                                seed=args.seed, labels=spec_from(args), progress=DecodeProgress())
     if args.json:
         print(json.dumps(overview, indent=2, default=str))
     else:

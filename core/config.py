@@ -100,6 +100,9 @@ class TrainConfig:
     max_steps_per_epoch: int = _opt("Cap on training steps per epoch (0 = whole training set).",
                                     default=0)
     decode_workers: int = _opt("Processes decoding images (0 = one per CPU core).", default=0)
+    memory_budget_gb: float = _opt("Decoded images held in memory at most (GB); a larger dataset is streamed from the "
+                                   "cache's memory maps batch by batch (0 = half of the memory available).",
+                                   default=0.0)
     cache_dir: str = _opt("Decoded-image cache (default ~/.cache/cxr-workbench or $CXR_CACHE_DIR).",
                           default="")
 
@@ -123,7 +126,7 @@ class TrainConfig:
         ranges = {  # name: (low, high, inclusive high)
             "image_size": (32, 1024), "epochs": (1, MAX_EPOCHS), "batch_size": (1, 4096), "lr": (1e-8, 10.0),
             "weight_decay": (0.0, 1.0), "patience": (0, MAX_EPOCHS), "max_steps_per_epoch": (0, 10**7),
-            "decode_workers": (0, 256), "seed": (0, 2**32 - 1),
+            "decode_workers": (0, 256), "seed": (0, 2**32 - 1), "memory_budget_gb": (0.0, 1e6),
             "split_seed": (-1, 2**32 - 1), "aug_flip": (0.0, 1.0), "aug_rotation": (0.0, 180.0),
             "aug_scale": (0.0, 0.9), "aug_shift": (0.0, 0.5), "aug_brightness": (0.0, 1.0),
             "aug_contrast": (0.0, 1.0), "dropout": (0.0, 0.99)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from . import runs
 from .augment import AugmentParams, augment_batch
-from .cache import decode_images
+from .cache import DecodeProgress, decode_images
 from .config import TrainConfig
 from .dataset import (
     METADATA_FIELDS,
@@ -41,6 +42,7 @@ from .labels import load_index, spec_from
 from .metrics import choose_threshold, metrics_at_threshold, safe_auc
 from .model import Classifier, apply_strategy, build_model, count_parameters, normalization, set_train_mode
 from .ood import OOD_FILE, OodDetector, fit_detector, save_detector
+from .streaming import BatchPrefetcher, MappedImages, default_memory_budget, fits_in_memory
 
 EVAL_SPLITS = ("val", "test")
 
@@ -106,7 +108,7 @@ def device_names() -> dict[str, str]:
 
 @dataclass
 class SplitTensors:
-    images: torch.Tensor  # (N, 1, S, S) uint8
+    images: torch.Tensor | MappedImages  # (N, 1, S, S) uint8: in memory, or read from the cache's memory maps
     labels: torch.Tensor  # (N,) int64
     table: pd.DataFrame  # path, patient, label, class_name for these rows
 
@@ -143,12 +145,16 @@ def prepare_data(config: TrainConfig, progress=None) -> PreparedData:
     table.loc[~ok, "split"] = "skipped"
 
     splits: dict[str, SplitTensors] = {}
+    # Images stay in memory when they fit the budget; a larger set is read batch by batch from the cache's
+    # memory maps (a prefetching thread keeps the next batches ready).
+    budget = int(config.memory_budget_gb * 2**30) if config.memory_budget_gb > 0 else default_memory_budget()
+    in_memory = fits_in_memory(len(decoded.ok_indices), config.image_size, budget)
     for name in ("train", "val", "test"):
         mask = (table["split"] == name).to_numpy()
         rows = row_of[mask]
         sub = table[mask].reset_index(drop=True)
-        splits[name] = SplitTensors(torch.from_numpy(decoded.images[rows]).unsqueeze(1),
-                                    torch.tensor(sub["label"].to_numpy(), dtype=torch.long), sub)
+        images = torch.from_numpy(decoded.gather(rows)).unsqueeze(1) if in_memory else decoded.mapped(rows)
+        splits[name] = SplitTensors(images, torch.tensor(sub["label"].to_numpy(), dtype=torch.long), sub)
     if len(splits["train"].labels) == 0 or len(splits["val"].labels) == 0:
         raise ValueError(f"No readable training or validation images in {index.root}.")
     used = table["split"] != "skipped"
@@ -163,6 +169,7 @@ def prepare_data(config: TrainConfig, progress=None) -> PreparedData:
         "ignored_non_image_files": index.ignored_files,
         "unusable_entries": [{"path": p, "reason": r} for p, r in index.unusable.items()],
         "decoded_now": decoded.decoded_now, "from_cache": len(paths) - decoded.decoded_now,
+        "images_in_memory": in_memory, "memory_budget_bytes": budget,
         "leakage": leakage_report([r for r, u in zip(index.records, used) if u],
                                   list(table.loc[used, "split"]),
                                   [h for h, u in zip(decoded.sha256, used) if u]),
@@ -478,8 +485,12 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
     runs.log(run_dir, f"{'Resuming' if resuming else 'Starting'} on {device} (bf16 autocast: {bf16}); "
                       f"data {config.data}")
 
+    # The terminal's line (stderr) when shown; the status file gets the same words for the Train page.
+    timing = DecodeProgress() if show_progress else DecodeProgress(stream=io.StringIO())
+
     def decode_progress(done: int, total: int) -> None:
-        runs.write_status(run_dir, phase=f"decoding images {done}/{total}")
+        timing(done, total)
+        runs.write_status(run_dir, phase=timing.line(done, total))
 
     data = prepare_data(config, progress=decode_progress)
     data.split_table.to_csv(run_dir / "split.csv", index=False)
@@ -582,49 +593,50 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
             epoch_start, epoch_images = time.time(), 0
             seen_probs: list[torch.Tensor] = []  # for the train AUC (of this session's part of the epoch)
             seen_labels: list[torch.Tensor] = []
-            for step in range(state["step_in_epoch"], steps_per_epoch):
-                if runs.stop_requested(run_dir):
-                    state["step_in_epoch"] = step
-                    save_last()
-                    raise StopRequested()
-                idx = perm[step * config.batch_size:(step + 1) * config.batch_size]
-                t_step = time.time()
-                y = train_labels[idx].to(device, non_blocking=True)
-                if frozen:
-                    x = inputs["train"][idx].to(device)
-                else:
-                    x = _to_input(inputs["train"][idx], device, mean, std, aug, aug_gen)
-                with autocast(device, bf16):
-                    logits = net(x)
-                loss = loss_fn(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
-                    scheduler.step()
-                loss_value = float(loss.detach())
-                seen_probs.append(torch.softmax(logits.detach().float(), 1)[:, 1].cpu())
-                seen_labels.append(y.cpu())
-                correct = int((logits.argmax(1) == y).sum())
-                state["loss_sum"] += loss_value * len(idx)
-                state["correct"] += correct
-                state["seen"] += len(idx)
-                state["global_step"] += 1
-                state["step_in_epoch"] = step + 1
-                epoch_images += len(idx)
-                ips = len(idx) / max(time.time() - t_step, 1e-9)
-                lr = optimizer.param_groups[0]["lr"]
-                runs.append_metrics(run_dir, {
-                    "kind": "step", "epoch": epoch + 1, "step": step + 1, "global_step": state["global_step"],
-                    "loss": loss_value, "accuracy": correct / len(idx), "lr": lr, "images_per_s": ips,
-                    "time": time.time()})
-                bar.update(epoch=epoch + 1, loss=f"{loss_value:.3f}")
-                if step % 5 == 0 or step + 1 == steps_per_epoch:
-                    # This epoch's mean so far: one step's figure jumps, and the last batch is often tiny.
-                    runs.write_status(run_dir, epoch=epoch + 1, step=step + 1, global_step=state["global_step"],
-                                      total_steps=total_steps,
-                                      images_per_s=epoch_images / max(time.time() - epoch_start, 1e-9),
-                                      elapsed=state["elapsed"] + time.time() - session_start)
+            with BatchPrefetcher(inputs["train"], perm, config.batch_size, state["step_in_epoch"],
+                                 steps_per_epoch) as batches:
+                for step, idx, batch in batches:
+                    if runs.stop_requested(run_dir):
+                        state["step_in_epoch"] = step
+                        save_last()
+                        raise StopRequested()
+                    t_step = time.time()
+                    y = train_labels[idx].to(device, non_blocking=True)
+                    if frozen:
+                        x = batch.to(device)
+                    else:
+                        x = _to_input(batch, device, mean, std, aug, aug_gen)
+                    with autocast(device, bf16):
+                        logits = net(x)
+                    loss = loss_fn(logits.float(), y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+                        scheduler.step()
+                    loss_value = float(loss.detach())
+                    seen_probs.append(torch.softmax(logits.detach().float(), 1)[:, 1].cpu())
+                    seen_labels.append(y.cpu())
+                    correct = int((logits.argmax(1) == y).sum())
+                    state["loss_sum"] += loss_value * len(idx)
+                    state["correct"] += correct
+                    state["seen"] += len(idx)
+                    state["global_step"] += 1
+                    state["step_in_epoch"] = step + 1
+                    epoch_images += len(idx)
+                    ips = len(idx) / max(time.time() - t_step, 1e-9)
+                    lr = optimizer.param_groups[0]["lr"]
+                    runs.append_metrics(run_dir, {
+                        "kind": "step", "epoch": epoch + 1, "step": step + 1, "global_step": state["global_step"],
+                        "loss": loss_value, "accuracy": correct / len(idx), "lr": lr, "images_per_s": ips,
+                        "time": time.time()})
+                    bar.update(epoch=epoch + 1, loss=f"{loss_value:.3f}")
+                    if step % 5 == 0 or step + 1 == steps_per_epoch:
+                        # This epoch's mean so far: one step's figure jumps, and the last batch is often tiny.
+                        runs.write_status(run_dir, epoch=epoch + 1, step=step + 1, global_step=state["global_step"],
+                                          total_steps=total_steps,
+                                          images_per_s=epoch_images / max(time.time() - epoch_start, 1e-9),
+                                          elapsed=state["elapsed"] + time.time() - session_start)
             train_seconds = time.time() - epoch_start
 
             # Validation.

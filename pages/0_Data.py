@@ -3,6 +3,7 @@ the patient-grouped split training will use, leakage, unreadable files and sampl
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 import ui
+from core.cache import DecodeProgress
 from core.dataset import DatasetError, load_thumbnail
 from core.evaluate import dataset_overview
 from core.figures import plain_label
@@ -34,9 +36,9 @@ st.set_page_config(page_title="Data · CXR workbench", page_icon="🫁", layout=
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
-def cached_overview(folder: str, labels: LabelSpec | None) -> dict:
+def cached_overview(folder: str, labels: LabelSpec | None, _progress=None) -> dict:
     # Decodes every image once (and fills the cache training reuses): seconds per thousand images.
-    return dataset_overview(folder, labels=labels)
+    return dataset_overview(folder, labels=labels, progress=_progress)
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
@@ -186,7 +188,14 @@ if not folder:
 
 try:
     with st.spinner("Scanning and decoding every image once (about 10 s per 5,000 images; cached after)…"):
-        overview = cached_overview(folder, labels)
+        bar, timing = st.empty(), DecodeProgress(stream=io.StringIO())
+
+        def show_progress(done: int, total: int) -> None:
+            timing(done, total)  # keeps the rate; its line says images/s and the time left
+            bar.progress(done / max(total, 1), text=timing.line(done, total))
+
+        overview = cached_overview(folder, labels, show_progress)
+        bar.empty()
 except DatasetError as e:
     st.error(ui.plain(e))
     st.markdown("Expected layout:\n" + EXPECTED_LAYOUT)

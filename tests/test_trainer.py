@@ -70,6 +70,15 @@ def test_same_seed_same_result(tiny_dataset, tmp_path):
     assert (pa["prob"] - pb["prob"]).abs().max() < 1e-5
 
 
+def test_a_dataset_over_the_memory_budget_streams_from_the_cache_with_the_same_result(tiny_dataset, tmp_path):
+    in_memory = train(tiny_config(tiny_dataset, tmp_path / "runs", name="memory"))
+    streamed = train(tiny_config(tiny_dataset, tmp_path / "runs", name="streamed", memory_budget_gb=1e-6))
+    assert runs.read_json(in_memory / "data_report.json")["images_in_memory"] is True
+    assert runs.read_json(streamed / "data_report.json")["images_in_memory"] is False
+    pa, pb = pd.read_csv(in_memory / "predictions_test.csv"), pd.read_csv(streamed / "predictions_test.csv")
+    assert (pa["prob"] - pb["prob"]).abs().max() < 1e-5
+
+
 def test_frozen_strategy_trains_the_head_on_cached_features(tiny_dataset, tmp_path):
     cfg = tiny_config(tiny_dataset, tmp_path / "runs", arch="resnet18", pretrained=False, strategy="frozen",
                       epochs=3)
