@@ -186,8 +186,8 @@ def header_fields(source: bytes | BinaryIO) -> dict[str, str]:
     """The kept header fields, present ones only: patient (PatientID), age (years), sex, view (ViewPosition)."""
     try:
         ds = _read(source, stop_before_pixels=True)
-    except DicomError:
+        out = {"patient": _clean(ds.get("PatientID", "")), "age": age_in_years(_clean(ds.get("PatientAge", ""))),
+               "sex": _clean(ds.get("PatientSex", "")).upper(), "view": _clean(ds.get("ViewPosition", "")).upper()}
+    except Exception:  # noqa: BLE001 - a damaged header value (pydicom converts lazily) means no metadata
         return {}
-    out = {"patient": _clean(ds.get("PatientID", "")), "age": age_in_years(_clean(ds.get("PatientAge", ""))),
-           "sex": _clean(ds.get("PatientSex", "")).upper(), "view": _clean(ds.get("ViewPosition", "")).upper()}
     return {k: v for k, v in out.items() if v}
