@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -28,11 +29,29 @@ def _spawn(run_dir: Path, *extra: str) -> subprocess.Popen:
     return proc
 
 
+def resolved(config: TrainConfig) -> TrainConfig:
+    """The config as a run records it: its folders as absolute paths."""
+    return dataclasses.replace(config, runs_dir=str(Path(config.runs_dir).resolve()),
+                               data=str(Path(config.data).expanduser().resolve()))
+
+
+def _same_training(a: dict, b: dict) -> bool:
+    """Whether two configs train the same thing: every field equal but the run's name."""
+    return {k: v for k, v in a.items() if k != "name"} == {k: v for k, v in b.items() if k != "name"}
+
+
+def active_duplicates(config: TrainConfig) -> list[str]:
+    """The queued or running runs (by name) in the config's runs folder that train exactly this config (its
+    run name aside): launching it again would queue the same training twice."""
+    wanted = json.loads(json.dumps(resolved(config).to_dict(), default=str))  # as config.json holds it
+    return [r["run"] for r in runs.list_runs(wanted["runs_dir"])
+            if r["state"] in runs.ACTIVE_STATES and _same_training(runs.read_config(Path(r["path"])), wanted)]
+
+
 def launch_training(config: TrainConfig) -> Path:
     """Create the run directory and train it in a background process. Runs launched while another
     trains wait their turn (state 'queued'). Returns the run directory at once."""
-    config = dataclasses.replace(config, runs_dir=str(Path(config.runs_dir).resolve()),
-                                 data=str(Path(config.data).expanduser().resolve()))
+    config = resolved(config)
     config.validate()
     check_weights(config.arch, config.pretrained, config.weights_file)  # fail now, not after queueing
     run_dir = create_run(config)

@@ -5,7 +5,7 @@ A run directory holds:
   environment.json   library versions, device, command
   split.csv          every image with its split, label and patient
   data_report.json   counts, skipped files, leakage
-  status.json        state (queued, running, finished, failed, stopped), progress, error
+  status.json        state (queued, running, finished, failed, stopped, cancelled), progress, error
   metrics.jsonl      one JSON object per line, kind "step" or "epoch", appended as training goes
   log.txt            human-readable log
   best.safetensors   best weights (by validation AUC) with the metadata prediction needs
@@ -155,7 +155,7 @@ def killed_reason(run_dir: Path, status: dict) -> str:
             f"training {who} is no longer running; {cause}. Resume continues from the last epoch checkpoint.")
 
 
-STATES = ("queued", "running", "finished", "failed", "stopped")
+STATES = ("queued", "running", "finished", "failed", "stopped", "cancelled")
 _COUNT_FIELDS = ("epochs", "steps_per_epoch", "epoch", "step", "global_step", "total_steps", "best_epoch")
 _TIME_FIELDS = ("created", "queued_at", "started", "updated", "finished", "elapsed", "images_per_s")
 
@@ -287,6 +287,53 @@ def request_stop(run_dir: Path) -> None:
 
 def stop_requested(run_dir: Path) -> bool:
     return (Path(run_dir) / "STOP").exists()
+
+
+CANCEL_WAIT_S = 5.0
+
+
+def cancel_queued(run_dir: Path) -> str:
+    """Cancel a run that waits in the queue: its waiting process is ended and the run becomes 'cancelled' at
+    once (it never trained, so nothing is lost; it can be deleted, or started again with resume). Returns the
+    state the run ends in: 'cancelled', or 'stopped' when it got its training slot in the same instant (the STOP
+    request written first then stops it at its first step, with a checkpoint). Raises ValueError when the run
+    is not queued."""
+    import signal
+
+    run_dir = Path(run_dir)
+    status = read_status(run_dir)
+    if status.get("state") != "queued":
+        raise ValueError(f"{run_dir.name} is {status.get('state')}, not queued: nothing to cancel.")
+    # STOP first: a process that takes its training slot in this instant stops before its first step. It stays
+    # (resuming clears it), so a process this one may not signal never trains either.
+    request_stop(run_dir)
+    pid = status["pid"]  # alive: read_status says 'killed' otherwise
+    if pid != os.getpid():  # a run trained inside this very process (tests, notebooks) is never signalled
+        try:
+            os.kill(pid, signal.SIGTERM)  # waiting in the queue, it holds no file open for writing
+        except (ProcessLookupError, PermissionError):
+            pass
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    raw = read_json(run_dir / "status.json", {})
+    if isinstance(raw, dict) and raw.get("state") in STATES and raw.get("state") != "queued":
+        return str(raw["state"])  # it started and stopped on the STOP request: its own outcome stands
+    log(run_dir, "Cancelled while queued (it never trained).")
+    write_status(run_dir, state="cancelled", phase=None, error=None)
+    return "cancelled"
+
+
+def epochs_done(status: dict) -> int:
+    """Epochs a run has completed, from its status: the one count every view shows ('1/3' is one epoch of three
+    done). status.json's `epoch` is the epoch in progress while its `step` is short of `steps_per_epoch`."""
+    epoch, step, per_epoch = status.get("epoch"), status.get("step"), status.get("steps_per_epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch <= 0:
+        return 0
+    if status.get("state") != "finished" and isinstance(step, int) and isinstance(per_epoch, int) \
+            and step < per_epoch:
+        return epoch - 1
+    return epoch
 
 
 def clear_stop(run_dir: Path) -> None:
@@ -782,7 +829,7 @@ def list_runs(runs_dir: str | os.PathLike = "checkpoints") -> list[dict]:
         out.append({
             "run": d.name, "path": str(d), "state": status.get("state"), **text,
             "pretrained": cfg.get("pretrained") if isinstance(cfg.get("pretrained"), bool) else None,
-            "epoch": status.get("epoch"),
+            "epoch": epochs_done(status),  # completed epochs, as Compare and Train count them
             "epochs": epochs if isinstance(epochs, int) and not isinstance(epochs, bool) and 0 < epochs < 2**31
             else None,
             "best_val_auc": status.get("best_val_auc"),

@@ -18,17 +18,18 @@ from core.config import (
     PRESETS,
     SCHEDULES,
     STRATEGIES,
+    TrainConfig,
     config_from_preset,
 )
 from core.figures import loss_figure, score_figure
 from core.labels import load_index, spec_from
-from core.launch import launch_resume, launch_training
+from core.launch import active_duplicates, launch_resume, launch_training
 from core.model import WeightsUnavailableError
 from core.operating import run_summary
 from core.trainer import available_devices, device_names
 
 REFRESH_SECONDS = 3
-RESUMABLE_STATES = ("stopped", "failed", "killed")
+RESUMABLE_STATES = ("stopped", "failed", "killed", "cancelled")
 # Config fields the form edits; a preset fills them, the rest keep TrainConfig's defaults.
 FORM_FIELDS = ("arch", "pretrained", "weights_file", "strategy", "epochs", "batch_size", "lr", "schedule",
                "image_size", "augment", "class_weights", "device", "seed", "max_steps_per_epoch", "patience")
@@ -70,7 +71,8 @@ def training_form() -> None:
                       "'tiny' is a smoke test.")
     devices = available_devices()
     names = device_names()
-    with st.form("train_form"):
+    # Enter in a field must not launch a run: only the button does (a half-typed form queued runs before).
+    with st.form("train_form", enter_to_submit=False):
         st.text_input("Dataset folder", key="train_data", help="Defaults to the folder chosen on the Data page.")
         if ui.label_options():
             st.caption(f"With the label file {ui.plain(ui.label_options()['labels'])} "
@@ -86,8 +88,9 @@ def training_form() -> None:
             st.text_input("Weights file (optional)", key="train_weights_file",
                           help="Local ImageNet weights (.pth state dict or .safetensors), for offline machines.")
             st.selectbox("Fine-tuning strategy", STRATEGIES, key="train_strategy",
-                         help="frozen: head only; partial: last stage + head; full: every layer. "
-                              "smallcnn needs 'full'.")
+                         help="frozen: head only; partial: last stage + head; full: every layer. smallcnn "
+                              "needs 'full' (every layer, from random weights: Compare shows its init as "
+                              "'scratch').")
             st.selectbox("Device", devices, key="train_device",
                          format_func=lambda d: f"{d} ({names[d]})" if d in names else d)
         with optim_col:
@@ -114,7 +117,42 @@ def training_form() -> None:
         submitted = st.form_submit_button("Launch training", type="primary")
 
     if submitted:
+        st.session_state.pop("train_duplicate", None)
         launch_from_form()
+    elif "train_duplicate" in st.session_state:
+        confirm_duplicate()
+
+
+def weights_message(error: Exception) -> str:
+    """A refusal about ImageNet weights in the form's words: its fields, not the command line's flags, and no
+    raw network error (the machine is simply offline)."""
+    text = str(error)
+    if text.startswith("Could not download"):
+        arch = text.split(" for ", 1)[1].split(" ", 1)[0] if " for " in text else "this architecture"
+        return (f"The ImageNet weights for {arch} cannot be downloaded (this machine has no internet connection). "
+                "Give a local copy in the **Weights file** field, or untick **ImageNet weights (pretrained)**, or "
+                "choose efficientnet_lite0 (its weights come with the install).")
+    text = ui.plain(text)  # file names in it are shown as text; the fields' names below in bold
+    for flag, field in (("--weights-file PATH", "a file in the **Weights file** field"),
+                        ("--weights-file", "the **Weights file** field"),
+                        ("--no-pretrained", "untick **ImageNet weights (pretrained)**")):
+        text = text.replace(ui.plain(flag), field)
+    return text
+
+
+def confirm_duplicate() -> None:
+    """The same config already waits or trains: queue it again only when the user says so."""
+    config, twins = st.session_state["train_duplicate"]
+    st.warning(f"The same settings are already queued or training as **{ui.plain(', '.join(twins))}**: launching "
+               "again trains the same thing twice.")
+    confirmed = st.checkbox("Yes, queue another run with the same settings", key="train_duplicate_confirm")
+    left, right, _ = st.columns([1, 1, 3])
+    if left.button("Queue it anyway", key="train_duplicate_launch", disabled=not confirmed):
+        st.session_state.pop("train_duplicate")
+        start(config)
+    elif right.button("Cancel", key="train_duplicate_cancel"):
+        st.session_state.pop("train_duplicate")
+        st.rerun()
 
 
 def launch_from_form() -> None:
@@ -130,8 +168,24 @@ def launch_from_form() -> None:
                                     runs_dir=str(ui.runs_dir()), name=st.session_state.get("train_name", "").strip())
         config.validate()
         load_index(config.data, spec_from(config))  # a bad folder or label file is reported here, not as a failed run
+        twins = active_duplicates(config)
+    except (ValueError, OSError) as e:  # ValueError: DatasetError, TrainConfig.validate
+        st.error(ui.plain(e))
+        return
+    if twins:
+        st.session_state["train_duplicate"] = (config, twins)
+        confirm_duplicate()
+        return
+    start(config)
+
+
+def start(config: TrainConfig) -> None:
+    try:
         run_dir = launch_training(config)  # refuses, queueing nothing, when ImageNet weights cannot be had
-    except (ValueError, OSError, WeightsUnavailableError) as e:  # ValueError: DatasetError, TrainConfig.validate
+    except WeightsUnavailableError as e:
+        st.error(weights_message(e))
+        return
+    except (ValueError, OSError) as e:
         st.error(ui.plain(e))
         return
     # Set before the monitor's selectbox is created further down this run.
@@ -153,14 +207,17 @@ def render_monitor(run_dir: Path, live: bool) -> None:
         elapsed = time.time() - status["started"]
     time_left = elapsed * (total_steps - done) / done if state == "running" and done and total_steps else None
 
-    cols = st.columns(7)
-    cols[0].metric("State", state)
-    cols[1].metric("Phase", status.get("phase") or "–")
-    cols[2].metric("Epoch", f"{status.get('epoch') or 0}/{epochs_total}" if epochs_total else "–")
-    cols[3].metric("Step in epoch", f"{status.get('step') or 0}/{steps_per_epoch}" if steps_per_epoch else "–")
-    cols[4].metric("Images/s", f"{status['images_per_s']:.0f}" if status.get("images_per_s") else "–")
-    cols[5].metric("Elapsed (training)", format_duration(elapsed))
-    cols[6].metric("Time left (est.)", format_duration(time_left))
+    # Words in a wide row, numbers in a narrow one: seven tiles in one row cut "running" to "run…" at 1280 px.
+    words = st.columns(2)
+    words[0].metric("State", state)
+    words[1].metric("Phase", status.get("phase") or "–")
+    numbers = st.columns(5)
+    # Epochs done, as `runs` and Compare count them; the step is the one of the epoch after those.
+    numbers[0].metric("Epochs done", f"{runs.epochs_done(status)}/{epochs_total}" if epochs_total else "–")
+    numbers[1].metric("Step in epoch", f"{status.get('step') or 0}/{steps_per_epoch}" if steps_per_epoch else "–")
+    numbers[2].metric("Images/s", f"{status['images_per_s']:.0f}" if status.get("images_per_s") else "–")
+    numbers[3].metric("Elapsed (training)", format_duration(elapsed))
+    numbers[4].metric("Time left (est.)", format_duration(time_left))
     fraction = 1.0 if state == "finished" else min(done / total_steps, 1.0) if total_steps else 0.0
     st.progress(fraction, text=f"{fraction:.0%} of training steps")
 
@@ -175,13 +232,24 @@ def render_monitor(run_dir: Path, live: bool) -> None:
         finished_summary(run_dir)
 
     stop_col, resume_col, _ = st.columns([1, 1, 4])
-    if state in runs.ACTIVE_STATES:
+    if state == "queued":
+        if stop_col.button("Cancel", key="train_stop", help="Take the run out of the queue now (it never trained)."):
+            try:
+                outcome = runs.cancel_queued(run_dir)
+            except (ValueError, OSError) as e:  # it started meanwhile
+                st.error(ui.plain(e))
+            else:
+                st.session_state["train_cancelled"] = (run_dir.name, outcome)
+                st.rerun()  # full rerun: polling stops, the delete control appears
+    elif state == "running":
         if not runs.stop_requested(run_dir) and stop_col.button("Stop", key="train_stop"):
             runs.request_stop(run_dir)
         if runs.stop_requested(run_dir):
             stop_col.caption("Stop requested: the run saves a checkpoint at its next step and stops.")
-    if state in RESUMABLE_STATES and resume_col.button("Resume", key="train_resume",
-                                                       help="Continue from the last saved checkpoint."):
+    again = "Start" if state == "cancelled" else "Resume"
+    if state in RESUMABLE_STATES and resume_col.button(again, key="train_resume",
+                                                       help="Continue from the last saved checkpoint (a cancelled "
+                                                            "run starts from the beginning)."):
         try:
             launch_resume(run_dir)
         except (ValueError, OSError) as e:
@@ -270,6 +338,11 @@ st.header("Monitor")
 deleted = st.session_state.pop("train_deleted", None)
 if deleted:
     st.success(f"Deleted **{ui.plain(deleted)}**.")
+cancelled = st.session_state.pop("train_cancelled", None)
+if cancelled:
+    st.success(f"Cancelled **{ui.plain(cancelled[0])}**: it left the queue without training; delete it below or "
+               "start it again." if cancelled[1] == "cancelled" else
+               f"**{ui.plain(cancelled[0])}** had just started: it stopped at its first step ({cancelled[1]}).")
 all_runs = runs.list_runs(ui.runs_dir())
 if not all_runs:
     st.info(f"No runs yet in {ui.plain(ui.runs_dir())}: launch one above (or `python -m core train --preset cpu "

@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+import pytest
 from app_helpers import (
     ORIGINAL_SUBSET,
     first_epoch_run,
@@ -19,7 +20,8 @@ from app_helpers import (
 )
 
 import ui
-from core import runs
+from core import launch, runs
+from core.model import WeightsUnavailableError
 
 TRAIN_PAGE = "pages/1_Train.py"
 
@@ -109,7 +111,7 @@ def test_launch_stop_resume_finish(app_env):
     at.run()
     assert not at.exception
     assert metric(at, "State") == "finished"
-    assert metric(at, "Epoch") == "2/2"
+    assert metric(at, "Epochs done") == "2/2"
     summary = at.success[0].value
     assert "at the operating threshold" in summary and "chosen at the end of training" in summary
     assert "AUC 0." in summary and "[" in summary  # with its interval
@@ -145,6 +147,7 @@ def test_finished_failed_and_running_runs(app_env, finished_run):
     assert not at.exception
     assert metric(at, "State") == "running"
     assert metric(at, "Step in epoch") == "3/5"
+    assert metric(at, "Epochs done") == "0/2"  # in its first epoch: none done, as `runs` and Compare count
     assert metric(at, "Time left (est.)") == "0:05"  # 2 s for 3 of 10 steps
     assert len(at.get("plotly_chart")) == 2  # per-step loss; the epoch curves are still empty
     assert "train_stop" in [b.key for b in at.button]
@@ -176,3 +179,99 @@ def test_delete_is_refused_with_the_reason_when_the_folder_holds_someone_elses_f
     assert any(ui.plain(kept / "notes.txt") in e.value and "never writes" in e.value for e in at.error)
     assert "train_delete" not in [b.key for b in at.button]  # nothing to click: nothing can be lost
     assert (kept / "notes.txt").read_text() == "mine"
+
+
+LAUNCH = "FormSubmitter:train_form-Launch training"
+
+
+def test_enter_in_a_field_does_not_launch(app_env):
+    """Streamlit's forms submit on Enter by default; the launch form and the study form turn that off, so only
+    their button launches (test_browser presses Enter in the real fields)."""
+    for script, form in ((TRAIN_PAGE, "train_form"), ("pages/2_Compare.py", "study_form")):
+        at = page(script).run()
+        (block,) = [f for f in at.get("form") if f.proto.form.form_id == form]
+        assert block.proto.form.enter_to_submit is False
+
+
+@pytest.fixture
+def no_spawn(monkeypatch):
+    """Launches create their run folder but start no training process: the run stays queued (its pid is this
+    process, so it counts as alive)."""
+    monkeypatch.setattr(launch, "_spawn", lambda run_dir, *extra: None)
+
+
+def test_an_identical_config_already_queued_asks_first(app_env, tiny_dataset, no_spawn):
+    at = page(TRAIN_PAGE).run()
+    at.selectbox(key="train_preset").select("tiny").run()
+    at.text_input(key="train_data").input(str(tiny_dataset))
+    at.button(key=LAUNCH).click().run()
+    (first,) = run_dirs_in(app_env)
+    assert runs.read_status(first)["state"] == "queued"
+
+    at.button(key=LAUNCH).click().run()  # the same settings again
+    assert not at.exception
+    assert "already queued or training" in at.warning[0].value and ui.plain(first.name) in at.warning[0].value
+    assert run_dirs_in(app_env) == [first]  # nothing queued without the confirmation
+    assert at.button(key="train_duplicate_launch").disabled
+    at.checkbox(key="train_duplicate_confirm").check().run()
+    at.button(key="train_duplicate_launch").click().run()
+    assert not at.exception
+    assert len(run_dirs_in(app_env)) == 2 and "Launched" in at.success[0].value
+
+    at.text_input(key="train_name").input("other")  # a run name alone does not make it another training
+    at.button(key=LAUNCH).click().run()
+    at.button(key="train_duplicate_cancel").click().run()
+    assert len(run_dirs_in(app_env)) == 2 and not at.warning
+
+    at.number_input(key="train_epochs").set_value(3)  # different settings launch at once
+    at.button(key=LAUNCH).click().run()
+    assert len(run_dirs_in(app_env)) == 3 and not at.warning
+
+
+def test_offline_imagenet_refusal_names_the_forms_fields(app_env, tiny_dataset, monkeypatch):
+    def offline(arch, pretrained, weights_file=""):
+        raise WeightsUnavailableError(
+            f"Could not download the ImageNet weights for {arch} (https://download.pytorch.org/x.pth): URLError: "
+            "<urlopen error [Errno -2] Name or service not known>. Either connect to the internet once, or pass it "
+            "with --weights-file PATH, or train without ImageNet weights (--no-pretrained).")
+
+    monkeypatch.setattr(launch, "check_weights", offline)
+    at = page(TRAIN_PAGE).run()
+    at.selectbox(key="train_preset").select("gpu").run()
+    at.text_input(key="train_data").input(str(tiny_dataset))
+    at.selectbox(key="train_device").select("cpu")
+    at.button(key=LAUNCH).click().run()
+    assert not at.exception
+    message = at.error[0].value
+    assert "**Weights file**" in message and "untick **ImageNet weights" in message
+    assert "--" not in message and "URLError" not in message and "Errno" not in message
+    assert run_dirs_in(app_env) == []
+
+
+def test_cancel_a_queued_run_then_delete_it(app_env, tiny_dataset, no_spawn, monkeypatch):
+    import subprocess
+    import sys
+
+    at = page(TRAIN_PAGE).run()
+    at.selectbox(key="train_preset").select("tiny").run()
+    at.text_input(key="train_data").input(str(tiny_dataset))
+    at.button(key=LAUNCH).click().run()
+    (run_dir,) = run_dirs_in(app_env)
+    waiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the queued process
+    try:
+        runs.write_status(run_dir, pid=waiting.pid)
+        at.run()
+        assert metric(at, "State") == "queued"
+        at.button(key="train_stop").click().run()
+        assert not at.exception
+        assert waiting.wait(timeout=10) is not None  # its process ended
+    finally:
+        waiting.kill()
+    assert runs.read_status(run_dir)["state"] == "cancelled"
+    assert "Cancelled" in at.success[0].value
+    assert metric(at, "State") == "cancelled"
+    assert at.button(key="train_resume").label == "Start"
+    at.checkbox(key=f"train_delete_confirm_{run_dir.name}").check().run()
+    at.button(key="train_delete").click().run()
+    assert not at.exception
+    assert not run_dir.exists()
