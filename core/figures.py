@@ -5,6 +5,7 @@ they read no files."""
 from __future__ import annotations
 
 import html
+import math
 
 import numpy as np
 import pandas as pd
@@ -16,8 +17,17 @@ import plotly.graph_objects as go
 VALIDATE = False
 # Named colour scales are resolved by validation too; this is plotly's "Blues".
 BLUES = [[i / 8, c] for i, c in enumerate(pc.sequential.Blues)]
-# The chart toolbar down the right edge: across the top it covers the titles.
-MODEBAR = dict(orientation="v")
+# The chart toolbar (plotly's modebar) sits in the top margin, right of the left-aligned title, so it covers
+# no data: down the right edge (orientation "v") it hid the PR curve's operating points, the confusion
+# matrices' right column and the last epoch at 1280 px. Five buttons keep it short beside a long title.
+MODEBAR = dict(orientation="h", remove=["select2d", "lasso2d", "zoomIn2d", "zoomOut2d", "autoScale2d"])
+TOP_MARGIN = 70  # px: the title's line and, above the plot area, the toolbar's row
+
+
+def _title(text: str) -> dict:
+    """A left-aligned title in the top margin (the toolbar takes the margin's right end)."""
+    return {"text": text, "x": 0, "xanchor": "left", "xref": "paper", "y": 1, "yanchor": "bottom",
+            "yref": "paper", "pad": {"b": 12}}
 # Legend below the x-axis title, not over it.
 LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.25)
 # One colour per prediction set, the same on every figure (Okabe-Ito: colour-blind safe).
@@ -73,7 +83,8 @@ def roc_figure(curves: dict[str, dict], markers: list[dict] | None = None, title
         fig.add_trace(_scatter(x=[m["fpr"]], y=[m["tpr"]], mode="markers", name=plain_label(m["name"]),
                                  marker=dict(symbol=m.get("symbol", "star"), size=m.get("size", 14),
                                              color=m.get("colour", "#DC143C"), line=dict(width=1, color="#000000"))))
-    fig.update_layout(modebar=MODEBAR, title=_text(title), height=460, margin=dict(t=50, b=40), legend=LEGEND_BELOW)
+    fig.update_layout(modebar=MODEBAR, title=_title(title), height=460, margin=dict(t=TOP_MARGIN, b=40),
+                      legend=LEGEND_BELOW)
     fig.update_xaxes(title=_text("False positive rate (1 − specificity)"), range=[0, 1], constrain="domain")
     # Equal aspect: the diagonal is at 45° and curves compare by eye.
     fig.update_yaxes(title=_text("True positive rate (sensitivity)"), range=[0, 1.01], scaleanchor="x", scaleratio=1)
@@ -101,7 +112,8 @@ def pr_figure(curves: dict[str, dict], markers: list[dict] | None = None,
         fig.add_trace(_scatter(x=[m["recall"]], y=[m["precision"]], mode="markers", name=plain_label(m["name"]),
                                  marker=dict(symbol=m.get("symbol", "star"), size=m.get("size", 14),
                                              color=m.get("colour", "#DC143C"), line=dict(width=1, color="#000000"))))
-    fig.update_layout(modebar=MODEBAR, title=_text(title), height=460, margin=dict(t=50, b=40), legend=LEGEND_BELOW)
+    fig.update_layout(modebar=MODEBAR, title=_title(title), height=460, margin=dict(t=TOP_MARGIN, b=40),
+                      legend=LEGEND_BELOW)
     fig.update_xaxes(title=_text("Recall (sensitivity)"), range=[0, 1])
     fig.update_yaxes(title=_text("Precision (PPV)"), range=[0, 1.01])
     return fig
@@ -116,7 +128,7 @@ def confusion_figure(counts: dict, names: list[str], title: str) -> go.Figure:
                          colorscale=BLUES, showscale=False,
                          hovertemplate="true %{y}<br>predicted %{x}<br>%{z} images<extra></extra>")
     fig = go.Figure(_validate=VALIDATE, data=heatmap)
-    fig.update_layout(modebar=MODEBAR, title=_text(title), height=340, margin=dict(t=50, b=40))
+    fig.update_layout(modebar=MODEBAR, title=_title(title), height=340, margin=dict(t=TOP_MARGIN, b=40))
     fig.update_xaxes(title=_text("Predicted class"), type="category")
     fig.update_yaxes(title=_text("True class"), type="category", autorange="reversed")
     return fig
@@ -142,22 +154,46 @@ def reliability_figure(summaries: dict[str, dict], title: str = "Reliability dia
                 hovertemplate=f"{label} {word}<br>bin %{{customdata[1]:.1f}}–%{{customdata[2]:.1f}}: "
                               "%{customdata[0]} images<br>mean predicted %{x:.3f}<br>observed %{y:.3f}<extra></extra>"))
     n_bins = next(iter(summaries.values()))["n_bins"] if summaries else 10
-    fig.update_layout(modebar=MODEBAR, title=_text(f"{title} ({n_bins} equal-width bins)"),
-                      height=480, margin=dict(t=50, b=40), legend=LEGEND_BELOW)
+    fig.update_layout(modebar=MODEBAR, title=_title(f"{title} ({n_bins} equal-width bins)"),
+                      height=480, margin=dict(t=TOP_MARGIN, b=40), legend=LEGEND_BELOW)
     fig.update_xaxes(title=_text("Mean predicted probability"), range=[0, 1], constrain="domain")
     fig.update_yaxes(title=_text("Observed share of positives"), range=[0, 1.01], scaleanchor="x", scaleratio=1)
     return fig
 
 
-def epoch_curves_figure(curves: dict[str, pd.DataFrame], column: str, title: str, y_title: str) -> go.Figure:
-    """One line per run of a per-epoch column (Compare)."""
+SCORE_RANGE = [0, 1.02]  # AUC and accuracy live in 0-1 (a hair more, so a point at 1 is not cut in half)
+
+
+def _last_epoch(*frames: pd.DataFrame) -> float:
+    values = [float(np.nanmax(f["epoch"])) for f in frames if not f.empty and "epoch" in f and f["epoch"].notna().any()]
+    return max(values, default=1.0)
+
+
+def _epoch_axis(fig: go.Figure, last_epoch: float) -> None:
+    """Whole epochs from 0: one tick per epoch (every n-th beyond ten), never '0, 1, 1' from a fractional
+    tick printed as an integer."""
+    last = max(1, math.ceil(last_epoch))
+    fig.update_xaxes(range=[0, last + 0.15], tick0=0, dtick=max(1, math.ceil(last / 10)), tickformat="d")
+
+
+def _loss_range(*series: pd.Series) -> list[float]:
+    """0 to a little above the largest loss: a loss is never negative, and one point is no reason to show -0.5."""
+    values = [float(np.nanmax(s)) for s in series if len(s) and s.notna().any()]
+    top = max(values, default=1.0)
+    return [0, (top if math.isfinite(top) and top > 0 else 1.0) * 1.08]
+
+
+def epoch_curves_figure(curves: dict[str, pd.DataFrame], column: str, title: str, y_title: str,
+                        score: bool = False) -> go.Figure:
+    """One line per run of a per-epoch column (Compare); `score`: a 0-1 metric (AUC, accuracy), else a loss."""
     fig = go.Figure(_validate=VALIDATE)
     for name, epochs in curves.items():
         if column in epochs:
             fig.add_trace(_scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=plain_label(name)))
-    fig.update_layout(modebar=MODEBAR, title=_text(title), xaxis_title=_text("Epoch"), yaxis_title=_text(y_title),
-                      margin=dict(t=50, b=10), legend=LEGEND_BELOW, showlegend=True)
-    fig.update_xaxes(tickformat="d", rangemode="tozero")  # whole epochs
+    fig.update_layout(modebar=MODEBAR, title=_title(title), xaxis_title=_text("Epoch"), yaxis_title=_text(y_title),
+                      margin=dict(t=TOP_MARGIN, b=10), legend=LEGEND_BELOW, showlegend=True)
+    _epoch_axis(fig, _last_epoch(*curves.values()))
+    fig.update_yaxes(range=SCORE_RANGE if score else _loss_range(*(e[column] for e in curves.values() if column in e)))
     return fig
 
 
@@ -168,13 +204,18 @@ def loss_figure(epochs: pd.DataFrame, steps: pd.DataFrame, steps_per_epoch: int 
         per_epoch = steps_per_epoch or int(steps["step"].max())
         fig.add_trace(_scatter(x=steps["global_step"] / per_epoch, y=steps["loss"], mode="lines",
                                  name="train (per step)", line=dict(width=1), opacity=0.45))
+    losses = [steps["loss"]] if not steps.empty and "loss" in steps else []
     for column, name in (("train_loss", "train (epoch mean)"), ("val_loss", "validation")):
         if not epochs.empty and column in epochs:
             fig.add_trace(_scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
-    fig.update_layout(modebar=MODEBAR, title=_text("Loss"), xaxis_title=_text("Epoch"),
+            losses.append(epochs[column])
+    fig.update_layout(modebar=MODEBAR, title=_title("Loss"), xaxis_title=_text("Epoch"),
                       yaxis_title=_text("Cross-entropy loss (weighted)"),
-                      margin=dict(t=50, b=10), legend=LEGEND_BELOW)
-    fig.update_xaxes(rangemode="tozero")
+                      margin=dict(t=TOP_MARGIN, b=10), legend=LEGEND_BELOW)
+    step_epochs = steps["global_step"] / (steps_per_epoch or steps["step"].max()) if not steps.empty and \
+        {"global_step", "step"} <= set(steps) else pd.Series(dtype=float)
+    _epoch_axis(fig, max(_last_epoch(epochs), float(step_epochs.max()) if step_epochs.notna().any() else 0.0))
+    fig.update_yaxes(range=_loss_range(*losses))
     return fig
 
 
@@ -185,11 +226,11 @@ def score_figure(epochs: pd.DataFrame) -> go.Figure:
                          ("val_auc", "validation AUC")):
         if not epochs.empty and column in epochs:
             fig.add_trace(_scatter(x=epochs["epoch"], y=epochs[column], mode="lines+markers", name=name))
-    fig.update_layout(modebar=MODEBAR, title=_text("Accuracy and AUC"), xaxis_title=_text("Epoch"),
+    fig.update_layout(modebar=MODEBAR, title=_title("Accuracy and AUC"), xaxis_title=_text("Epoch"),
                       yaxis_title=_text("Score (0–1)"),
-                      margin=dict(t=50, b=10), legend=LEGEND_BELOW)
-    fig.update_yaxes(range=[0, 1.02])
-    fig.update_xaxes(tickformat="d", rangemode="tozero")
+                      margin=dict(t=TOP_MARGIN, b=10), legend=LEGEND_BELOW)
+    fig.update_yaxes(range=SCORE_RANGE)
+    _epoch_axis(fig, _last_epoch(epochs))
     return fig
 
 
@@ -211,7 +252,12 @@ def study_seed_figure(rows: list[dict], arms: list[dict]) -> go.Figure:
     fig.add_trace(_scatter(x=[r["arm"] for r in done], y=[r["auc"] for r in done], mode="markers",
                            name="one run (seed)", text=[f"seed {r['seed']}: {r['auc']:.4f}" for r in done],
                            hoverinfo="text", marker=dict(size=10, color="#0072B2", opacity=0.7)))
-    fig.update_layout(modebar=MODEBAR, title=_text("Test AUC per seed, by arm"), xaxis_title=_text("Arm"),
-                      yaxis_title=_text("Test ROC AUC"), margin=dict(t=50, b=10), legend=LEGEND_BELOW)
+    fig.update_layout(modebar=MODEBAR, title=_title("Test AUC per seed, by arm"), xaxis_title=_text("Arm"),
+                      yaxis_title=_text("Test ROC AUC"), margin=dict(t=TOP_MARGIN, b=10), legend=LEGEND_BELOW)
     fig.update_xaxes(type="category", categoryorder="array", categoryarray=order)
+    # AUC's own range: from a little below the lowest value shown to 1 (an interval reaching past 1 is cut there).
+    shown = [v for v in [*means, *(m - e for m, e in zip(means, err_minus)), *(r["auc"] for r in done)]
+             if isinstance(v, (int, float)) and math.isfinite(v)]
+    low = max(0.0, math.floor((min(shown, default=0.5) - 0.02) * 20) / 20)
+    fig.update_yaxes(range=[low, SCORE_RANGE[1]])
     return fig

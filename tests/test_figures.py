@@ -85,3 +85,38 @@ def test_reliability_confusion_and_training_figures():
     score = figures.score_figure(pd.DataFrame())
     assert tuple(score.layout.yaxis.range) == (0, 1.02)  # 0-1 before the first epoch too
     assert len(figures.epoch_curves_figure({"a": epochs, "b": epochs}, "val_auc", "t", "y").data) == 2
+
+
+def test_the_toolbar_sits_in_the_top_margin_not_over_the_data():
+    """Down the right edge the toolbar hid operating points and a confusion matrix's right column: every
+    figure puts it across the top margin, with the title left-aligned under it."""
+    for name, build in _all_figures().items():
+        fig = build()
+        assert fig.layout.modebar.orientation == "h", name
+        assert fig.layout.margin.t >= figures.TOP_MARGIN, name
+        assert fig.layout.title.x == 0 and fig.layout.title.xanchor == "left", name
+
+
+def test_training_axes_stay_in_their_metrics_range_with_whole_epoch_ticks():
+    # Early in training: one epoch record, a few steps, a single point per line.
+    one = pd.DataFrame({"epoch": [1], "train_loss": [0.62], "val_loss": [0.58], "train_accuracy": [0.7],
+                        "val_accuracy": [0.74], "val_auc": [0.81]})
+    steps = pd.DataFrame({"global_step": [1, 2, 3], "step": [1, 2, 3], "loss": [0.7, 0.66, 0.64]})
+    loss = figures.loss_figure(one, steps, 3)
+    assert loss.layout.yaxis.range[0] == 0 and 0.7 < loss.layout.yaxis.range[1] < 0.8  # never below 0
+    score = figures.score_figure(one)
+    for fig in (loss, score):
+        assert fig.layout.xaxis.dtick == 1 and fig.layout.xaxis.tick0 == 0  # ticks 0, 1: no "0, 1, 1"
+    assert tuple(score.layout.yaxis.range) == (0, 1.02)
+    auc = figures.epoch_curves_figure({"a": one}, "val_auc", "t", "AUC", score=True)
+    assert tuple(auc.layout.yaxis.range) == (0, 1.02)
+    val_loss = figures.epoch_curves_figure({"a": one}, "val_loss", "t", "loss")
+    assert val_loss.layout.yaxis.range[0] == 0
+    long = pd.DataFrame({"epoch": range(1, 31), "val_auc": np.linspace(0.8, 0.97, 30)})
+    assert figures.epoch_curves_figure({"a": long}, "val_auc", "t", "AUC", score=True).layout.xaxis.dtick == 3
+
+
+def test_the_studys_auc_axis_ends_at_one():
+    fig = _all_figures()["study"]()
+    low, high = fig.layout.yaxis.range
+    assert high == 1.02 and 0 <= low <= 0.9
