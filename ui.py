@@ -195,3 +195,22 @@ def run_picker(label: str = "Run", key: str = "run", only_finished: bool = True)
     choice = st.selectbox(label, names, index=index, key=key)
     st.session_state["selected_run"] = choice
     return runs_dir() / choice
+
+
+def weights_refusal(error: Exception, pretrained_field: str | None) -> str:
+    """A refusal about ImageNet weights (core.model.WeightsUnavailableError) in a form's words: its fields, not
+    the command line's flags, and no raw network error (offline is all it means). `pretrained_field`: the
+    form's tick box for ImageNet weights, if it has one. Markdown: file names in the message are escaped."""
+    text = str(error)
+    way_out = (f"untick **{pretrained_field}**, or " if pretrained_field else "") + \
+        "choose efficientnet_lite0 (its weights come with the install)"
+    if text.startswith("Could not download"):
+        arch = text.split(" for ", 1)[1].split(" ", 1)[0] if " for " in text else "this architecture"
+        return (f"The ImageNet weights for {plain(arch)} cannot be downloaded (this machine has no internet "
+                f"connection). Give a local copy in the **Weights file** field, or {way_out}.")
+    text = plain(text)
+    for flag, field in (("--weights-file PATH", "a file in the **Weights file** field"),
+                        ("--weights-file", "the **Weights file** field"),
+                        ("--no-pretrained", f"untick **{pretrained_field}**" if pretrained_field else way_out)):
+        text = text.replace(plain(flag), field)
+    return text

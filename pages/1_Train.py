@@ -123,23 +123,6 @@ def training_form() -> None:
         confirm_duplicate()
 
 
-def weights_message(error: Exception) -> str:
-    """A refusal about ImageNet weights in the form's words: its fields, not the command line's flags, and no
-    raw network error (the machine is simply offline)."""
-    text = str(error)
-    if text.startswith("Could not download"):
-        arch = text.split(" for ", 1)[1].split(" ", 1)[0] if " for " in text else "this architecture"
-        return (f"The ImageNet weights for {arch} cannot be downloaded (this machine has no internet connection). "
-                "Give a local copy in the **Weights file** field, or untick **ImageNet weights (pretrained)**, or "
-                "choose efficientnet_lite0 (its weights come with the install).")
-    text = ui.plain(text)  # file names in it are shown as text; the fields' names below in bold
-    for flag, field in (("--weights-file PATH", "a file in the **Weights file** field"),
-                        ("--weights-file", "the **Weights file** field"),
-                        ("--no-pretrained", "untick **ImageNet weights (pretrained)**")):
-        text = text.replace(ui.plain(flag), field)
-    return text
-
-
 def confirm_duplicate() -> None:
     """The same config already waits or trains: queue it again only when the user says so."""
     config, twins = st.session_state["train_duplicate"]
@@ -183,7 +166,7 @@ def start(config: TrainConfig) -> None:
     try:
         run_dir = launch_training(config)  # refuses, queueing nothing, when ImageNet weights cannot be had
     except WeightsUnavailableError as e:
-        st.error(weights_message(e))
+        st.error(ui.weights_refusal(e, "ImageNet weights (pretrained)"))
         return
     except (ValueError, OSError) as e:
         st.error(ui.plain(e))

@@ -30,6 +30,10 @@ from core.study import (
 )
 
 MAX_DEFAULT_RUNS = 8
+REFRESH_SECONDS = 3
+# The table's first view: which run, how it trains, at which threshold, and the test figures that decide;
+# every other column (validation, PPV, NPV, F1, accuracy, training details) is one click away.
+KEY_COLUMNS = ("run", "state", "strategy", "init", "threshold", "test sensitivity", "test specificity", "test AUC")
 METRICS = ("auc", "sensitivity", "specificity", "ppv", "npv", "f1", "accuracy")
 METRIC_SHORT = {"auc": "AUC", "sensitivity": "sensitivity", "specificity": "specificity", "ppv": "PPV", "npv": "NPV",
                 "f1": "F1", "accuracy": "accuracy"}
@@ -44,11 +48,11 @@ def comparison_row(run: dict) -> dict:
     status = runs.read_status(run_dir)
     report = runs.read_report(run_dir)
     elapsed = status.get("elapsed")
-    epochs = runs.epoch_metrics(run_dir)
-    row = {"run": run["run"], "state": run["state"], "arch": run["arch"],
-           "strategy": "scratch" if run["arch"] == "smallcnn" else run["strategy"],
-           "pretrained": bool(run["pretrained"]) and run["arch"] != "smallcnn",
-           "epochs run": int(epochs["epoch"].nunique()) if not epochs.empty else 0, "epochs max": run["epochs"],
+    # The strategy is the config's word, as on Train and in the run's name (smallcnn's is 'full': every layer);
+    # where the weights start is its own column.
+    row = {"run": run["run"], "state": run["state"], "arch": run["arch"], "strategy": run["strategy"],
+           "init": "ImageNet" if run["pretrained"] and run["arch"] != "smallcnn" else "scratch",
+           "epochs done": run["epoch"], "epochs max": run["epochs"],
            "best epoch": report.get("best_epoch"),
            "training time (min)": round(elapsed / 60, 2) if isinstance(elapsed, (int, float)) else None}
     if run["state"] != "finished":
@@ -87,13 +91,13 @@ def study_form() -> None:
                 "runs train one after another in a background process; `efficientnet_lite0`'s ImageNet weights "
                 "come with the install, so it runs offline.")
     transfer_archs = sorted((a for a in ARCHITECTURES if a != "smallcnn"), key=lambda a: a != "efficientnet_lite0")
-    with st.form("study_form"):
+    with st.form("study_form", enter_to_submit=False):  # only the button launches
         data = st.text_input("Dataset folder", value=ui.data_folder(), key="study_data")
         arms = st.multiselect("Arms", list(ARMS), default=["frozen", "partial", "full", "scratch"], key="study_arms",
                               help="; ".join(f"{a}: {ARM_HELP[a]}" for a in ARMS))
         arch_col, size_col, seed_col = st.columns(3)
         arch = arch_col.selectbox("Backbone", transfer_archs, key="study_arch")
-        weights_file = arch_col.text_input("Weights file (optional)", key="study_weights_file",
+        weights_file = arch_col.text_input("Weights file", key="study_weights_file",
                                            help="Local ImageNet weights for the backbone (.pth state dict or "
                                                 ".safetensors), for backbones whose weights cannot be downloaded.")
         epochs = size_col.number_input("Epochs", min_value=1, max_value=500, value=4, key="study_epochs")
@@ -122,19 +126,25 @@ def study_form() -> None:
     try:
         study = create_study(base, arms, int(n_seeds), command="dashboard")
         launch_study(study.folder)
-    except (ValueError, OSError, WeightsUnavailableError) as e:  # nothing was queued
+    except WeightsUnavailableError as e:  # nothing was queued
+        st.error(ui.weights_refusal(e, None))
+        return
+    except (ValueError, OSError) as e:
         st.error(ui.plain(e))
         return
     st.session_state["study_pick_next"] = study.id  # the picker above already exists: applied on the rerun
-    st.success(f"Launched **{ui.plain(study.id)}**: {len(study.plan())} runs, one after another. Its progress and "
-               "results are below; each run is also on **Train**.")
+    st.session_state["study_launched"] = (f"Launched **{ui.plain(study.id)}**: {len(study.plan())} runs, one after "
+                                          "another. Its progress and results are below; each run is also on "
+                                          "**Train**.")
+    st.rerun()  # the view above starts following the study
 
 
-def study_view() -> None:
+def study_view() -> bool:
+    """The chosen study's progress and results; True while a process runs it."""
     studies = list_studies(ui.runs_dir())
     if not studies:
         st.caption("No study yet.")
-        return
+        return False
     names = [s.id if isinstance(s, Study) else s[0] for s in studies]
     if st.session_state.get("study_pick_next") in names:
         st.session_state["study_pick"] = st.session_state.pop("study_pick_next")
@@ -144,7 +154,7 @@ def study_view() -> None:
     study = studies[names.index(name)]
     if not isinstance(study, Study):
         st.error(ui.plain(f"{name} cannot be read: {study[1]}"))
-        return
+        return False
     progress = study_progress(study)
     left = (f", about {progress['minutes_left']:.0f} min left" if progress["minutes_left"] and progress["running"]
             else "")
@@ -152,7 +162,8 @@ def study_view() -> None:
                 text=f"{progress['finished']} of {progress['total']} runs finished{left}")
     if progress["running"]:
         current = progress["current"]
-        st.caption("Running" + (f": {current[0]}, seed {current[1]}" if current else "") + ". Reload to update.")
+        st.caption("Running" + (f": {current[0]}, seed {current[1]}" if current else "")
+                   + f". Updates every {REFRESH_SECONDS} s.")
     elif progress["finished"] < progress["total"]:
         missing = progress["total"] - progress["finished"]
         st.warning(f"{missing} of the study's runs {'is' if missing == 1 else 'are'} not finished and no process is "
@@ -164,13 +175,13 @@ def study_view() -> None:
                 launch_study(study.folder)
             except OSError as e:  # e.g. a read-only or full disk: process.log cannot be written
                 st.error(ui.plain(f"Could not start the study: {e}"))
-                return
+                return False
             st.rerun()
     try:
         results = cached_study_results(str(study.folder), study_signature(study))
     except (OSError, ValueError) as e:
         st.error(ui.plain(f"The results of {study.id} cannot be computed: {e}"))
-        return
+        return bool(progress["running"])
     if not any("auc" in r for r in results["rows"]):
         st.info("No run of this study has finished yet.")
     else:
@@ -194,11 +205,15 @@ def study_view() -> None:
     with st.expander("Runs of this study"):
         st.dataframe(pd.DataFrame([{k: r.get(k) for k in ("arm", "seed", "state", "run", "threshold", "auc",
                                                           "sensitivity", "specificity", "minutes")}
-                                   for r in results["rows"]]), hide_index=True)
+                                   for r in results["rows"]]), hide_index=True,
+                     column_config={**{c: st.column_config.NumberColumn(format="%.3f")
+                                       for c in ("threshold", "auc", "sensitivity", "specificity")},
+                                    "minutes": st.column_config.NumberColumn(format="%.1f")})
         if study.command:
             st.caption(ui.plain(f"Started by: {study.command}"))
     for problem in results["problems"]:
         st.warning(ui.plain(problem))
+    return bool(progress["running"])
 
 
 def study_signature(study: Study) -> tuple:
@@ -245,55 +260,98 @@ def pair_row(pair: dict) -> dict:
                                                                        " (seed variation not included)")}
 
 
-st.title("Compare runs")
-all_runs = runs.list_runs(ui.runs_dir())
-if not all_runs:
-    st.info(f"No runs yet in {ui.plain(ui.runs_dir())}. Start one on **Train**, or launch the strategy study below.")
-else:
+def runs_view() -> bool:
+    """Curves and metrics of the chosen runs; True while any run is queued or training."""
+    all_runs = runs.list_runs(ui.runs_dir())
+    if not all_runs:
+        st.info(f"No runs yet in {ui.plain(ui.runs_dir())}. Start one on **Train**, or launch the strategy study "
+                "below.")
+        return False
+    active = any(r["state"] in runs.ACTIVE_STATES for r in all_runs)
     by_name = {r["run"]: r for r in all_runs}
     # Plain names (states are in the table): a keyed widget keeps an option's first label.
     chosen = st.multiselect("Runs", list(by_name), default=list(by_name)[:MAX_DEFAULT_RUNS], key="compare_runs")
     if not chosen:
         st.info("Pick one or more runs.")
+        return active
+    selected = [by_name[n] for n in chosen if n in by_name]
+    curves = {r["run"]: runs.epoch_metrics(Path(r["path"])) for r in selected}
+    curves = {name: df for name, df in curves.items() if not df.empty}
+    if curves:
+        auc_col, loss_col = st.columns(2)
+        auc_col.plotly_chart(epoch_curves_figure(curves, "val_auc", "Validation AUC", "ROC AUC (0–1)", score=True),
+                             key="compare_auc_chart")
+        loss_col.plotly_chart(epoch_curves_figure(curves, "val_loss", "Validation loss",
+                                                  "Cross-entropy loss (weighted)"), key="compare_loss_chart")
     else:
-        selected = [by_name[n] for n in chosen]
-        curves = {r["run"]: runs.epoch_metrics(Path(r["path"])) for r in selected}
-        curves = {name: df for name, df in curves.items() if not df.empty}
-        if curves:
-            auc_col, loss_col = st.columns(2)
-            auc_col.plotly_chart(epoch_curves_figure(curves, "val_auc", "Validation AUC", "ROC AUC (0–1)"))
-            loss_col.plotly_chart(epoch_curves_figure(curves, "val_loss", "Validation loss",
-                                                "Cross-entropy loss (weighted)"))
-        else:
-            st.caption("None of the selected runs has finished an epoch yet: no curves to draw.")
+        st.caption("None of the selected runs has finished an epoch yet: no curves to draw.")
 
-        st.subheader("Metrics")
-        st.caption("Validation and test at each run's **operating threshold** (the one saved on Thresholds, else the "
-                   "one chosen on validation at the end of training), with 95% intervals from 2,000 bootstrap "
-                   "resamples of patients. Empty until a run finishes. Click a column header to sort.")
-        table = pd.DataFrame([comparison_row(r) for r in selected])
-        st.dataframe(table, hide_index=True,
-                     column_config={"threshold": st.column_config.NumberColumn(format="%.3f")})
-        finished = [r for r in selected if r["state"] == "finished"]
-        if finished:
-            with st.expander("Training-time figures (Youden threshold chosen on validation at the end of training)"):
-                st.dataframe(pd.DataFrame([training_time_row(r) for r in finished]), hide_index=True,
-                             column_config={c: st.column_config.NumberColumn(format="%.3f")
-                                            for c in ("Youden threshold (training)", "val auc", "val sensitivity",
-                                                      "val specificity", "test auc", "test sensitivity",
-                                                      "test specificity")})
-                st.caption("Kept for reference: these do not follow a threshold saved later.")
+    st.subheader("Metrics")
+    st.caption("Test sensitivity, specificity and AUC at each run's **operating threshold** (the one saved on "
+               "Thresholds, else the one chosen on validation at the end of training), with 95% intervals from "
+               "2,000 bootstrap resamples of patients. Empty until a run finishes. Click a column header to sort. "
+               "Init: ImageNet weights or scratch (random).")
+    table = pd.DataFrame([comparison_row(r) for r in selected])
+    number_format = {"threshold": st.column_config.NumberColumn(format="%.3f"),
+                     "training time (min)": st.column_config.NumberColumn(format="%.1f")}
+    st.dataframe(table[[c for c in KEY_COLUMNS if c in table]], hide_index=True, column_config=number_format)
+    with st.expander("All columns (validation, PPV, NPV, F1, accuracy, epochs, training time)"):
+        st.dataframe(table, hide_index=True, column_config=number_format)
+    finished = [r for r in selected if r["state"] == "finished"]
+    if finished:
+        with st.expander("Training-time figures (Youden threshold chosen on validation at the end of training)"):
+            st.dataframe(pd.DataFrame([training_time_row(r) for r in finished]), hide_index=True,
+                         column_config={c: st.column_config.NumberColumn(format="%.3f")
+                                        for c in ("Youden threshold (training)", "val auc", "val sensitivity",
+                                                  "val specificity", "test auc", "test sensitivity",
+                                                  "test specificity")})
+            st.caption("Kept for reference: these do not follow a threshold saved later.")
 
-        failed = [r for r in selected if r["state"] in ("failed", "killed")]
-        for run in failed:
-            st.error(f"**{ui.plain(run['run'])}** {run['state']}: "
-                     + ui.plain(run["error"] or "no error recorded"))
-        if any("WeightsUnavailable" in (r["error"] or "") or "ImageNet weights" in (r["error"] or "")
-               for r in failed):
-            st.info("Runs that needed ImageNet weights could not download them (no internet here?). Launch "
-                    "them again with a local weights file, without pretrained weights, or as smallcnn.")
+    failed = [r for r in selected if r["state"] in ("failed", "killed")]
+    for run in failed:
+        st.error(f"**{ui.plain(run['run'])}** {run['state']}: " + ui.plain(run["error"] or "no error recorded"))
+    if any("WeightsUnavailable" in (r["error"] or "") or "ImageNet weights" in (r["error"] or "") for r in failed):
+        st.info("Runs that needed ImageNet weights could not download them (no internet here?). Launch "
+                "them again with a local weights file, without pretrained weights, or as smallcnn.")
+    return active
 
-st.header("Strategy study")
-study_view()
+
+def render(live: bool) -> None:
+    runs_view()
+    st.header("Strategy study")
+    launched = st.session_state.pop("study_launched", None)
+    if launched:
+        st.success(launched)
+    study_view()
+    active = anything_active()  # the same test that chose this fragment: no rerun loop
+    if live:
+        st.caption(f"Follows the runs and the study: updates every {REFRESH_SECONDS} s while one is queued or "
+                   "running.")
+    if active != live:
+        st.rerun()  # work started or ended: redraw so that following starts or stops
+
+
+# Two fragments over one view, as on Train: only while something trains does the page poll.
+@st.fragment(run_every=REFRESH_SECONDS)
+def live_view() -> None:
+    render(live=True)
+
+
+@st.fragment
+def still_view() -> None:
+    render(live=False)
+
+
+def anything_active() -> bool:
+    if any(r["state"] in runs.ACTIVE_STATES for r in runs.list_runs(ui.runs_dir())):
+        return True
+    return any(isinstance(s, Study) and study_progress(s)["running"] for s in list_studies(ui.runs_dir()))
+
+
+st.title("Compare runs")
+if anything_active():
+    live_view()
+else:
+    still_view()
 with st.expander("Launch a new study", expanded=not list_studies(ui.runs_dir())):
     study_form()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -40,12 +41,18 @@ def test_finished_run_metrics(app_env, finished_run):
     assert not at.exception
     assert at.multiselect(key="compare_runs").value == [finished_run.name]
     assert len(at.get("plotly_chart")) == 2
-    row = at.dataframe[0].value.iloc[0]
+    key = at.dataframe[0].value
+    assert list(key.columns) == ["run", "state", "strategy", "init", "threshold", "test sensitivity",
+                                 "test specificity", "test AUC"]  # the rest is in the expander below
+    config = json.loads(at.dataframe[0].proto.columns)
+    assert config["threshold"]["type_config"]["format"] == "%.3f"  # 0.350, never 0.3500669300556183
+    row = at.dataframe[1].value.iloc[0]
     report = runs.read_report(finished_run)
     assert row["state"] == "finished"
-    assert row["epochs run"] == 2
+    assert row["epochs done"] == 2
     assert row["best epoch"] == report["best_epoch"]
-    assert row["strategy"] == "scratch"  # smallcnn
+    # The config's strategy, as on Train and in the run's name; where the weights start is its own column.
+    assert row["strategy"] == "full" and row["init"] == "scratch"  # smallcnn
     # At the operating threshold, with 95% intervals, the same strings as everywhere else.
     summary = run_summary(app_env / finished_run.name)
     assert row["operating threshold"] == summary["operating"].describe()
@@ -54,12 +61,12 @@ def test_finished_run_metrics(app_env, finished_run):
     assert math.isclose(summary["sets"]["test"]["metrics"]["auc"]["value"], report["test"]["auc"])
     assert row["training time (min)"] > 0
     # Training-time figures stay available, labelled.
-    youden = at.dataframe[1].value.iloc[0]
+    youden = at.dataframe[2].value.iloc[0]
     assert math.isclose(youden["Youden threshold (training)"], report["threshold"])
 
     runs.save_threshold(app_env / finished_run.name, 0.9, chosen_on="val", target="manual")
     at = page(COMPARE_PAGE).run()
-    row = at.dataframe[0].value.iloc[0]
+    row = at.dataframe[1].value.iloc[0]
     assert row["threshold"] == 0.9 and row["operating threshold"].startswith("0.900 (saved")
     assert row["test specificity"] == format_interval(
         run_summary(app_env / finished_run.name)["sets"]["test"]["metrics"]["specificity"])
@@ -69,6 +76,11 @@ def test_finished_run_metrics(app_env, finished_run):
     assert not at.exception
     assert set(at.multiselect(key="compare_runs").value) == {finished_run.name, running.name}
     assert at.dataframe[0].value.set_index("run").loc[running.name, "state"] == "running"
+    assert any("updates every" in c.value for c in at.caption)  # it follows the running run by itself
+    runs.write_status(running, state="stopped")
+    at.run()
+    assert at.dataframe[0].value.set_index("run").loc[running.name, "state"] == "stopped"
+    assert not any("updates every" in c.value for c in at.caption)  # nothing to follow: no polling
 
     at.multiselect(key="compare_runs").unselect(finished_run.name).unselect(running.name).run()
     assert not at.exception
@@ -89,7 +101,9 @@ def test_study_that_needs_unavailable_weights_queues_nothing(app_env, monkeypatc
     at.button(key="FormSubmitter:study_form-Launch the study").click().run()
     assert not at.exception
     error = as_read(at.error[0].value)
-    assert "ImageNet weights for resnet18" in error and "--weights-file" in error
+    # In the form's words: its field, no command-line flag, no raw network error.
+    assert "ImageNet weights for resnet18" in error and "Weights file" in error
+    assert "--" not in error and "URLError" not in error and "Errno" not in error
     assert list(app_env.iterdir()) == []  # no run, no study
 
 
