@@ -7,6 +7,6 @@ import ui
 
 home, *others = ui.PAGES
 navigation = st.navigation(
-    [st.Page(home[0], title=home[1], icon=home[2], default=True)]
-    + [st.Page(script, title=title, icon=icon, url_path=title) for script, title, icon in others])
+    [st.Page(home[0], title=home[1], default=True)]
+    + [st.Page(script, title=title, url_path=title) for script, title in others])
 navigation.run()

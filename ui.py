@@ -20,17 +20,17 @@ from core.labels import LabelSpec, spec_from
 from core.predict import LoadedModel, load_run_model
 
 PROJECT_ROOT = Path(__file__).resolve().parent
-# The dashboard's pages in menu order: (script, menu title, icon). The first is the home page at /, the
-# others are served at /<title>. Emoji, not :material/...: icons: those make the browser fetch an icon
-# font from fonts.gstatic.com, which an offline machine cannot reach.
+# The dashboard's pages in menu order: (script, menu title). The first is the home page at /, the others are
+# served at /<title>. Text only, no icons: emoji show as empty boxes without an emoji font (Debian's Chromium has
+# none), and :material/...: icons make the browser fetch a font from fonts.gstatic.com, out of reach offline.
 PAGES = (
-    ("pages/0_Data.py", "Data", "📂"),
-    ("pages/1_Train.py", "Train", "🏋️"),
-    ("pages/2_Compare.py", "Compare", "⚖️"),
-    ("pages/3_Thresholds.py", "Thresholds", "🎚️"),
-    ("pages/4_Mistakes.py", "Mistakes", "🔍"),
-    ("pages/5_Predict.py", "Predict", "🩻"),
-    ("pages/6_External.py", "External", "🌍"),
+    ("pages/0_Data.py", "Data"),
+    ("pages/1_Train.py", "Train"),
+    ("pages/2_Compare.py", "Compare"),
+    ("pages/3_Thresholds.py", "Thresholds"),
+    ("pages/4_Mistakes.py", "Mistakes"),
+    ("pages/5_Predict.py", "Predict"),
+    ("pages/6_External.py", "External"),
 )
 
 
@@ -181,21 +181,43 @@ def finished_runs() -> list[dict]:
     return [r for r in runs.list_runs(runs_dir()) if r["state"] == "finished"]
 
 
+RUN_PARAMETER = "run"  # ?run=<name> in the address: the chosen run survives a reload and a shared link
+
+
+def _remember_run(key: str) -> None:
+    """The user picked a run: every page shows it from now on (before this rerun reads the address)."""
+    st.session_state["selected_run"] = st.session_state[key]
+    st.query_params[RUN_PARAMETER] = st.session_state[key]
+
+
 def run_picker(label: str = "Run", key: str = "run", only_finished: bool = True) -> Path | None:
-    """A selectbox of runs (newest first) that remembers the choice across pages; None with a hint
-    when there are none."""
+    """A selectbox of runs (newest first). The choice stays chosen across pages (session state) and across a
+    reload or a page opened by its address (the query parameter ?run=<name>, kept in the address bar); a
+    named run that is gone is said, never silently swapped for the newest. None with a hint when there are
+    no runs."""
     rows = finished_runs() if only_finished else runs.list_runs(runs_dir())
     if not rows:
         st.info("No finished runs yet. Start one on the **Train** page (or `python -m core train`); "
                 f"runs are read from {plain(runs_dir())}.")
         return None
     names = [r["run"] for r in rows]
-    remembered = st.session_state.get("selected_run")
-    index = names.index(remembered) if remembered in names else 0
-    choice = st.selectbox(label, names, index=index, key=key)
+    asked = st.query_params.get(RUN_PARAMETER)
+    wanted = asked if asked is not None else st.session_state.get("selected_run")
+    if key in st.session_state and st.session_state[key] in names and st.session_state[key] != wanted \
+            and wanted in names:
+        st.session_state[key] = wanted  # a page visited before shows the run chosen since, on any page
+    elif key not in st.session_state or st.session_state[key] not in names:
+        st.session_state[key] = wanted if wanted in names else names[0]
+    choice = st.selectbox(label, names, key=key, on_change=_remember_run, args=(key,),
+                          help="The run this page shows; its name is kept in the address (?run=...), so a reload "
+                               "keeps it.")
+    if wanted is not None and wanted not in names:
+        st.warning(plain(f"The run {wanted} is not among the {'finished ' if only_finished else ''}runs in "
+                         f"{runs_dir()} (deleted, renamed or not finished): showing {choice}."))
     st.session_state["selected_run"] = choice
+    if st.query_params.get(RUN_PARAMETER) != choice:
+        st.query_params[RUN_PARAMETER] = choice
     return runs_dir() / choice
-
 
 def weights_refusal(error: Exception, pretrained_field: str | None) -> str:
     """A refusal about ImageNet weights (core.model.WeightsUnavailableError) in a form's words: its fields, not

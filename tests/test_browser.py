@@ -52,7 +52,7 @@ def _page_paths() -> list[tuple[str, str]]:
     """(name, URL path) for the home page and each other page of the menu (ui.PAGES): /Train, ..."""
     from ui import PAGES
 
-    return [("home", "")] + [(title, title) for _, title, _ in PAGES[1:]]
+    return [("home", "")] + [(title, title) for _, title in PAGES[1:]]
 
 
 PAGES = _page_paths()
