@@ -3,7 +3,7 @@
 (core.predict.predict_files), on the same files with the same run. The folder verdict both paths add once
 per set (ood.folder_shift, the same computation in both) is timed on its own.
 
-    .venv/bin/python bench/benchmark_batch_predict.py RUN [--images 200] [--data FOLDER] [--repeats 3]
+    .venv/bin/python bench/benchmark_batch_predict.py RUN [--images 200] [--data FOLDER] [--repeats 3] [--threads N]
 
 Files: the first N JPEGs (sorted) under --data (default ../shared/data/kermany_224/test). Also times batch
 prediction with each number of decoding processes from 1 to the cores available, and checks that both paths give
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,17 +31,25 @@ TEST_224 = Path(__file__).resolve().parents[2] / "shared" / "data" / "kermany_22
 FLOOR = 4.0
 
 
-def timed(paths: dict[str, object], repeats: int) -> tuple[dict[str, float], dict[str, object]]:
-    """Median seconds per path over `repeats` rounds, the paths interleaved within each round (so that load from
-    other processes on the machine falls on all of them alike), and each path's last result."""
-    times: dict[str, list[float]] = {name: [] for name in paths}
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the decoding processes), user and system."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def timed(paths: dict[str, object], repeats: int) -> tuple[dict[str, tuple[float, float]], dict[str, object]]:
+    """Median (wall, CPU) seconds per path over `repeats` rounds, the paths interleaved within each round (so that
+    load from other processes on the machine falls on all of them alike), and each path's last result. CPU time is
+    the steadier figure on a machine other processes share."""
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
     results: dict[str, object] = {}
     for _ in range(repeats):
         for name, fn in paths.items():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), cpu_seconds()
             results[name] = fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}, results
+            times[name].append((time.perf_counter() - wall, cpu_seconds() - cpu))
+    return {name: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t))
+            for name, t in times.items()}, results
 
 
 def main() -> int:
@@ -49,7 +58,11 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--data", default=str(TEST_224))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for the model (default: torch's own, "
+                        "one per core); 1 gives steadier figures on a machine other processes share")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     files = sorted(str(p) for p in Path(args.data).rglob("*.jp*g"))[:args.images]
     if not files:
         print(f"No JPEG under {args.data}.")
@@ -70,16 +83,17 @@ def main() -> int:
             lambda workers=workers: predict_batch(loaded, inputs, workers=workers, folder_verdict=False)
     seconds, results = timed(paths, args.repeats)
     single_name = next(iter(paths))
-    single_s, single = seconds[single_name], results[single_name]
+    (single_s, _), single = seconds[single_name], results[single_name]
     print(f"{n} images from {args.data}; run {Path(args.run).name} ({loaded.arch}, {loaded.image_size} px); "
-          f"{cores} cores; load average {os.getloadavg()[0]:.1f}; median of {args.repeats} interleaved rounds")
-    print(f"{'path':<34} {'seconds':>8} {'images/s':>9} {'vs one-by-one':>14}")
-    for name, s in seconds.items():
-        print(f"{name:<34} {s:>8.2f} {n / s:>9.1f} {single_s / s:>13.1f}x")
-    best = max(single_s / s for name, s in seconds.items() if name != single_name)
+          f"{cores} cores, {torch.get_num_threads()} torch threads; load average {os.getloadavg()[0]:.1f}; "
+          f"median of {args.repeats} interleaved rounds")
+    print(f"{'path':<34} {'seconds':>8} {'images/s':>9} {'vs one-by-one':>14} {'CPU ms/image':>13}")
+    for name, (s, cpu) in seconds.items():
+        print(f"{name:<34} {s:>8.2f} {n / s:>9.1f} {single_s / s:>13.1f}x {cpu / n * 1000:>13.2f}")
+    best = max(single_s / s for name, (s, _) in seconds.items() if name != single_name)
     batch = results[list(paths)[-1]]
     verdict_s, _ = timed({"verdict": lambda: batch_shift(loaded, single)}, args.repeats)
-    print(f"the folder verdict (two-sample test, both paths, once per set): {verdict_s['verdict']:.2f} s")
+    print(f"the folder verdict (two-sample test, both paths, once per set): {verdict_s['verdict'][0]:.2f} s")
     diff = np.abs(np.array([r["prob"] for r in single]) - np.array([r["probability"] for r in batch.rows]))
     print(f"largest probability difference batch vs one by one: {diff.max():.1e} (float32 rounding)")
     print(f"best ratio {best:.1f}x; floor {FLOOR:.0f}x: {'met' if best >= FLOOR else 'NOT met'}")
