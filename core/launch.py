@@ -30,9 +30,10 @@ def _spawn(run_dir: Path, *extra: str) -> subprocess.Popen:
 
 
 def resolved(config: TrainConfig) -> TrainConfig:
-    """The config as a run records it: its folders as absolute paths."""
+    """The config as a run records it: its folders as absolute paths (the training process runs elsewhere). The
+    data folder keeps the user's spelling (links are not followed), so views show the path they typed."""
     return dataclasses.replace(config, runs_dir=str(Path(config.runs_dir).resolve()),
-                               data=str(Path(config.data).expanduser().resolve()))
+                               data=os.path.abspath(os.path.expanduser(config.data)))
 
 
 def _same_training(a: dict, b: dict) -> bool:

@@ -430,7 +430,11 @@ def _data(ctx: _Context) -> str:
     if error:
         return _box("error", f"No data summary: {error}")
     assert report is not None
-    parts = [f"<p>Data folder <code>{_e(report.get('root', '?'))}</code>; classes "
+    typed, root = runs.read_config(ctx.run_dir).get("data"), report.get("root", "?")
+    # The folder as the user gave it, and where it led when that differs (a link, a relative path).
+    shown = f"<code>{_e(typed)}</code> (resolved: <code>{_e(root)}</code>)" if isinstance(typed, str) and typed \
+        and typed != root else f"<code>{_e(root)}</code>"
+    parts = [f"<p>Data folder {shown}; classes "
              f"{_e(', '.join(str(c) for c in report.get('classes') or []))} (positive class "
              f"<b>{_e(report.get('positive_class', '?'))}</b>); images resized to {_e(report.get('image_size', '?'))} "
              "px.</p>"]

@@ -208,7 +208,10 @@ classes: list[str] = overview["classes"]
 layout = "official train/val/test folders" if overview["has_official_splits"] else "no split folders"
 if overview.get("label_file"):
     layout = "splits from the label file" if overview["has_official_splits"] else "no split column"
-st.success(f"**{overview['n_images']:,} images** in {ui.plain(overview['root'])} ({layout}); classes "
+# The folder as typed; where it led too when that differs (a link, a relative path, ~).
+where = ui.plain(folder) if str(overview["root"]) == folder else \
+    f"{ui.plain(folder)} (resolved: {ui.plain(overview['root'])})"
+st.success(f"**{overview['n_images']:,} images** in {where} ({layout}); classes "
            f"{ui.plain(', '.join(classes))}; positive class **{ui.plain(overview['positive_class'])}**.")
 if overview.get("label_file"):
     st.markdown(f"Labels: {ui.plain(overview['labels'])}.")
@@ -284,4 +287,5 @@ for class_name, thumbs in samples.items():
         st.write("No readable images.")
         continue
     for column, (name, pixels) in zip(st.columns(SAMPLES_PER_CLASS), thumbs, strict=False):
-        column.image(pixels, caption=ui.plain(breakable(name)), width=THUMBNAIL_PX)
+        # As wide as its column (a fixed 160 px overflowed six columns at 1280 px), never wider than the thumbnail.
+        column.image(pixels, caption=ui.plain(breakable(name)), width="stretch")

@@ -81,8 +81,8 @@ with controls[2]:
 
 st.caption(ui.plain(f"Operating threshold: {operating.describe()}."))
 if preview:
-    st.warning(f"Preview at {threshold:.3f}: these are **not** the operating threshold's mistakes (it is "
-               f"{ui.plain(operating.describe())}). {WHO_USES_THE_OPERATING_THRESHOLD}")
+    st.info(f"Previewing the threshold {threshold:.3f}: below are the mistakes it would make. Nothing is saved; the "
+            f"operating threshold stays {ui.plain(operating.describe())}. {WHO_USES_THE_OPERATING_THRESHOLD}")
 
 try:
     predictions = ui.cached_predictions(run_dir, set_name)

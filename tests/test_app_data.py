@@ -150,3 +150,15 @@ def test_a_label_file_over_a_dicom_folder_gives_patients_metadata_and_left_out_r
     assert any("path" in f.columns and f["path"].astype(str).str.contains("gone").any() for f in frames)
     # The choice is remembered for the Train page.
     assert ui.load_settings()["label_options"]["labels_format"] == "rsna"
+
+
+def test_the_folder_is_shown_as_typed_and_where_it_leads(app_env, tiny_dataset, tmp_path):
+    link = tmp_path / "my-xrays"
+    link.symlink_to(tiny_dataset)
+    at = page("streamlit_app.py").run()
+    at.text_input(key="data_folder_input").input(str(link)).run()
+    assert not at.exception and not at.error
+    shown = as_read(at.success[0].value)
+    assert f"in {link} (resolved: {tiny_dataset.resolve()})" in shown
+    at.text_input(key="data_folder_input").input(str(tiny_dataset.resolve())).run()
+    assert "resolved" not in as_read(at.success[0].value)  # said once only where it differs

@@ -159,12 +159,13 @@ def test_operating_threshold_by_default_and_an_explicit_preview(run_copy):  # no
     at.toggle(key="mistakes_preview").set_value(True).run()
     at.slider(key="mistakes_preview_threshold").set_value(0.999).run()
     assert not at.exception, at.exception
-    assert "not** the operating threshold's mistakes" in at.warning[0].value
-    assert operating.describe() in as_read(at.warning[0].value)
+    preview = next(i.value for i in at.info if i.value.startswith("Previewing"))
+    assert "the mistakes it would make" in preview and "Nothing is saved" in preview
+    assert "operating threshold stays" in preview and operating.describe() in as_read(preview)
     assert list(at.dataframe[0].value["path"]) == list(mistakes(predictions, 0.999)["path"])
 
     at.toggle(key="mistakes_preview").set_value(False).run()
-    assert not at.warning and at.metric[0].value == "0.420"
+    assert not any(i.value.startswith("Previewing") for i in at.info) and at.metric[0].value == "0.420"
     assert list(at.dataframe[0].value["path"]) == list(mistakes(predictions, 0.42)["path"])
 
 

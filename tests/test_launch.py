@@ -76,3 +76,10 @@ def test_epochs_done_is_the_one_count_of_every_view():
     assert runs.epochs_done({"state": "finished", "epoch": 3, "step": 5, "steps_per_epoch": 71}) == 3
     assert runs.epochs_done({"state": "queued"}) == 0
     assert runs.epochs_done({"state": "stopped", "epoch": "2"}) == 0  # a damaged field counts nothing
+
+
+def test_a_launched_run_records_the_data_folder_as_typed(tiny_dataset, tmp_path):
+    link = tmp_path / "my-xrays"
+    link.symlink_to(tiny_dataset)
+    config = config_from_preset("tiny", data=str(link), runs_dir=str(tmp_path))
+    assert launch.resolved(config).data == str(link)  # not the link's target: the views show what was typed
