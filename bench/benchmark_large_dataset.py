@@ -196,7 +196,8 @@ def train_steps(images, labels: np.ndarray, preset: str, steps: int, seed: int) 
     from core.config import config_from_preset
     from core.model import apply_strategy, build_model, normalization, set_train_mode
     from core.streaming import BatchPrefetcher
-    from core.trainer import _to_input, autocast, select_device, uses_bf16
+    from core.device import autocast, select_device, uses_bf16
+    from core.pipeline import to_model_input
 
     config = config_from_preset(preset, device="cpu")
     device = select_device("cpu")
@@ -224,7 +225,7 @@ def train_steps(images, labels: np.ndarray, preset: str, steps: int, seed: int) 
             t_wait = time.time()
             for _, idx, batch in batches:
                 waited += time.time() - t_wait
-                x = _to_input(batch, device, mean, std, aug, aug_gen)
+                x = to_model_input(batch, device, mean, std, aug, aug_gen)
                 with autocast(device, bf16):
                     loss = torch.nn.functional.cross_entropy(model(x).float(), y_all[idx])
                 optimizer.zero_grad(set_to_none=True)

@@ -23,25 +23,33 @@ class AugmentParams:
     contrast: float = 0.15
 
 
-def _uniform(n: int, bound: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    return (torch.rand(n, generator=generator) * 2 - 1).mul_(bound).to(device)
-
-
-def augment_batch(x: torch.Tensor, params: AugmentParams, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, params: AugmentParams, generator: torch.Generator,
+                  shard: tuple[int, int] = (0, 1), batch_total: int | None = None) -> torch.Tensor:
     """x: (N, C, H, W) float in [0, 1]. Random numbers come from a CPU generator so runs are
-    reproducible across devices and resumable from a saved generator state."""
+    reproducible across devices and resumable from a saved generator state. In distributed training `x` is this
+    rank's share (every world-th image from rank on) of a batch of `batch_total` images: the numbers are drawn for
+    the whole batch, so that each image is augmented as one process would augment it."""
     n, device = x.shape[0], x.device
-    angle = _uniform(n, math.radians(params.rotation), generator, device)
-    scale = 1 + _uniform(n, params.scale, generator, device)
-    flip = torch.where(torch.rand(n, generator=generator) < params.flip, -1.0, 1.0).to(device)
-    tx = _uniform(n, 2 * params.shift, generator, device)
-    ty = _uniform(n, 2 * params.shift, generator, device)
+    rank, world = shard
+    total = batch_total if batch_total is not None else n
+
+    def rand() -> torch.Tensor:
+        return torch.rand(total, generator=generator)[rank::world][:n]
+
+    def uniform(bound: float) -> torch.Tensor:
+        return (rand() * 2 - 1).mul_(bound).to(device)
+
+    angle = uniform(math.radians(params.rotation))
+    scale = 1 + uniform(params.scale)
+    flip = torch.where(rand() < params.flip, -1.0, 1.0).to(device)
+    tx = uniform(2 * params.shift)
+    ty = uniform(2 * params.shift)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1),
                          torch.stack([sin * flip, cos, ty], 1)], 1).to(x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    brightness = _uniform(n, params.brightness, generator, device).view(n, 1, 1, 1).to(x.dtype)
-    contrast = (1 + _uniform(n, params.contrast, generator, device)).view(n, 1, 1, 1).to(x.dtype)
+    brightness = uniform(params.brightness).view(n, 1, 1, 1).to(x.dtype)
+    contrast = (1 + uniform(params.contrast)).view(n, 1, 1, 1).to(x.dtype)
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     return ((out - mean) * contrast + mean + brightness).clamp_(0, 1)

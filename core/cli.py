@@ -71,8 +71,6 @@ def _print_summary(label: str, summary: dict) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .trainer import train
-
     config = _config_from_args(args)
     if not config.data:
         print("error: --data DIR is required", file=sys.stderr)
@@ -81,8 +79,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .model import check_weights
 
     check_weights(config.arch, config.pretrained, config.weights_file)  # fails before a run folder exists
-    run_dir = train(config, show_progress=sys.stderr.isatty() and not args.quiet)
-    return _report_finished(run_dir)
+    if args.torchrun_nodes:
+        from .distributed import torchrun_commands
+
+        nodes, _, gpus = args.torchrun_nodes.partition("x")
+        if not (nodes.isdigit() and gpus.isdigit() and int(nodes) >= 1 and int(gpus) >= 1):
+            raise ValueError("--torchrun-nodes is NODESxGPUS, e.g. 2x8 (two machines of eight GPUs).")
+        words = [w for w in sys.argv[sys.argv.index("train") + 1:] if w]
+        if "--torchrun-nodes" in words:
+            i = words.index("--torchrun-nodes")
+            del words[i:i + 2]
+        words = [w for w in words if not w.startswith("--torchrun-nodes=")]
+        print("# one command per machine; node 0's address is the master (replace MASTER_ADDRESS):")
+        for line in torchrun_commands(int(nodes), int(gpus), "MASTER_ADDRESS", words):
+            print(line)
+        return 0
+    return _train_distributed(lambda dist: None, config, args, resume=False)
+
+
+def _train_distributed(existing, config, args: argparse.Namespace, resume: bool) -> int:
+    """Train in this process, or as one rank of a torchrun job (rank 0 creates the run folder and tells the
+    others where it is)."""
+    from .distributed import from_environment, start, stop
+    from .trainer import create_run, train
+
+    dist = from_environment()
+    start(dist, config.device if config is not None else "auto")
+    try:
+        run_dir = existing(dist)
+        if run_dir is None:
+            run_dir = dist.broadcast_object(str(create_run(config)) if dist.is_main else None)
+        run_dir = train(run_dir=Path(run_dir), resume=resume, show_progress=dist.is_main and sys.stderr.isatty()
+                        and not args.quiet, launched=getattr(args, "launched", False), dist=dist)
+    finally:
+        stop(dist)
+    return _report_finished(run_dir) if dist.is_main else 0
 
 
 def _find_study(runs_dir: str, name: str):
@@ -183,11 +214,14 @@ def _report_finished(run_dir: Path) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from . import runs
-    from .trainer import train
 
     run_dir = Path(args.run)
     if not runs.is_run_dir(run_dir):
         raise ValueError(f"{run_dir} is not a run directory (no config.json).")
+    from .distributed import from_environment
+
+    if not from_environment().is_main:  # rank 0 of a torchrun job checks and records; the others follow it
+        return _train_distributed(lambda dist: run_dir, TrainConfig.load(run_dir / "config.json"), args, True)
     state = runs.read_status(run_dir).get("state")
     # The dashboard's launcher queues a run, then starts this command on it with --launched.
     if not args.launched and state in runs.ACTIVE_STATES:
@@ -198,8 +232,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
         note = "last.pt (the checkpoint to resume from) is missing: training restarts from epoch 0."
         print(f"note: {note}", file=sys.stderr)
         runs.log(run_dir, note)
-    train(run_dir=run_dir, resume=True, show_progress=sys.stderr.isatty() and not args.quiet, launched=args.launched)
-    return _report_finished(run_dir)
+    try:
+        config = TrainConfig.load(run_dir / "config.json")
+    except (OSError, ValueError, TypeError):
+        config = None  # train() marks the run failed with the reason
+    return _train_distributed(lambda dist: run_dir, config, args, resume=True)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -611,6 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "tiny: smoke test). "
                         "Options given explicitly override it.")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
+    p.add_argument("--torchrun-nodes", metavar="NODESxGPUS",
+                   help="Print the torchrun command to run on each of NODES machines with GPUS GPUs each (e.g. 2x8), "
+                        "for these options, and exit. On one machine: torchrun --nproc-per-node=N -m core train ...")
     _add_config_options(p)
     p.set_defaults(func=cmd_train)
 

@@ -61,7 +61,9 @@ def gate_reason(width: int, height: int, rgb: np.ndarray | None, gray: np.ndarra
         return (f"Not a chest X-ray: the image is {width} x {height} pixels, {aspect:.1f} times longer than wide "
                 "(chest radiographs are close to square).")
     if rgb is not None:
-        chroma = rgb.max(axis=2).astype(np.int16) - rgb.min(axis=2).astype(np.int16)
+        # Channel by channel: numpy's max over the last axis of an interleaved image is ~15x slower.
+        r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+        chroma = np.maximum(np.maximum(r, g), b).astype(np.int16) - np.minimum(np.minimum(r, g), b)
         if chroma.mean() > MAX_MEAN_CHROMA or (chroma > 50).mean() > MAX_COLOURFUL_SHARE:
             return ("Not a chest X-ray: the image is in colour (a photo, a screenshot or a drawing); radiographs are "
                     "grayscale.")

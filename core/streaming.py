@@ -77,10 +77,11 @@ class BatchPrefetcher:
     """Yields (step, indices, images[indices]) for steps start..stop-1 of `order` (a permutation), each batch
     gathered `depth` steps ahead on a background thread. Use it as a context manager: leaving the block (the
     loop finished, broke, or raised, StopRequested included) stops and joins the thread; an error in the
-    thread is raised in the loop."""
+    thread is raised in the loop. `shard=(rank, world)`: this process's share of each batch (every world-th image
+    from rank on), for distributed training. `pin`: batches in pinned memory, for non-blocking copies to a GPU."""
 
     def __init__(self, images, order: torch.Tensor, batch_size: int, start: int = 0, stop: int | None = None,
-                 depth: int = 2) -> None:
+                 depth: int = 2, shard: tuple[int, int] = (0, 1), pin: bool = False) -> None:
         if batch_size < 1 or depth < 1:
             raise ValueError("batch_size and depth must be at least 1")
         self.images = images
@@ -88,6 +89,8 @@ class BatchPrefetcher:
         self.batch_size = batch_size
         self.start = start
         self.stop = stop if stop is not None else -(-len(order) // batch_size)
+        self.rank, self.world = shard
+        self.pin = pin
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -106,8 +109,9 @@ class BatchPrefetcher:
             for step in range(self.start, self.stop):
                 if self._stopping.is_set():
                     return
-                idx = self.order[step * self.batch_size:(step + 1) * self.batch_size]
-                if not self._put((step, idx, self.images[idx])):
+                idx = self.order[step * self.batch_size:(step + 1) * self.batch_size][self.rank::self.world]
+                batch = self.images[idx]
+                if not self._put((step, idx, batch.pin_memory() if self.pin else batch)):
                     return
             self._put(_DONE)
         except BaseException as e:  # handed to the training loop, which raises it

@@ -174,9 +174,10 @@ def test_temperature_scaling_recovers_a_known_temperature():
 
 def test_disk_full_marks_the_run_failed_with_the_reason_and_removes_half_written_files(tiny_dataset, tmp_path,
                                                                                        monkeypatch):
+    import core.checkpoint as checkpoint
     import core.trainer as trainer
 
-    real_save = trainer.save_file
+    real_save = checkpoint.save_file
     calls = []
 
     def save_then_fill_the_disk(state, path, metadata=None):
@@ -186,7 +187,7 @@ def test_disk_full_marks_the_run_failed_with_the_reason_and_removes_half_written
             raise OSError(28, "No space left on device", path)
         return real_save(state, path, metadata=metadata)
 
-    monkeypatch.setattr(trainer, "save_file", save_then_fill_the_disk)
+    monkeypatch.setattr(checkpoint, "save_file", save_then_fill_the_disk)
     monkeypatch.setattr(trainer, "safe_auc", lambda y, p: float(len(calls)))  # every epoch improves
     with pytest.raises(OSError):
         train(tiny_config(tiny_dataset, tmp_path / "runs", epochs=3))

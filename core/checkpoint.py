@@ -1,0 +1,62 @@
+"""Checkpoints: the best weights (safetensors, with the metadata prediction needs) and the resumable state of a
+run (last.pt: model, optimizer, scheduler, random generators and progress; loaded without running code)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import TrainConfig
+from .model import Classifier, normalization
+
+
+def checkpoint_metadata(config: TrainConfig, classes: list[str], temperature: float = 1.0,
+                        threshold: float = 0.5, epoch: int = 0) -> dict[str, str]:
+    mean, std = normalization(config.arch)
+    return {"arch": config.arch, "classes": json.dumps(classes), "positive_class": classes[-1],
+            "image_size": str(config.image_size), "mean": str(mean), "std": str(std),
+            "temperature": str(temperature), "threshold": str(threshold), "epoch": str(epoch),
+            "dropout": str(config.dropout), "strategy": config.strategy, "format": "cxr-workbench/1"}
+
+
+def save_weights(model: Classifier, path: Path, metadata: dict[str, str]) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def save_resume_state(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill during the write leaves the previous checkpoint intact
+
+
+def load_resume_state(path: Path) -> dict:
+    """The resumable state, loaded without running code from the file. A file that is damaged, or that
+    holds anything but tensors and plain values, is refused with a ValueError naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path} cannot be loaded safely ({type(e).__name__}: {first[:200]}); it is damaged or "
+                         "not a checkpoint this tool wrote. Delete it to restart the run from epoch 0.") from None
+    required = {"model": dict, "optimizer": dict, "aug_rng": torch.Tensor, "torch_rng": torch.Tensor, "progress": dict}
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), t) for k, t in required.items()):
+        raise ValueError(f"{path} is damaged (fields missing or of the wrong type). Delete it to restart the run "
+                         "from epoch 0.")
+    return state
+
+
+def load_weights_into(model: Classifier, path: Path) -> dict[str, str]:
+    """Load a best.safetensors into `model`; returns its metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    model.load_state_dict(load_file(str(path)))
+    return metadata

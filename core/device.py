@@ -1,0 +1,60 @@
+"""Device and precision: which device trains, whether bf16 autocast is used, and the names forms show."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+
+import torch
+
+
+def select_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"Device '{spec}' asked for, but PyTorch sees no CUDA GPU here.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise RuntimeError(f"Device '{spec}' asked for, but only {torch.cuda.device_count()} GPU(s) exist.")
+    return device
+
+
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """auto: bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX), where oneDNN runs
+    convolutions about 2.5x faster than fp32; fp32 elsewhere."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def autocast(device: torch.device, bf16: bool):
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def available_devices() -> list[str]:
+    """Device choices for forms: auto, cpu, and every GPU found."""
+    out = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        out.append("mps")
+    return out
+
+
+def device_names() -> dict[str, str]:
+    names = {"cpu": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            names[f"cuda:{i}"] = torch.cuda.get_device_name(i)
+    return names

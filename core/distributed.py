@@ -1,0 +1,120 @@
+"""Training on several processes (GPUs, or CPU processes with the gloo backend) with DistributedDataParallel.
+
+`torchrun` starts one process per device and tells each its place through RANK, WORLD_SIZE and LOCAL_RANK. Every
+process prepares the same data (rank 0 decodes it first; the others read it from the cache), builds the same model
+from the same seed and trains on its share of each batch; DDP averages the gradients. Rank 0 alone writes the run
+folder. Without torchrun (WORLD_SIZE unset or 1) nothing here does anything.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, device: torch.device) -> torch.device:
+        """Each process's own GPU (cuda:LOCAL_RANK); a CPU stays the CPU."""
+        if self.active and device.type == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's answer, on every rank (a stop request is read by rank 0 alone)."""
+        if not self.active:
+            return flag
+        value = torch.tensor([1 if flag else 0])
+        torch.distributed.broadcast(value, src=0)
+        return bool(value.item())
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of a tensor on this process's device (gloo: CPU tensors)."""
+        if not self.active:
+            return values
+        reduced = values.detach().clone()
+        torch.distributed.all_reduce(reduced)
+        return reduced
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's 1-d tensor, concatenated in rank order (sizes may differ), on the CPU."""
+        if not self.active:
+            return values.cpu()
+        parts: list = [None] * self.world
+        torch.distributed.all_gather_object(parts, values.cpu())
+        return torch.cat(parts)
+
+    def broadcast_object(self, value):
+        if not self.active:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def from_environment() -> Distributed:
+    """The process's place as torchrun set it (RANK, WORLD_SIZE, LOCAL_RANK); one process without torchrun."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise ValueError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (torchrun sets them).") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK {rank} does not fit WORLD_SIZE {world}.")
+    return Distributed(rank, world, local_rank)
+
+
+class Terminated(Exception):
+    """SIGTERM: torchrun ends every process when one of them fails, or the job is cancelled."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated("terminated (SIGTERM): another process of this distributed run failed or the job was stopped")
+
+
+def start(dist: Distributed, device_spec: str) -> None:
+    """Join the process group (NCCL for GPUs, gloo for CPUs) and turn SIGTERM into an error, so that the run is
+    marked failed with the reason when torchrun ends it."""
+    if not dist.active or torch.distributed.is_initialized():
+        return
+    backend = "nccl" if device_spec.startswith("cuda") or (device_spec == "auto" and torch.cuda.is_available()) \
+        else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(dist.local_rank)
+    torch.distributed.init_process_group(backend)
+    signal.signal(signal.SIGTERM, _terminate)
+
+
+def stop(dist: Distributed) -> None:
+    if dist.active and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def torchrun_commands(nodes: int, gpus_per_node: int, master: str, train_args: list[str],
+                      port: int = 29500) -> list[str]:
+    """One command per machine for a run over `nodes` machines of `gpus_per_node` GPUs (node 0 is the master)."""
+    import shlex
+
+    return [shlex.join(["torchrun", f"--nnodes={nodes}", f"--nproc-per-node={gpus_per_node}", f"--node-rank={k}",
+                        f"--master-addr={master}", f"--master-port={port}", "-m", "core", "train", *train_args])
+            for k in range(nodes)]
