@@ -194,10 +194,10 @@ def train_steps(images, labels: np.ndarray, preset: str, steps: int, seed: int) 
 
     from core.augment import AugmentParams
     from core.config import config_from_preset
-    from core.model import apply_strategy, build_model, normalization, set_train_mode
-    from core.streaming import BatchPrefetcher
     from core.device import autocast, select_device, uses_bf16
+    from core.model import apply_strategy, build_model, normalization, set_train_mode
     from core.pipeline import to_model_input
+    from core.streaming import BatchPrefetcher
 
     config = config_from_preset(preset, device="cpu")
     device = select_device("cpu")
