@@ -97,6 +97,9 @@ class TrainConfig:
     study: str = _opt("The study this run belongs to (set by `python -m core study`).", default="")
     device: str = _opt("cpu, cuda, cuda:N, mps, or auto.", default="auto")
     precision: str = _opt("auto = bf16 autocast on CUDA, fp32 elsewhere.", PRECISIONS, default="auto")
+    compile: str = _opt("torch.compile the model for training: on, off, or auto (off until the pipeline benchmark "
+                        "has measured it faster on the device; compiling costs a minute or more up front).",
+                        ("auto", "on", "off"), default="auto")
     max_steps_per_epoch: int = _opt("Cap on training steps per epoch (0 = whole training set).",
                                     default=0)
     decode_workers: int = _opt("Processes decoding images (0 = one per CPU core).", default=0)
@@ -117,7 +120,7 @@ class TrainConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name} must be a finite number, not {value}.")
         for name in ("arch", "strategy", "schedule", "optimizer", "class_weights", "precision", "labels_format",
-                     "uncertain", "other_findings"):
+                     "uncertain", "other_findings", "compile"):
             choices = next(f for f in dataclasses.fields(self) if f.name == name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, not '{getattr(self, name)}'.")

@@ -58,3 +58,16 @@ def device_names() -> dict[str, str]:
         for i in range(torch.cuda.device_count()):
             names[f"cuda:{i}"] = torch.cuda.get_device_name(i)
     return names
+
+
+# Devices on which bench/benchmark_pipeline.py measured torch.compile faster for training (compile: auto). None yet:
+# compiling costs 1-2 minutes up front and was not measured faster on a 2-core CPU; on CUDA it is unmeasured here.
+COMPILE_MEASURED_FASTER: frozenset[str] = frozenset()
+
+
+def maybe_compile(net: torch.nn.Module, setting: str, device: torch.device) -> torch.nn.Module:
+    """The network to train: torch.compile'd when `setting` is on (or auto on a device where it was measured
+    faster), else as it is. Compilation happens lazily, at the first step."""
+    if setting == "on" or (setting == "auto" and device.type in COMPILE_MEASURED_FASTER):
+        return torch.compile(net)
+    return net

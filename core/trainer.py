@@ -41,7 +41,7 @@ from .checkpoint import (
     save_weights,
 )
 from .config import TrainConfig
-from .device import autocast, available_devices, device_names, select_device, uses_bf16
+from .device import autocast, available_devices, device_names, maybe_compile, select_device, uses_bf16
 from .distributed import Distributed
 from .finalize import finalize_run, fit_temperature, positive_probs
 from .metrics import safe_auc
@@ -285,6 +285,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
     if dist.active:  # gradients averaged over the ranks at every step
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
+    net = maybe_compile(net, config.compile, device)
 
     steps_per_epoch = math.ceil(len(train_labels) / config.batch_size)
     if config.max_steps_per_epoch:
