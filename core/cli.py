@@ -248,6 +248,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
     state = runs.read_status(run_dir).get("state")
     if state not in runs.ACTIVE_STATES:
         raise ValueError(f"{run_dir.name} is not training (state: {state}): nothing to stop.")
+    if state == "queued":  # it never trained: cancelled at once, nothing to save
+        ended = runs.cancel_queued(run_dir)
+        print(f"Cancelled {args.run} (it was waiting in the queue)." if ended == "cancelled" else
+              f"Stop requested for {args.run}; it had just started and stops at its first step with a checkpoint.")
+        return 0
     runs.request_stop(run_dir)
     print(f"Stop requested for {args.run}; it stops at its next step with a resumable checkpoint.")
     return 0
@@ -500,10 +505,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not rows:
         print(f"No runs in {runs_dir}.")
         return 0
-    print(f"{'run':<48} {'state':<9} {'epoch':>7} {'threshold':>9}  test at the operating threshold, 95% intervals")
+    print(f"{'run':<48} {'state':<9} {'epochs done':>11} {'threshold':>9}  test at the operating threshold, 95% "
+          "intervals")
     for r in rows:
         epoch = f"{r['epoch'] or 0}/{r['epochs']}"
-        line, detail = f"{r['run']:<48} {str(r['state']):<9} {epoch:>7}", ""
+        line, detail = f"{r['run']:<48} {str(r['state']):<9} {epoch:>11}", ""
         if r["state"] == "finished":
             try:
                 summary = run_summary(Path(r["path"]), ["test"])

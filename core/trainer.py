@@ -315,7 +315,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
                              f"{str(e).splitlines()[0][:200]}). Delete it to restart the run from epoch 0.") from None
         progress.update({k: v for k, v in saved["progress"].items()
                          if k in progress and type(v) is type(progress[k])})
-        log(run_dir, f"Resumed after epoch {progress['epoch']}, step {progress['step_in_epoch']}")
+        log(run_dir, f"Resumed with {progress['epoch']}/{config.epochs} epochs done, at step "
+                     f"{progress['step_in_epoch']}/{steps_per_epoch} of epoch {progress['epoch'] + 1}")
 
     session_start = time.time()
     progress["elapsed_now"] = lambda: progress["elapsed"] + time.time() - session_start
@@ -323,6 +324,9 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
     def save_last() -> None:
         if not dist.is_main:
             return
+        if progress["step_in_epoch"]:  # stopped mid-epoch: the page shows that step, not the last one recorded
+            status(run_dir, epoch=progress["epoch"] + 1, step=progress["step_in_epoch"],
+                   global_step=progress["global_step"])
         counters = {k: v for k, v in progress.items() if k != "elapsed_now"}
         save_resume_state(last_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),

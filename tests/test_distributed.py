@@ -109,7 +109,7 @@ def test_a_killed_rank_fails_the_run_with_the_reason_and_resume_continues(data, 
 
     assert main(["resume", str(run), "--quiet"]) == 0  # one process continues the two-process run
     assert runs.read_status(run)["state"] == "finished"
-    assert "Resumed after epoch" in runs.log_tail(run, 200)
+    assert "Resumed with " in runs.log_tail(run, 200)
     assert int(runs.epoch_metrics(run)["epoch"].max()) == 40
 
 
