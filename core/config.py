@@ -97,6 +97,8 @@ class TrainConfig:
     study: str = _opt("The study this run belongs to (set by `python -m core study`).", default="")
     device: str = _opt("cpu, cuda, cuda:N, mps, or auto.", default="auto")
     precision: str = _opt("auto = bf16 autocast on CUDA, fp32 elsewhere.", PRECISIONS, default="auto")
+    processes: int = _opt("Processes the dashboard starts with torchrun, one per GPU (with device cuda); on the "
+                          "command line run torchrun yourself (see the README).", default=1)
     compile: str = _opt("torch.compile the model for training: on, off, or auto (off until the pipeline benchmark "
                         "has measured it faster on the device; compiling costs a minute or more up front).",
                         ("auto", "on", "off"), default="auto")
@@ -129,7 +131,7 @@ class TrainConfig:
         ranges = {  # name: (low, high, inclusive high)
             "image_size": (32, 1024), "epochs": (1, MAX_EPOCHS), "batch_size": (1, 4096), "lr": (1e-8, 10.0),
             "weight_decay": (0.0, 1.0), "patience": (0, MAX_EPOCHS), "max_steps_per_epoch": (0, 10**7),
-            "decode_workers": (0, 256), "seed": (0, 2**32 - 1), "memory_budget_gb": (0.0, 1e6),
+            "decode_workers": (0, 256), "seed": (0, 2**32 - 1), "memory_budget_gb": (0.0, 1e6), "processes": (1, 1024),
             "split_seed": (-1, 2**32 - 1), "aug_flip": (0.0, 1.0), "aug_rotation": (0.0, 180.0),
             "aug_scale": (0.0, 0.9), "aug_shift": (0.0, 0.5), "aug_brightness": (0.0, 1.0),
             "aug_contrast": (0.0, 1.0), "dropout": (0.0, 0.99)}

@@ -71,3 +71,21 @@ def maybe_compile(net: torch.nn.Module, setting: str, device: torch.device) -> t
     if setting == "on" or (setting == "auto" and device.type in COMPILE_MEASURED_FASTER):
         return torch.compile(net)
     return net
+
+
+ALL_GPUS = "all GPUs"
+
+
+def device_choices() -> list[str]:
+    """The dashboard's device choices: available_devices(), and 'all GPUs (N)' where there are several GPUs (a
+    torchrun process on each)."""
+    choices = available_devices()
+    gpus = sum(1 for d in choices if d.startswith("cuda:"))
+    return choices + ([f"{ALL_GPUS} ({gpus})"] if gpus > 1 else [])
+
+
+def device_and_processes(choice: str) -> tuple[str, int]:
+    """A device choice as the config's (device, processes): 'all GPUs (8)' is ('cuda', 8)."""
+    if choice.startswith(ALL_GPUS):
+        return "cuda", int(choice[len(ALL_GPUS):].strip(" ()"))
+    return choice, 1

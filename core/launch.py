@@ -18,9 +18,23 @@ from .trainer import create_run
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+def spawn_command(run_dir: Path, *extra: str) -> list[str]:
+    """The command that trains a queued run: `python -m core resume --launched`, under torchrun with one process
+    per GPU when the run's config asks for several processes."""
+    command = ["-m", "core", "resume", str(run_dir), "--quiet", "--launched", *extra]
+    try:
+        processes = TrainConfig.load(run_dir / "config.json").processes
+    except (OSError, ValueError, TypeError):
+        processes = 1  # the run itself reports a damaged config
+    if processes > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+                *command]
+    return [sys.executable, *command]
+
+
 def _spawn(run_dir: Path, *extra: str) -> subprocess.Popen:
     log = open(run_dir / "process.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "core", "resume", str(run_dir), "--quiet", "--launched", *extra],
+    proc = subprocess.Popen(spawn_command(run_dir, *extra),
                             cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True,  # survives the dashboard's restart or Ctrl-C
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -21,6 +21,7 @@ from core.config import (
     TrainConfig,
     config_from_preset,
 )
+from core.device import device_and_processes, device_choices
 from core.figures import loss_figure, score_figure
 from core.labels import load_index, spec_from
 from core.launch import active_duplicates, launch_resume, launch_training
@@ -69,7 +70,7 @@ def training_form() -> None:
                       "minutes on 2 cores), 'gpu' fine-tunes an ImageNet ResNet-18, 'cpu-transfer' trains a "
                       "head on a frozen ImageNet EfficientNet-Lite0 (weights installed, works offline), "
                       "'tiny' is a smoke test.")
-    devices = available_devices()
+    devices = device_choices()
     names = device_names()
     # Enter in a field must not launch a run: only the button does (a half-typed form queued runs before).
     with st.form("train_form", enter_to_submit=False):
@@ -140,6 +141,7 @@ def confirm_duplicate() -> None:
 
 def launch_from_form() -> None:
     values = {name: st.session_state[f"train_{name}"] for name in FORM_FIELDS}
+    values["device"], values["processes"] = device_and_processes(values["device"])  # 'all GPUs (N)': torchrun
     data = st.session_state["train_data"].strip()
     if not data:
         st.error("Choose a dataset folder first (type it above, or pick it on the Data page).")

@@ -28,3 +28,25 @@ def test_a_gpu_that_is_not_there_is_named():
         pytest.skip("this machine has a GPU")
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
         select_device("cuda:0")
+
+
+def test_several_gpus_offer_all_of_them_as_one_choice_run_by_torchrun(monkeypatch, tmp_path):
+    import core.device as device
+    from core.config import config_from_preset
+    from core.launch import spawn_command
+    from core.trainer import create_run
+
+    monkeypatch.setattr(device, "available_devices", lambda: ["auto", "cpu", "cuda:0", "cuda:1", "cuda:2"])
+    assert device.device_choices()[-1] == "all GPUs (3)"
+    assert device.device_and_processes("all GPUs (3)") == ("cuda", 3)
+    assert device.device_and_processes("cuda:1") == ("cuda:1", 1)
+    monkeypatch.setattr(device, "available_devices", lambda: ["auto", "cpu", "cuda:0"])
+    assert not any(c.startswith("all GPUs") for c in device.device_choices())
+
+    many = create_run(config_from_preset("tiny", data=str(tmp_path), runs_dir=str(tmp_path / "runs"), device="cuda",
+                                         processes=3))
+    command = spawn_command(many)
+    assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", "-m"]
+    assert command[6:9] == ["core", "resume", str(many)] and "--launched" in command
+    one = create_run(config_from_preset("tiny", data=str(tmp_path), runs_dir=str(tmp_path / "runs"), name="one"))
+    assert spawn_command(one)[1:4] == ["-m", "core", "resume"]
