@@ -1,6 +1,10 @@
 """Thresholds: fit a decision threshold on validation by a rule or by hand, read every set (test,
 external folders) at it with 95% patient-bootstrap intervals, see ROC/PR curves of validation and test
-overlaid, calibration, subgroups, and save it as the run's one operating threshold."""
+overlaid, calibration, subgroups, and save it as the run's one operating threshold.
+
+Speed: what depends on the threshold is one fragment (threshold_views), so a slider step or a rule change reruns
+and resends only that, not the run's sets, calibration or report; everything read from files is cached on the
+file's mtime."""
 
 from __future__ import annotations
 
@@ -115,7 +119,7 @@ if run_dir is None:
     st.stop()
 
 try:
-    operating = runs.operating_point(run_dir)
+    runs.operating_point(run_dir)  # a damaged threshold file stops the page here; the views read it themselves
 except ValueError as e:
     st.error(ui.plain(e))
     st.stop()
@@ -162,188 +166,195 @@ for n in names:
         chance_sets[n] = warning
         st.warning(ui.plain(warning), icon="⛔")
 
-headline = st.empty()  # filled once a save on this run is handled
-
 # A new run starts from its own operating threshold, not from the last run's slider position.
 if st.session_state.get("threshold_run") != str(run_dir):
-    st.session_state["thr_slider"] = operating.threshold
+    st.session_state["thr_slider"] = runs.operating_point(run_dir).threshold
     st.session_state["threshold_run"] = str(run_dir)
 
-controls = st.columns([1.2, 3, 1])
-fit_on = controls[0].radio("Fit on", names, format_func=lambda n: ui.plain(runs.set_label(n)), key="thr_split",
-                           persist_state="session",
-                           help="The set the rule is fitted on. Validation is the honest choice; the other sets "
-                                "are read at the threshold it gives.")
-rule = controls[1].radio("Rule", list(RULES), format_func=RULES.get, horizontal=True, key="thr_mode",
-                         persist_state="session")
-value = None
-if rule in TARGET_DEFAULTS:
-    if rule == "cost":
-        value = controls[2].number_input("Missed positive costs (false alarms)", min_value=0.01, max_value=1000.0,
-                                         value=TARGET_DEFAULTS["cost"], step=0.5, key="thr_cost",
-                                         persist_state="session",
-                                         help="Minimises expected cost = k × false negatives + false positives.")
+
+def redraw_page() -> None:
+    """The curves' sets also choose calibration's, which is drawn outside the fragment: rerun the whole page."""
+    st.rerun()
+
+
+@st.fragment
+def threshold_views(subgroup_box) -> list[str]:
+    """Everything that depends on the threshold, from the rule's controls to the confusion matrices and (into
+    subgroup_box) the subgroup table; returns the sets whose curves are shown."""
+    operating = runs.operating_point(run_dir)
+    headline = st.empty()  # filled once a save on this run is handled
+
+    controls = st.columns([1.2, 3, 1])
+    fit_on = controls[0].radio("Fit on", names, format_func=lambda n: ui.plain(runs.set_label(n)), key="thr_split",
+                               persist_state="session",
+                               help="The set the rule is fitted on. Validation is the honest choice; the other sets "
+                                    "are read at the threshold it gives.")
+    rule = controls[1].radio("Rule", list(RULES), format_func=RULES.get, horizontal=True, key="thr_mode",
+                             persist_state="session")
+    value = None
+    if rule in TARGET_DEFAULTS:
+        if rule == "cost":
+            value = controls[2].number_input("Missed positive costs (false alarms)", min_value=0.01, max_value=1000.0,
+                                             value=TARGET_DEFAULTS["cost"], step=0.5, key="thr_cost",
+                                             persist_state="session",
+                                             help="Minimises expected cost = k × false negatives + false positives.")
+        else:
+            value = controls[2].number_input("X", min_value=0.0, max_value=1.0, value=TARGET_DEFAULTS[rule],
+                                             step=0.01, format="%.3f", key=f"thr_x_{rule}", persist_state="session")
+
+    fit = prepared[fit_on]["set"]
+    if not fit.both_classes:
+        st.warning(ui.plain(f"The {runs.set_label(fit_on)} set holds only one class: curves and rules need both."))
+
+    chosen = None
+    if rule != "slider" and not fit.both_classes:
+        rule = "slider"  # a rule needs both classes: the threshold stays set by hand
+    elif rule != "slider":
+        chosen = choose_threshold(fit.labels, fit.probs, rule, value)
+        st.session_state["thr_slider"] = chosen  # switching back to "by hand" starts from it
+    slider_value = st.slider("Threshold (predict positive when probability ≥ threshold)", 0.0, 1.0, step=0.001,
+                             format="%.3f", key="thr_slider", persist_state="session", disabled=chosen is not None)
+    # A rule's exact threshold, not the slider's rounding of it: recall >= X must hold.
+    threshold = float(slider_value if chosen is None else chosen)
+    rule_text = describe_rule(rule if rule != "slider" else "manual", value)
+    if rule == "slider" and abs(threshold - operating.threshold) < 1e-9:
+        # Untouched, the slider holds the operating threshold: say how that one was chosen.
+        rule_text, fitted_on = operating.rule, operating.chosen_on or fit_on
     else:
-        value = controls[2].number_input("X", min_value=0.0, max_value=1.0, value=TARGET_DEFAULTS[rule], step=0.01,
-                                         format="%.3f", key=f"thr_x_{rule}", persist_state="session")
+        fitted_on = fit_on
 
-fit = prepared[fit_on]["set"]
-if not fit.both_classes:
-    st.warning(ui.plain(f"The {runs.set_label(fit_on)} set holds only one class: curves and rules need both."))
+    if fit_on in chance_sets:
+        st.warning(ui.plain(f"A threshold fitted on {runs.set_label(fit_on)} is meaningless: the model does not rank "
+                            "its images better than chance. It cannot be saved from this set."))
+    if fit_on != "val":
+        st.warning(f"You are fitting the threshold on **{ui.plain(runs.set_label(fit_on))}**. Numbers read on the set "
+                   "the threshold was fitted on are optimistic; fit on validation and only read the others.")
 
-chosen = None
-if rule != "slider" and not fit.both_classes:
-    rule = "slider"  # a rule needs both classes: the threshold stays set by hand
-elif rule != "slider":
-    chosen = choose_threshold(fit.labels, fit.probs, rule, value)
-    st.session_state["thr_slider"] = chosen  # switching back to "by hand" starts from it
-slider_value = st.slider("Threshold (predict positive when probability ≥ threshold)", 0.0, 1.0, step=0.001,
-                         format="%.3f", key="thr_slider", persist_state="session", disabled=chosen is not None)
-# A rule's exact threshold, not the slider's rounding of it: recall >= X must hold.
-threshold = float(slider_value if chosen is None else chosen)
-rule_text = describe_rule(rule if rule != "slider" else "manual", value)
-if rule == "slider" and abs(threshold - operating.threshold) < 1e-9:
-    # Untouched, the slider holds the operating threshold: say how that one was chosen.
-    rule_text, fitted_on = operating.rule, operating.chosen_on or fit_on
-else:
-    fitted_on = fit_on
+    summaries = {n: set_summary(p["set"], threshold, p["boot"], p["ranking"]) for n, p in prepared.items()}
 
-if fit_on in chance_sets:
-    st.warning(ui.plain(f"A threshold fitted on {runs.set_label(fit_on)} is meaningless: the model does not rank its "
-                      "images better than chance. It cannot be saved from this set."))
-if fit_on != "val":
-    st.warning(f"You are fitting the threshold on **{ui.plain(runs.set_label(fit_on))}**. Numbers read on the set the "
-               "threshold was fitted on are optimistic; fit on validation and only read the others.")
+    top = st.columns([1, 1, 2])
+    # The button is handled before the metrics are drawn, so they show the threshold just saved.
+    # A threshold fitted on part of a set would be saved as fitted on the whole of it: not offered.
+    filtered = in_distribution_only and fit_on in with_verdict
+    if filtered:
+        top[2].caption("Fitted on the images like the training data only: turn the toggle off to save a threshold "
+                       "fitted on this set.")
+    if top[2].button("Save as the operating threshold", type="primary", disabled=fit_on in chance_sets or filtered,
+                     help="Every view and command then uses this threshold; nothing is retrained."):
+        try:
+            runs.save_threshold(run_dir, threshold, chosen_on=fit_on, target=rule_text,
+                                rule=rule if rule != "slider" else "manual", value=value)
+        except (ValueError, OSError) as e:
+            top[2].error(ui.plain(f"Could not save the threshold: {e}"))
+        else:
+            operating = runs.operating_point(run_dir)
+            top[2].success(ui.plain(f"Saved: operating threshold {operating.describe()}."))
+    headline.info(f"**{ui.plain(f'Operating threshold {operating.describe()}.')}** Train's summary, Compare, "
+                  "Mistakes, Predict, `python -m core runs / evaluate` and the report all use it. Saving another one "
+                  "below changes them all.")
+    top[0].metric("Threshold on this page", f"{threshold:.3f}",
+                  help=ui.plain(f"{rule_text}, fitted on {runs.set_label(fit_on)}"))
+    top[1].metric("Operating threshold", f"{operating.threshold:.3f}", help=ui.plain(operating.describe()))
+    if abs(threshold - operating.threshold) > 1e-12:
+        top[2].caption(f"Not saved: the views use {operating.threshold:.3f} until you save.")
 
-summaries = {n: set_summary(p["set"], threshold, p["boot"], p["ranking"]) for n, p in prepared.items()}
+    for other in [n for n in names if n != "val"]:
+        gaps = shift_warnings(summaries["val"], summaries[other], runs.set_label(other))
+        if gaps:
+            where = ("Validation is carved from Kermany's training pool (same acquisition period), test was "
+                     "collected separately" if other == "test" else "This folder comes from elsewhere")
+            st.warning(f"**Validation does not represent {ui.plain(runs.set_label(other))}.** "
+                       + ui.plain("; ".join(gaps)) + f". {where}: "
+                       "the threshold fitted on validation does not give validation's rates there.")
 
-top = st.columns([1, 1, 2])
-# The button is handled before the metrics are drawn, so they show the threshold just saved.
-# A threshold fitted on part of a set would be saved as fitted on the whole of it: not offered.
-filtered = in_distribution_only and fit_on in with_verdict
-if filtered:
-    top[2].caption("Fitted on the images like the training data only: turn the toggle off to save a threshold "
-                   "fitted on this set.")
-if top[2].button("Save as the operating threshold", type="primary", disabled=fit_on in chance_sets or filtered,
-                 help="Every view and command then uses this threshold; nothing is retrained."):
+    st.subheader(ui.plain(f"Metrics at threshold {threshold:.3f} ({rule_text}, fitted on "
+                          f"{runs.set_label(fitted_on)})"))
+    st.dataframe(interval_table(summaries))
+    st.caption("Value [95% interval]. A dash: undefined (no images of that kind, or too few resamples defined). "
+               f"Positive class: {ui.plain(fit.class_names[1])}. PPV and NPV depend on each set's prevalence.")
+
+    if with_verdict:
+        with st.expander("Like and unlike the training data: does the model do better where it claims to know the "
+                         "data?", expanded=bool(set(with_verdict) - {"test"})):
+            for n in with_verdict:
+                parts = [prepared_part(str(run_dir), n, ui.file_mtime(runs.predictions_path(run_dir, n)), i)
+                         for i in (0, 1)]
+                total = len(full_sets[n]["set"].labels)
+                flagged = len(parts[1]["set"].labels) if parts[1] else 0
+                st.markdown(ui.plain(f"{runs.set_label(n)}: {flagged} of {total} images "
+                                     f"({flagged / max(total, 1):.0%}) flagged as unlike the training data; metrics at "
+                                     f"threshold {threshold:.3f}"))
+                part_summaries = {f"{label} ({len(p['set'].labels)} images)": set_summary(p["set"], threshold,
+                                                                                          p["boot"], p["ranking"])
+                                  for label, p in zip(("like the training data", "unlike it"), parts) if p}
+                st.dataframe(pd.DataFrame({METRIC_LABELS[k]: {c: format_interval(v["metrics"][k])
+                                                              for c, v in part_summaries.items()}
+                                           for k in METRIC_KEYS}).T)
+            st.caption("Value [95% interval], patients resampled within each part. The verdict is the run's own: a "
+                       "feature distance above the threshold that 95% of validation images pass, or an image that is "
+                       "not a chest X-ray (colour, blank, mostly white, elongated; external folders only).")
+
+    shown = st.multiselect("Curves of", names, default=[n for n in ("val", "test") if n in names],
+                           format_func=runs.set_label, key="thr_curves", on_change=redraw_page)
+    markers = []
+    for n in shown:
+        m = summaries[n]["metrics"]
+        markers.append({"name": f"{runs.set_label(n)} at {threshold:.3f}", "fpr": 1 - m["specificity"]["value"],
+                        "tpr": m["sensitivity"]["value"], "recall": m["sensitivity"]["value"],
+                        "precision": m["ppv"]["value"], "colour": colour_of(n, names)})
+    curves = {n: prepared[n]["curves"] for n in shown if prepared[n]["curves"]["roc"]}
+    roc_curves = {runs.set_label(n): {**c["roc"], "colour": colour_of(n, names)} for n, c in curves.items()}
+    pr_curves = {runs.set_label(n): {**c["pr"], "colour": colour_of(n, names)} for n, c in curves.items()}
+    if roc_curves:
+        charts = st.columns(2)
+        charts[0].plotly_chart(roc_figure(roc_curves, markers, "ROC (test is read, never tuned)"), key="roc")
+        charts[1].plotly_chart(pr_figure(pr_curves, markers), key="pr")
+
+    matrices = st.columns(max(1, len(shown)))
+    for col, n in zip(matrices, shown):
+        s = summaries[n]
+        col.plotly_chart(confusion_figure(s["counts"], prepared[n]["set"].class_names,
+                                          plain_label(f"{runs.set_label(n)} (n={s['n']})")), key=f"cm_{n}")
+
+    with subgroup_box:
+        subgroup_views(threshold)
+    return shown
+
+
+def subgroup_views(threshold: float) -> None:
+    read_on = st.selectbox("Set", names, index=names.index("test") if "test" in names else 0,
+                           format_func=runs.set_label, key="thr_subgroup_set")
+    groups_csv = st.text_input("Groups CSV (optional): a path column plus group columns", key="thr_groups_csv")
     try:
-        runs.save_threshold(run_dir, threshold, chosen_on=fit_on, target=rule_text,
-                            rule=rule if rule != "slider" else "manual", value=value)
-    except (ValueError, OSError) as e:
-        top[2].error(ui.plain(f"Could not save the threshold: {e}"))
+        csv_path = groups_csv.strip()
+        subgroups, group_notes, has_metadata = prepared_subgroups(
+            str(run_dir), read_on, ui.file_mtime(runs.predictions_path(run_dir, read_on)), csv_path,
+            ui.file_mtime(Path(csv_path)) if csv_path else 0.0)
+    except ValueError as e:
+        st.error(ui.plain(e))
+        subgroups, group_notes, has_metadata = [], [], True
+    if not subgroups:
+        st.caption("No subgroups: file names do not follow Kermany's patterns; give a groups CSV.")
     else:
-        operating = runs.operating_point(run_dir)
-        top[2].success(ui.plain(f"Saved: operating threshold {operating.describe()}."))
-headline.info(f"**{ui.plain(f'Operating threshold {operating.describe()}.')}** Train's summary, Compare, Mistakes, "
-              "Predict, `python -m core runs / evaluate` and the report all use it. Saving another one below changes "
-              "them all.")
-top[0].metric("Threshold on this page", f"{threshold:.3f}",
-              help=ui.plain(f"{rule_text}, fitted on {runs.set_label(fit_on)}"))
-top[1].metric("Operating threshold", f"{operating.threshold:.3f}", help=ui.plain(operating.describe()))
-if abs(threshold - operating.threshold) > 1e-12:
-    top[2].caption(f"Not saved: the views use {operating.threshold:.3f} until you save.")
+        table = subgroup_table(subgroups, threshold)
+        for key in ("sensitivity", "specificity", "auc"):
+            if key in table:
+                table[key] = table[key].map(lambda iv: format_interval(iv) if isinstance(iv, dict) else "—")
+        st.dataframe(table, hide_index=True)
+        st.caption(f"At threshold {threshold:.3f}, on {ui.plain(runs.set_label(read_on))}; 95% intervals from "
+                   "resampling patients within each group. Sensitivity needs positives and specificity negatives: a "
+                   "pneumonia subtype has only a sensitivity, a normal series only a specificity. Age bands in years "
+                   "(0-4 and 5-17: children; 18-39, 40-64 and 65+: adults); unknown: no value, or none that is an age. "
+                   f"Groups under {MIN_GROUP_IMAGES} images get no interval.")
+    for note in group_notes:
+        st.info(ui.plain(f"{note}."))
+    if not has_metadata:
+        st.caption(ui.plain(NO_METADATA))
 
-for other in [n for n in names if n != "val"]:
-    gaps = shift_warnings(summaries["val"], summaries[other], runs.set_label(other))
-    if gaps:
-        where = ("Validation is carved from Kermany's training pool (same acquisition period), test was "
-                 "collected separately" if other == "test" else "This folder comes from elsewhere")
-        st.warning(f"**Validation does not represent {ui.plain(runs.set_label(other))}.** "
-                   + ui.plain("; ".join(gaps)) + f". {where}: "
-                   "the threshold fitted on validation does not give validation's rates there.")
 
-st.subheader(ui.plain(f"Metrics at threshold {threshold:.3f} ({rule_text}, fitted on {runs.set_label(fitted_on)})"))
-st.dataframe(interval_table(summaries))
-st.caption("Value [95% interval]. A dash: undefined (no images of that kind, or too few resamples defined). "
-           f"Positive class: {ui.plain(fit.class_names[1])}. PPV and NPV depend on each set's prevalence.")
-
-if with_verdict:
-    with st.expander("Like and unlike the training data: does the model do better where it claims to know the data?",
-                     expanded=bool(set(with_verdict) - {"test"})):
-        for n in with_verdict:
-            parts = [prepared_part(str(run_dir), n, ui.file_mtime(runs.predictions_path(run_dir, n)), i)
-                     for i in (0, 1)]
-            total = len(full_sets[n]["set"].labels)
-            flagged = len(parts[1]["set"].labels) if parts[1] else 0
-            st.markdown(ui.plain(f"{runs.set_label(n)}: {flagged} of {total} images ({flagged / max(total, 1):.0%}) "
-                                 f"flagged as unlike the training data; metrics at threshold {threshold:.3f}"))
-            part_summaries = {f"{label} ({len(p['set'].labels)} images)": set_summary(p["set"], threshold, p["boot"],
-                                                                                      p["ranking"])
-                              for label, p in zip(("like the training data", "unlike it"), parts) if p}
-            st.dataframe(pd.DataFrame({METRIC_LABELS[k]: {c: format_interval(v["metrics"][k])
-                                                          for c, v in part_summaries.items()}
-                                       for k in METRIC_KEYS}).T)
-        st.caption("Value [95% interval], patients resampled within each part. The verdict is the run's own: a feature "
-                   "distance above the threshold that 95% of validation images pass, or an image that is not a chest "
-                   "X-ray (colour, blank, mostly white, elongated; external folders only).")
-
-shown = st.multiselect("Curves of", names, default=[n for n in ("val", "test") if n in names],
-                       format_func=runs.set_label, key="thr_curves")
-markers = []
-for n in shown:
-    m = summaries[n]["metrics"]
-    markers.append({"name": f"{runs.set_label(n)} at {threshold:.3f}", "fpr": 1 - m["specificity"]["value"],
-                    "tpr": m["sensitivity"]["value"], "recall": m["sensitivity"]["value"],
-                    "precision": m["ppv"]["value"], "colour": colour_of(n, names)})
-curves = {n: prepared[n]["curves"] for n in shown if prepared[n]["curves"]["roc"]}
-roc_curves = {runs.set_label(n): {**c["roc"], "colour": colour_of(n, names)} for n, c in curves.items()}
-pr_curves = {runs.set_label(n): {**c["pr"], "colour": colour_of(n, names)} for n, c in curves.items()}
-if roc_curves:
-    charts = st.columns(2)
-    charts[0].plotly_chart(roc_figure(roc_curves, markers, "ROC (test is read, never tuned)"), key="roc")
-    charts[1].plotly_chart(pr_figure(pr_curves, markers), key="pr")
-
-matrices = st.columns(max(1, len(shown)))
-for col, n in zip(matrices, shown):
-    s = summaries[n]
-    col.plotly_chart(confusion_figure(s["counts"], prepared[n]["set"].class_names,
-                                      plain_label(f"{runs.set_label(n)} (n={s['n']})")), key=f"cm_{n}")
-
-st.header("Calibration")
-report = runs.read_report(run_dir)
-temperature = report.get("temperature")
-if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
-    temperature = 1.0  # none recorded (or damaged): the probabilities are shown as saved
-st.caption(ui.plain(temperature_note(report)))
-calibration_sets = tuple((n, colour_of(n, names), ui.file_mtime(runs.predictions_path(run_dir, n)))
-                         for n in shown or ["val"])
-reliability, calibration_table = prepared_calibration(str(run_dir), calibration_sets, float(temperature))
-cal_cols = st.columns([2, 1])
-cal_cols[0].plotly_chart(reliability, key="reliability")
-cal_cols[1].dataframe(calibration_table.style.format("{:.4f}"))
-cal_cols[1].caption(f"ECE: expected calibration error over {N_BINS} equal-width probability bins. Brier: mean "
-                    "squared error of the probability. Lower is better for both. Marker size grows with the images "
-                    "in a bin. Temperature scaling minimises validation log-loss, not ECE: ECE can rise a little.")
-
-st.header("Subgroups")
-read_on = st.selectbox("Set", names, index=names.index("test") if "test" in names else 0, format_func=runs.set_label,
-                       key="thr_subgroup_set")
-groups_csv = st.text_input("Groups CSV (optional): a path column plus group columns", key="thr_groups_csv")
-try:
-    csv_path = groups_csv.strip()
-    subgroups, group_notes, has_metadata = prepared_subgroups(
-        str(run_dir), read_on, ui.file_mtime(runs.predictions_path(run_dir, read_on)), csv_path,
-        ui.file_mtime(Path(csv_path)) if csv_path else 0.0)
-except ValueError as e:
-    st.error(ui.plain(e))
-    subgroups, group_notes, has_metadata = [], [], True
-if not subgroups:
-    st.caption("No subgroups: file names do not follow Kermany's patterns; give a groups CSV.")
-else:
-    table = subgroup_table(subgroups, threshold)
-    for key in ("sensitivity", "specificity", "auc"):
-        if key in table:
-            table[key] = table[key].map(lambda iv: format_interval(iv) if isinstance(iv, dict) else "—")
-    st.dataframe(table, hide_index=True)
-    st.caption(f"At threshold {threshold:.3f}, on {ui.plain(runs.set_label(read_on))}; 95% intervals from resampling "
-               "patients within each group. Sensitivity needs positives and specificity negatives: a pneumonia "
-               "subtype has only a sensitivity, a normal series only a specificity. Age bands in years (0-4 and 5-17: "
-               "children; 18-39, 40-64 and 65+: adults); unknown: no value, or none that is an age. Groups under "
-               f"{MIN_GROUP_IMAGES} images get no interval.")
-for note in group_notes:
-    st.info(ui.plain(f"{note}."))
-if not has_metadata:
-    st.caption(ui.plain(NO_METADATA))
+# The page in reading order; the fragment fills the first box and the subgroups one.
+views, calibration_box, subgroup_box = st.container(), st.container(), st.container()
+subgroup_box.header("Subgroups")  # an outside container takes a fragment's writes once it holds something
 
 st.header("Report")
 st.caption("One self-contained HTML file (opens offline): data and leakage, config, training curves, the operating "
@@ -359,3 +370,24 @@ def report_html() -> bytes:
 
 st.download_button("Download the HTML report", data=report_html, file_name=f"{run_dir.name}-report.html",
                    mime="text/html", key="thr_report", on_click="ignore")
+
+with views:
+    shown = threshold_views(subgroup_box)
+
+with calibration_box:
+    st.header("Calibration")
+    report = runs.read_report(run_dir)
+    temperature = report.get("temperature")
+    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
+        temperature = 1.0  # none recorded (or damaged): the probabilities are shown as saved
+    st.caption(ui.plain(temperature_note(report)))
+    calibration_sets = tuple((n, colour_of(n, names), ui.file_mtime(runs.predictions_path(run_dir, n)))
+                             for n in shown or ["val"])
+    reliability, calibration_table = prepared_calibration(str(run_dir), calibration_sets, float(temperature))
+    cal_cols = st.columns([2, 1])
+    cal_cols[0].plotly_chart(reliability, key="reliability")
+    cal_cols[1].dataframe(calibration_table.style.format("{:.4f}"))
+    cal_cols[1].caption(f"ECE: expected calibration error over {N_BINS} equal-width probability bins. Brier: mean "
+                        "squared error of the probability. Lower is better for both. Marker size grows with the "
+                        "images in a bin. Temperature scaling minimises validation log-loss, not ECE: ECE can rise a "
+                        "little.")
