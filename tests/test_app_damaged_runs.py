@@ -27,7 +27,7 @@ from conftest import write_dataset
 import ui
 from core import runs
 
-RUN_PAGES = [script for script, _, _ in ui.PAGES if not script.endswith("0_Data.py")]
+RUN_PAGES = [script for script, _ in ui.PAGES if not script.endswith("0_Data.py")]
 PICKER_KEYS = {"pages/1_Train.py": "train_monitor_run"}  # the others use ui.run_picker's key "run"
 
 
