@@ -99,6 +99,10 @@ def colour_of(name: str, names: list[str]) -> str:
     return set_colour(name, externals.index(name) if name in externals else 0)
 
 
+# The metric names ("PR-AUC (average precision)") shown whole, not cut by the index column's default width.
+METRIC_NAMES_COLUMN = {"_index": st.column_config.TextColumn("metric", width="medium")}
+
+
 def interval_table(summaries: dict[str, dict]) -> pd.DataFrame:
     rows = {METRIC_LABELS[k]: {runs.set_label(s): format_interval(summ["metrics"][k]) for s, summ in summaries.items()}
             for k in METRIC_KEYS}
@@ -269,7 +273,7 @@ def threshold_views(subgroup_box) -> list[str]:
 
     st.subheader(ui.plain(f"Metrics at threshold {threshold:.3f} ({rule_text}, fitted on "
                           f"{runs.set_label(fitted_on)})"))
-    st.dataframe(interval_table(summaries))
+    st.dataframe(interval_table(summaries), column_config=METRIC_NAMES_COLUMN)
     st.caption("Value [95% interval]. A dash: undefined (no images of that kind, or too few resamples defined). "
                f"Positive class: {ui.plain(fit.class_names[1])}. PPV and NPV depend on each set's prevalence.")
 
@@ -289,7 +293,7 @@ def threshold_views(subgroup_box) -> list[str]:
                                   for label, p in zip(("like the training data", "unlike it"), parts) if p}
                 st.dataframe(pd.DataFrame({METRIC_LABELS[k]: {c: format_interval(v["metrics"][k])
                                                               for c, v in part_summaries.items()}
-                                           for k in METRIC_KEYS}).T)
+                                           for k in METRIC_KEYS}).T, column_config=METRIC_NAMES_COLUMN)
             st.caption("Value [95% interval], patients resampled within each part. The verdict is the run's own: a "
                        "feature distance above the threshold that 95% of validation images pass, or an image that is "
                        "not a chest X-ray (colour, blank, mostly white, elongated; external folders only).")
