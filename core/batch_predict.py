@@ -189,21 +189,11 @@ def read_label_csv(csv_path: str | os.PathLike) -> BatchInputs:
     """The images a CSV lists: a path column (path, file, filename, ... any case), relative paths taken from
     the CSV's folder, and a label column (label, class, diagnosis, ...) carried along when there is one.
     ValueError (one line) when the file is not a readable CSV or has no path column."""
-    from .subgroups import _text_of
+    from .subgroups import read_csv_text_table
 
     csv_path = str(csv_path)
     shown = display_path(csv_path)
-    try:
-        text = _text_of(csv_path)
-    except ValueError as e:
-        raise ValueError(f"Cannot read the label file {shown}: {e}.") from None
-    if not text.strip():
-        raise ValueError(f"Cannot read the label file {shown}: it is empty.")
-    try:
-        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-    except Exception as e:  # pandas raises several parser error types
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"Cannot read the label file {shown}: {first}.") from None
+    table = read_csv_text_table(csv_path, f"the label file {shown}")
     by_name = {str(c).strip().lower(): c for c in reversed(table.columns)}
     key = next((by_name[n] for n in PATH_COLUMNS if n in by_name), None)
     if key is None:

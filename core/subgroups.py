@@ -60,6 +60,22 @@ def _examples(items: list[str]) -> str:
     return shown + (f" and {len(items) - EXAMPLES} more" if len(items) > EXAMPLES else "")
 
 
+def read_csv_text_table(csv_path: str, where: str, blank_as_missing: bool = False) -> pd.DataFrame:
+    """An untrusted CSV (regular file, size-capped, text) as a table of strings; ValueError naming `where` when it
+    cannot be read, is empty or does not parse. Blank cells are '' (or missing, with `blank_as_missing`)."""
+    try:
+        text = _text_of(csv_path)
+    except ValueError as e:
+        raise ValueError(f"Cannot read {where}: {e}.") from None
+    if not text.strip():
+        raise ValueError(f"Cannot read {where}: it is empty.")
+    try:
+        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False,
+                           na_values=[""] if blank_as_missing else None)
+    except Exception as e:  # pandas raises several parser error types
+        raise ValueError(f"Cannot read {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}.") from None
+
+
 def _text_of(csv_path: str) -> str:
     """The file's text, refused with a one-line reason when it is not a regular file, too large, binary or
     not UTF-8."""
@@ -90,16 +106,7 @@ def read_groups_csv(csv_path: str | Path, columns: list[str] | None = None) -> G
     known); identical duplicate rows are counted once and said so in `notes`."""
     csv_path = str(csv_path)
     where = f"the groups CSV {csv_path}"
-    try:
-        text = _text_of(csv_path)
-    except ValueError as e:
-        raise ValueError(f"Cannot read {where}: {e}.") from None
-    if not text.strip():
-        raise ValueError(f"Cannot read {where}: it is empty.")
-    try:
-        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""])
-    except Exception as e:  # pandas raises several parser error types
-        raise ValueError(f"Cannot read {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}.") from None
+    table = read_csv_text_table(csv_path, where, blank_as_missing=True)
     names = [str(c) for c in table.columns]
     key = next((c for c in table.columns if str(c).strip().lower() in PATH_COLUMNS), None)
     if key is None:
