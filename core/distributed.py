@@ -2,8 +2,11 @@
 
 `torchrun` starts one process per device and tells each its place through RANK, WORLD_SIZE and LOCAL_RANK. Every
 process prepares the same data (rank 0 decodes it first; the others read it from the cache), builds the same model
-from the same seed and trains on its share of each batch; DDP averages the gradients. Rank 0 alone writes the run
-folder. Without torchrun (WORLD_SIZE unset or 1) nothing here does anything.
+from the same seed and trains on its share of each batch; DDP averages the gradients. Evaluation is shared too: each
+rank computes the logits of its `share` of the validation images every epoch (all ranks get them all back, in
+order, through `gather_rows`), and at the end its share of the val, test and training features and logits, which
+rank 0 alone receives. Rank 0 alone writes the run folder. Without torchrun (WORLD_SIZE unset or 1) nothing here
+does anything.
 """
 
 from __future__ import annotations
@@ -57,11 +60,37 @@ class Distributed:
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """Every rank's 1-d tensor, concatenated in rank order (sizes may differ), on the CPU."""
+        return self.gather_rows(values)
+
+    def share(self, n: int) -> tuple[int, int]:
+        """This rank's rows (start, stop) of n: contiguous, in rank order, sizes differing by at most one; some
+        ranks get none when n is smaller than the world. Contiguous shares make rank order the rows' order."""
+        return self.rank * n // self.world, (self.rank + 1) * n // self.world
+
+    def gather_rows(self, rows: torch.Tensor, main_only: bool = False) -> torch.Tensor:
+        """The whole tensor from every rank's `share` of its rows (any row count, empty included), in row order,
+        on the CPU, on every rank; `main_only`: on rank 0, the others get their own rows back. Every rank must
+        call it. Objects, not tensors, are exchanged: they travel over gloo and NCCL alike whatever their size."""
         if not self.active:
-            return values.cpu()
+            return rows.cpu()
+        mine = rows.detach().cpu()
         parts: list = [None] * self.world
-        torch.distributed.all_gather_object(parts, values.cpu())
+        if not main_only:
+            torch.distributed.all_gather_object(parts, mine)
+        else:
+            torch.distributed.gather_object(mine, parts if self.is_main else None, dst=0)
+            if not self.is_main:
+                return mine
         return torch.cat(parts)
+
+    def share_buffers(self, module: torch.nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm's running statistics) on every rank. DDP hands them out only at the start of
+        each forward, so after the last step each rank holds statistics its own images updated: evaluated in shares
+        without this, each share would be scored by a different model. Every rank must call it."""
+        if not self.active:
+            return
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=0)
 
     def broadcast_object(self, value):
         if not self.active:
@@ -69,6 +98,9 @@ class Distributed:
         box = [value]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
+
+
+SINGLE = Distributed()  # one process: no torchrun
 
 
 def from_environment() -> Distributed:

@@ -15,6 +15,7 @@ from . import runs
 from .checkpoint import checkpoint_metadata, load_weights_into, save_weights
 from .config import TrainConfig
 from .dataset import METADATA_FIELDS
+from .distributed import SINGLE, Distributed
 from .metrics import choose_threshold, metrics_at_threshold
 from .model import Classifier, normalization
 from .ood import OOD_FILE, OodDetector, fit_detector, save_detector
@@ -56,15 +57,11 @@ def positive_probs(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray
     return torch.softmax(logits / temperature, dim=1)[:, 1].double().numpy()
 
 
-def fit_run_ood(run_dir: Path, config: TrainConfig, model: Classifier, data: PreparedData,
-                val_features: np.ndarray, device: torch.device, bf16: bool) -> OodDetector | None:
+def fit_run_ood(run_dir: Path, config: TrainConfig, data: PreparedData, train_features: np.ndarray,
+                val_features: np.ndarray) -> OodDetector | None:
     """Fit the out-of-distribution score on the training features and save it as ood.safetensors. A failure
     is logged and leaves the run without a score (prediction says so), never fails the run."""
-    mean, std = normalization(config.arch)
     try:
-        # float32 features only: the training logits are not needed
-        train_features = compute_logits(model, data.splits["train"].images, device, mean, std, False,
-                                        features_only=True).numpy()
         detector = fit_detector(train_features, data.splits["train"].labels.numpy(), val_features,
                                 seed=config.seed)
         save_detector(detector, run_dir / OOD_FILE, {"fitted_by": "training", "arch": config.arch})
@@ -76,16 +73,35 @@ def fit_run_ood(run_dir: Path, config: TrainConfig, model: Classifier, data: Pre
     return detector
 
 
+def _sharded_features_and_logits(model: Classifier, images, device: torch.device, mean: float, std: float,
+                                 bf16: bool, dist: Distributed) -> tuple[np.ndarray, torch.Tensor]:
+    """features_and_logits of this rank's share of the images, all ranks' shares on rank 0 (the others: theirs)."""
+    features, logits = features_and_logits(model, images, device, mean, std, bf16, rows=dist.share(len(images)))
+    return dist.gather_rows(torch.from_numpy(features), main_only=True).numpy(), \
+        dist.gather_rows(logits, main_only=True)
+
+
 def finalize_run(run_dir: Path, config: TrainConfig, model: Classifier, data: PreparedData,
-                 device: torch.device, bf16: bool) -> dict:
-    """Best weights -> calibrated val/test predictions, threshold chosen on validation, report."""
+                 device: torch.device, bf16: bool, dist: Distributed = SINGLE) -> dict:
+    """Best weights -> calibrated val/test predictions, threshold chosen on validation, report. Distributed: every
+    rank must call it; each computes its share of the val, test and training images' features and logits, and
+    rank 0, holding them all, does the rest alone and returns the report (the other ranks: an empty one)."""
     best_path = run_dir / "best.safetensors"
+    dist.barrier()  # rank 0 may still be writing the best weights the other ranks are about to read
     meta = load_weights_into(model, best_path)
     model.to(device)
     mean, std = normalization(config.arch)
     features, logits = {}, {}
     for s in EVAL_SPLITS:
-        features[s], logits[s] = features_and_logits(model, data.splits[s].images, device, mean, std, bf16)
+        features[s], logits[s] = _sharded_features_and_logits(model, data.splits[s].images, device, mean, std,
+                                                              bf16, dist)
+    # float32 features only, the precision they are scored at; the training logits are not needed
+    train_images = data.splits["train"].images
+    train_features = dist.gather_rows(compute_logits(model, train_images, device, mean, std, False,
+                                                     features_only=True, rows=dist.share(len(train_images))),
+                                      main_only=True).numpy()
+    if not dist.is_main:
+        return {}
     temperature, refused = fit_temperature_checked(logits["val"], data.splits["val"].labels)
     report: dict = {"best_epoch": int(meta.get("epoch", 0)), "temperature": temperature,
                     "temperature_fit": {"fitted": refused is None, "note": refused, "on": "val"},
@@ -94,7 +110,7 @@ def finalize_run(run_dir: Path, config: TrainConfig, model: Classifier, data: Pr
     raw_probs = {s: positive_probs(logits[s]) for s in EVAL_SPLITS}
     val_labels = data.splits["val"].labels.numpy()
     threshold = choose_threshold(val_labels, probs["val"], "youden")
-    detector = fit_run_ood(run_dir, config, model, data, features["val"], device, bf16)
+    detector = fit_run_ood(run_dir, config, data, train_features, features["val"])
     report["ood"] = {"fitted": detector is not None, **(detector.info if detector is not None else {})}
     report["threshold"] = threshold
     for s in EVAL_SPLITS:

@@ -115,13 +115,16 @@ def to_model_input(batch_u8: torch.Tensor, device: torch.device, mean: float, st
 
 @torch.no_grad()
 def compute_logits(model: Classifier, images: torch.Tensor, device: torch.device, mean: float,
-                   std: float, bf16: bool, batch_size: int = 128, features_only: bool = False) -> torch.Tensor:
-    """Logits (or backbone features) for uint8 images, in eval mode, as float32 on the CPU."""
+                   std: float, bf16: bool, batch_size: int = 128, features_only: bool = False,
+                   rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Logits (or backbone features) for uint8 images, in eval mode, as float32 on the CPU. `rows` (start, stop):
+    only those images (a distributed rank's share), batched from start; all of them by default."""
     model.eval()
     out = []
     net = model.backbone if features_only else model
-    for i in range(0, len(images), batch_size):
-        x = to_model_input(images[i:i + batch_size], device, mean, std, None, None)
+    start, stop = rows if rows is not None else (0, len(images))
+    for i in range(start, stop, batch_size):
+        x = to_model_input(images[i:min(i + batch_size, stop)], device, mean, std, None, None)
         with autocast(device, bf16):
             out.append(net(x).float().cpu())
     dim = model.feature_dim if features_only else 2
@@ -129,16 +132,18 @@ def compute_logits(model: Classifier, images: torch.Tensor, device: torch.device
 
 
 def features_and_logits(model: Classifier, images: torch.Tensor, device: torch.device, mean: float, std: float,
-                        bf16: bool, batch_size: int = 128) -> tuple[np.ndarray, torch.Tensor]:
+                        bf16: bool, batch_size: int = 128,
+                        rows: tuple[int, int] | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """Backbone features (N, d) as float32 numpy and logits (N, 2) as a float32 CPU tensor. The logits are the
     model's forward at the run's precision (bf16 autocast where it trains so); the features are always computed
     in float32, the precision Predict and the ONNX graph score at, so that one image gets one verdict everywhere
-    (a second pass only where bf16 is used)."""
+    (a second pass only where bf16 is used). `rows`: only those images, as in compute_logits."""
     model.eval()
     feats, logits = [], []
+    start, stop = rows if rows is not None else (0, len(images))
     with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            x = to_model_input(images[i:i + batch_size], device, mean, std, None, None)
+        for i in range(start, stop, batch_size):
+            x = to_model_input(images[i:min(i + batch_size, stop)], device, mean, std, None, None)
             with autocast(device, bf16):
                 f = model.backbone(x)
                 out = model.head(f)

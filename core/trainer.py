@@ -42,7 +42,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .device import autocast, available_devices, device_names, maybe_compile, select_device, uses_bf16
-from .distributed import Distributed
+from .distributed import SINGLE, Distributed
 from .finalize import finalize_run, fit_temperature, positive_probs
 from .metrics import safe_auc
 from .model import apply_strategy, build_model, count_parameters, normalization, set_train_mode
@@ -54,7 +54,6 @@ __all__ = ["StopRequested", "available_devices", "compute_logits", "create_run",
            "positive_probs", "prepare_data", "select_device", "train", "train_one_epoch", "uses_bf16"]
 # Steps between host synchronisations on a GPU (figures written, stop request read); a CPU never waits for itself.
 GPU_RECORD_EVERY = 20
-SINGLE = Distributed()  # one process: no torchrun
 
 
 class StopRequested(Exception):
@@ -124,12 +123,18 @@ def train_one_epoch(net: torch.nn.Module, batches: TrainBatches, order: torch.Te
 
 @torch.no_grad()
 def evaluate(net: torch.nn.Module, inputs, labels: torch.Tensor, device: torch.device, mean: float, std: float,
-             bf16: bool, class_weights: torch.Tensor, features: bool = False) -> dict:
-    """Validation loss, AUC and accuracy of `net` on uint8 images (or, `features`, on backbone features)."""
+             bf16: bool, class_weights: torch.Tensor, features: bool = False, dist: Distributed = SINGLE) -> dict:
+    """Validation loss, AUC and accuracy of `net` on uint8 images (or, `features`, on backbone features).
+    Distributed: each rank computes the logits of its share of the images and every rank gets all of them, in
+    order, so the figures (and so best epoch and early stopping) are the whole split's and the same on every rank.
+    Every rank must call it; `net` is the bare model, not its DDP wrapper (no gradients to synchronise)."""
+    dist.share_buffers(net)
+    start, stop = dist.share(len(labels))
     if features:
-        logits = net.eval()(inputs.to(device)).float().cpu()
+        logits = net.eval()(inputs[start:stop].to(device)).float().cpu()
     else:
-        logits = compute_logits(net, inputs, device, mean, std, bf16)
+        logits = compute_logits(net, inputs, device, mean, std, bf16, rows=(start, stop))
+    logits = dist.gather_rows(logits)
     auc = safe_auc(labels.numpy(), positive_probs(logits))
     return {"loss": float(F.cross_entropy(logits, labels, weight=class_weights)), "auc": auc,
             "accuracy": float((logits.argmax(1) == labels).float().mean())}
@@ -353,7 +358,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
             trained = train_one_epoch(net, batches, order, progress["step_in_epoch"], steps_per_epoch, optimizer,
                                       scheduler, loss_fn, device, bf16, recorder, epoch, progress, save_last, dist)
             val = evaluate(model.head if frozen else model, inputs["val"], data.splits["val"].labels, device, mean,
-                           std, bf16, weights, features=frozen)
+                           std, bf16, weights, features=frozen, dist=dist)
             score = val["auc"] if math.isfinite(val["auc"]) else -val["loss"]
             improved = score > progress["best_auc"]
             if improved:
@@ -389,10 +394,12 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
     finally:
         bar.close()
 
-    if not dist.is_main:
-        return  # rank 0 evaluates the best weights and writes the predictions and report
+    # Every rank reaches this point: the loop ended on every rank at the same epoch (the validation figures,
+    # read for early stopping, are the same on all of them; a stop request raised StopRequested on all of them).
     status(run_dir, phase="final evaluation")
-    report = finalize_run(run_dir, config, model, data, device, bf16)
+    report = finalize_run(run_dir, config, model, data, device, bf16, dist)
+    if not dist.is_main:
+        return  # each rank computed its share of the final logits and features; rank 0 writes the results
     status(run_dir, state="finished", phase="done", finished=time.time(),
                       elapsed=progress["elapsed_now"]())
     test = report.get("test") or {}
