@@ -94,6 +94,43 @@ def weighted_counts(labels: np.ndarray, probs: np.ndarray, threshold: float,
     return counts[:, 0], counts[:, 1], counts[:, 2], counts[:, 3]
 
 
+# Above this many cells (resamples x images) per table, ThresholdCounts counts at each call instead of keeping
+# its two cumulative tables (4 bytes a cell each).
+CUMULATIVE_CELLS = 10_000_000
+
+
+class ThresholdCounts:
+    """Resampled confusion counts (tp, fp, fn, tn per resample) of one set at any threshold, for views that ask
+    again at every threshold step. Built once: the images sorted by probability and each resample's weights of
+    positives and negatives summed cumulatively, so a threshold costs one lookup per resample instead of a pass
+    over every image (weighted_counts): a Thresholds slider step recounts every set and subgroup. A set whose
+    tables would pass CUMULATIVE_CELLS is counted by weighted_counts at each call; both give the same counts."""
+
+    def __init__(self, labels: np.ndarray, probs: np.ndarray, boot: PatientBootstrap):
+        self.labels = np.asarray(labels).astype(int)
+        self.probs = np.asarray(probs, dtype=np.float64)
+        self.boot = boot
+        self.cumulative = boot.weights.size <= CUMULATIVE_CELLS
+        if not self.cumulative:
+            return
+        order = np.argsort(-self.probs, kind="mergesort")
+        self.descending = self.probs[order]
+        positive = self.labels[order] == 1
+        weights = boot.weights[:, order]
+        shape = (len(weights), len(order) + 1)
+        self.pos_above, self.neg_above = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+        np.cumsum(np.where(positive, weights, 0), axis=1, out=self.pos_above[:, 1:])
+        np.cumsum(np.where(positive, 0, weights), axis=1, out=self.neg_above[:, 1:])
+
+    def __call__(self, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if not self.cumulative:
+            return weighted_counts(self.labels, self.probs, threshold, self.boot.weights)
+        # Images with prob >= threshold are the first k of the descending order (negation is exact).
+        k = int(np.searchsorted(-self.descending, -threshold, side="right"))
+        tp, fp = self.pos_above[:, k], self.neg_above[:, k]
+        return tp, fp, self.pos_above[:, -1] - tp, self.neg_above[:, -1] - fp
+
+
 def weighted_ranking_metrics(labels: np.ndarray, probs: np.ndarray,
                              weights: np.ndarray) -> dict[str, np.ndarray]:
     """ROC AUC (ties count one half, as the Mann-Whitney statistic) and average precision (scikit-learn's
@@ -147,17 +184,20 @@ def percentile_interval(samples: np.ndarray, confidence: float = CONFIDENCE) -> 
 
 
 def intervals_at_threshold(labels: np.ndarray, probs: np.ndarray, threshold: float, boot: PatientBootstrap,
-                           ranking: dict[str, Interval] | None = None) -> dict:
+                           ranking: dict[str, Interval] | None = None,
+                           counts: ThresholdCounts | None = None) -> dict:
     """Every metric of METRIC_KEYS with its 95% interval at `threshold`, plus the confusion counts.
 
     `ranking` (AUC and PR-AUC, which do not depend on the threshold) may be passed in from
-    `ranking_intervals` so that a threshold change recomputes only the rates.
+    `ranking_intervals`, and `counts` (a ThresholdCounts of the same images and resamples), so that a threshold
+    change only looks the rates up.
     """
     labels = np.asarray(labels).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
     ones = np.ones((1, len(labels)), np.float32)
     point = {k: float(v[0]) for k, v in rates_from_counts(*weighted_counts(labels, probs, threshold, ones)).items()}
-    resampled = rates_from_counts(*weighted_counts(labels, probs, threshold, boot.weights))
+    resampled = rates_from_counts(*(counts(threshold) if counts is not None
+                                    else weighted_counts(labels, probs, threshold, boot.weights)))
     out: dict = {k: Interval(point[k], *percentile_interval(resampled[k])) for k in RATE_KEYS}
     out.update(ranking if ranking is not None else ranking_intervals(labels, probs, boot))
     pred = probs >= threshold

@@ -19,6 +19,7 @@ from .bootstrap import (
     DEFAULT_SEED,
     Interval,
     PatientBootstrap,
+    ThresholdCounts,
     format_interval,
     intervals_at_threshold,
     ranking_intervals,
@@ -73,10 +74,11 @@ def bootstrap_for(pset: PredictionSet, n_resamples: int = DEFAULT_RESAMPLES,
 
 
 def set_summary(pset: PredictionSet, threshold: float, boot: PatientBootstrap | None = None,
-                ranking: dict[str, Interval] | None = None) -> dict:
-    """Every metric with its 95% interval at `threshold` (JSON-ready), for one prediction set."""
+                ranking: dict[str, Interval] | None = None, counts: ThresholdCounts | None = None) -> dict:
+    """Every metric with its 95% interval at `threshold` (JSON-ready), for one prediction set; `ranking` and
+    `counts` (of the same set and resamples) spare interactive views the threshold-free work."""
     boot = boot or bootstrap_for(pset)
-    summary = intervals_at_threshold(pset.labels, pset.probs, threshold, boot, ranking)
+    summary = intervals_at_threshold(pset.labels, pset.probs, threshold, boot, ranking, counts)
     return {"set": pset.name, "patients_known": pset.patients is not None, **summary_to_json(summary)}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .bootstrap import Interval, PatientBootstrap, intervals_at_threshold, ranking_intervals
+from .bootstrap import Interval, PatientBootstrap, ThresholdCounts, intervals_at_threshold, ranking_intervals
 
 _SUBTYPE = re.compile(r"^person\d+_(bacteria|virus)_", re.IGNORECASE)
 _SERIES = re.compile(r"^(NORMAL2-IM|IM)-\d+-", re.IGNORECASE)
@@ -282,6 +282,7 @@ class Subgroup:
     probs: np.ndarray
     boot: PatientBootstrap | None  # None below MIN_GROUP_IMAGES: no interval
     ranking: dict[str, Interval] | None
+    counts: ThresholdCounts | None = None  # the resampled counts at any threshold, looked up at each step
 
 
 def prepare_subgroups(labels: np.ndarray, probs: np.ndarray, patients: np.ndarray | None, groups: pd.DataFrame,
@@ -295,12 +296,13 @@ def prepare_subgroups(labels: np.ndarray, probs: np.ndarray, patients: np.ndarra
         values = groups[column]
         for value in _groups_in_order(values):
             mask = (values == value).to_numpy()
-            boot = ranking = None
+            boot = ranking = counts = None
             if mask.sum() >= MIN_GROUP_IMAGES:
                 boot = PatientBootstrap(None if patients is None else patients[mask], int(mask.sum()),
                                         n_resamples, seed)
                 ranking = ranking_intervals(labels[mask], probs[mask], boot)
-            out.append(Subgroup(column, str(value), labels[mask], probs[mask], boot, ranking))
+                counts = ThresholdCounts(labels[mask], probs[mask], boot)
+            out.append(Subgroup(column, str(value), labels[mask], probs[mask], boot, ranking, counts))
     return out
 
 
@@ -312,7 +314,7 @@ def subgroup_table(subgroups: list[Subgroup], threshold: float) -> pd.DataFrame:
         row = {"grouping": g.grouping, "group": g.group, "images": int(len(g.labels)),
                "positives": int(g.labels.sum()), "negatives": int((g.labels == 0).sum())}
         if g.boot is not None:
-            summary = intervals_at_threshold(g.labels, g.probs, threshold, g.boot, g.ranking)
+            summary = intervals_at_threshold(g.labels, g.probs, threshold, g.boot, g.ranking, g.counts)
             for key in ("sensitivity", "specificity", "auc"):
                 row[key] = summary["metrics"][key].as_dict()
         rows.append(row)

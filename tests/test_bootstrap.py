@@ -100,3 +100,35 @@ def test_undefined_metrics_and_formatting():
     assert format_interval(s["metrics"]["specificity"]).startswith("0.500 [")
     with pytest.raises(ValueError):
         PatientBootstrap(["a"], 3)
+
+
+@pytest.mark.parametrize("cumulative", [True, False])
+def test_threshold_counts_equal_counting_every_image_at_every_threshold(cumulative, monkeypatch):
+    """The Thresholds page looks resampled counts up in cumulative tables (or counts, for sets too large for
+    them): the same numbers as weighted_counts at any threshold, including exactly at a tied probability."""
+    import core.bootstrap as bootstrap
+
+    if not cumulative:
+        monkeypatch.setattr(bootstrap, "CUMULATIVE_CELLS", 0)
+    boot = PatientBootstrap(PATIENTS, N, n_resamples=300)
+    counts = bootstrap.ThresholdCounts(LABELS, PROBS, boot)
+    assert counts.cumulative is cumulative
+    for threshold in (-0.1, 0.0, 0.3, PROBS[0], np.nextafter(PROBS[0], 1), 0.5, 1.0, 1.5):
+        looked_up = counts(threshold)
+        counted = weighted_counts(LABELS, PROBS, threshold, boot.weights)
+        for a, b in zip(looked_up, counted):
+            np.testing.assert_array_equal(np.asarray(a, float), np.asarray(b, float))
+    with_counts = intervals_at_threshold(LABELS, PROBS, 0.4, boot, counts=counts)
+    without = intervals_at_threshold(LABELS, PROBS, 0.4, boot)
+    assert {k: v.as_dict() for k, v in with_counts["metrics"].items()} == \
+        {k: v.as_dict() for k, v in without["metrics"].items()}
+
+
+def test_threshold_counts_of_an_empty_or_one_class_set():
+    from core.bootstrap import ThresholdCounts
+
+    empty = ThresholdCounts(np.array([], int), np.array([]), PatientBootstrap(None, 0, n_resamples=20))
+    assert [c.tolist() for c in empty(0.5)] == [[0] * 20] * 4
+    ones = ThresholdCounts(np.ones(4, int), np.array([0.1, 0.4, 0.6, 0.9]), PatientBootstrap(None, 4, 20))
+    tp, fp, fn, tn = ones(0.5)
+    assert (tp + fn == 4).all() and not fp.any() and not tn.any()
