@@ -236,3 +236,18 @@ def weights_refusal(error: Exception, pretrained_field: str | None) -> str:
                         ("--no-pretrained", f"untick **{pretrained_field}**" if pretrained_field else way_out)):
         text = text.replace(plain(flag), field)
     return text
+
+
+# The Thresholds page's live view (components/operating_view.js): registered once per server process, when this
+# module is first imported. Its JavaScript is the project's own code, never text from a file a user gave.
+_OPERATING_VIEW = st.components.v2.component(
+    "cxr_workbench.operating_view",
+    js=(PROJECT_ROOT / "components" / "operating_view.js").read_text(encoding="utf-8"),
+    css=(PROJECT_ROOT / "components" / "operating_view.css").read_text(encoding="utf-8"),
+)
+
+
+def operating_view(data: dict, key: str) -> None:
+    """ROC and PR curves with the operating points, and the confusion matrices, from
+    core.figures.operating_view_data: a threshold step moves the markers in place instead of redrawing charts."""
+    _OPERATING_VIEW(data=data, key=key)

@@ -134,6 +134,71 @@ def confusion_figure(counts: dict, names: list[str], title: str) -> go.Figure:
     return fig
 
 
+# The dashboard's live threshold view (components/operating_view.js) draws curves from these points: a curve of
+# every candidate threshold has one point per image, so it is thinned to one point per CURVE_GRID cell, which a
+# chart a few hundred pixels wide cannot tell apart from the whole curve.
+CURVE_GRID = 0.002
+
+
+def thin_curve(x: np.ndarray, y: np.ndarray, threshold: np.ndarray, grid: float = CURVE_GRID) -> dict[str, list]:
+    """The curve's points with consecutive points in the same grid cell merged (the first kept), the last point
+    kept; coordinates rounded to 4 decimals."""
+    x, y, threshold = (np.asarray(a, dtype=float) for a in (x, y, threshold))
+    if len(x) == 0:
+        return {"x": [], "y": [], "threshold": []}
+    cells = np.stack([np.floor(x / grid), np.floor(y / grid)], axis=1)
+    keep = np.ones(len(x), dtype=bool)
+    keep[1:] = np.any(cells[1:] != cells[:-1], axis=1)
+    keep[-1] = True
+    return {k: np.round(v[keep], 4).tolist() for k, v in (("x", x), ("y", y), ("threshold", threshold))}
+
+
+def operating_curves(roc_curves: dict[str, dict], pr_curves: dict[str, dict], roc_title: str = "ROC curve",
+                     pr_title: str = "Precision–recall curve") -> dict:
+    """The curves of the dashboard's live threshold view: those of roc_figure / pr_figure (same inputs, same
+    legend texts), thinned, in plain text (the view writes every name as text, never as HTML), and a key that
+    changes only when they do. Threshold-free: built once per set of curves, then passed to operating_view_data
+    at every threshold."""
+    import hashlib
+    import json
+
+    roc, pr = [], []
+    for label, c in roc_curves.items():
+        roc.append({"name": f"{label} (AUC {_auc_text(c['auc'])})", "label": label, "colour": c.get("colour"),
+                    **thin_curve(c["fpr"], c["tpr"], c["threshold"])})
+    for label, c in pr_curves.items():
+        pr.append({"name": f"{label} chance (prevalence {c['prevalence']:.2f})", "label": label,
+                   "colour": c.get("colour"), "dash": "4 3", "x": [0, 1], "y": [c["prevalence"]] * 2})
+        pr.append({"name": f"{label} (PR-AUC {_auc_text(c['auc'])})", "label": label, "colour": c.get("colour"),
+                   **thin_curve(c["recall"], c["precision"], c["threshold"])})
+    charts = {
+        "roc": {"title": roc_title, "x_title": "False positive rate (1 − specificity)", "x_name": "FPR",
+                "y_title": "True positive rate (sensitivity)", "y_name": "TPR",
+                "curves": [{"name": "chance", "label": "chance", "colour": "#888888", "dash": "6 4", "x": [0, 1],
+                            "y": [0, 1]}] + roc} if roc else None,
+        "pr": {"title": pr_title, "x_title": "Recall (sensitivity)", "x_name": "recall",
+               "y_title": "Precision (PPV)", "y_name": "precision", "curves": pr} if pr else None,
+    }
+    return {"curves_key": hashlib.sha1(json.dumps(charts, sort_keys=True).encode()).hexdigest()[:16], **charts}
+
+
+def operating_view_data(curves: dict, markers: list[dict], matrices: list[dict]) -> dict:
+    """What the live threshold view draws: `curves` from operating_curves, the operating points ({name, colour,
+    fpr, tpr, recall, precision}; an undefined coordinate is left out of its chart) and the confusion matrices
+    ({title, classes [negative, positive], counts {tp, fp, fn, tn}}), in plain text."""
+    def finite(value) -> float | None:
+        return float(value) if value is not None and np.isfinite(value) else None
+
+    return {
+        **curves,
+        "markers": [{"name": m["name"], "colour": m.get("colour", "#DC143C"),
+                     **{k: finite(m.get(k)) for k in ("fpr", "tpr", "recall", "precision")}} for m in markers],
+        "matrices": [{"title": m["title"], "classes": [str(n) for n in m["classes"]],
+                      "counts": [[int(m["counts"]["tn"]), int(m["counts"]["fp"])],
+                                 [int(m["counts"]["fn"]), int(m["counts"]["tp"])]]} for m in matrices],
+    }
+
+
 def reliability_figure(summaries: dict[str, dict], title: str = "Reliability diagram") -> go.Figure:
     """Observed share of positives against mean predicted probability per bin, before (dotted) and after
     (solid) temperature scaling, for each set. summaries[label] = calibration_summary(...) + colour."""

@@ -16,9 +16,9 @@ import streamlit as st
 
 import ui
 from core import runs
-from core.bootstrap import METRIC_KEYS, METRIC_LABELS, PatientBootstrap, format_interval
+from core.bootstrap import METRIC_KEYS, METRIC_LABELS, PatientBootstrap, ThresholdCounts, format_interval
 from core.calibration import N_BINS, calibration_summary, temperature_note, uncalibrated_probs
-from core.figures import confusion_figure, plain_label, pr_figure, reliability_figure, roc_figure, set_colour
+from core.figures import operating_curves, operating_view_data, reliability_figure, set_colour
 from core.metrics import TARGET_DEFAULTS, chance_level_warning, choose_threshold, describe_rule
 from core.ood import has_ood, split_by_ood
 from core.operating import curve_data, load_set, ranking_only, set_summary, shift_warnings
@@ -51,7 +51,8 @@ def prepared_set(run_dir: str, name: str, mtime: float) -> dict:
     pset = load_set(Path(run_dir), name)
     boot = PatientBootstrap(pset.patients, len(pset.labels))
     ranking = ranking_only(pset, boot)
-    return {"set": pset, "boot": boot, "ranking": ranking, "curves": curve_data(pset, ranking)}
+    return {"set": pset, "boot": boot, "ranking": ranking, "curves": curve_data(pset, ranking),
+            "counts": ThresholdCounts(pset.labels, pset.probs, boot)}
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)
@@ -91,7 +92,23 @@ def prepared_part(run_dir: str, name: str, mtime: float, part: int) -> dict | No
     pset = parts[part]
     boot = PatientBootstrap(pset.patients, len(pset.labels))
     ranking = ranking_only(pset, boot)
-    return {"set": pset, "boot": boot, "ranking": ranking, "curves": curve_data(pset, ranking)}
+    return {"set": pset, "boot": boot, "ranking": ranking, "curves": curve_data(pset, ranking),
+            "counts": ThresholdCounts(pset.labels, pset.probs, boot)}
+
+
+@st.cache_resource(show_spinner=False, max_entries=32)
+def shown_curves(run_dir: str, shown: tuple[tuple[str, float], ...], names: tuple[str, ...],
+                 in_distribution_only: bool) -> dict:
+    """The live view's curves of the (name, mtime) sets shown: threshold-free, built once per choice of sets."""
+    part = 0 if in_distribution_only else None
+    roc, pr = {}, {}
+    for n, mtime in shown:
+        p = prepared_set(run_dir, n, mtime) if part is None else (prepared_part(run_dir, n, mtime, part)
+                                                                  or prepared_set(run_dir, n, mtime))
+        if p["curves"]["roc"]:
+            roc[runs.set_label(n)] = {**p["curves"]["roc"], "colour": colour_of(n, list(names))}
+            pr[runs.set_label(n)] = {**p["curves"]["pr"], "colour": colour_of(n, list(names))}
+    return operating_curves(roc, pr, roc_title="ROC (test is read, never tuned)")
 
 
 def colour_of(name: str, names: list[str]) -> str:
@@ -234,7 +251,8 @@ def threshold_views(subgroup_box) -> list[str]:
         st.warning(f"You are fitting the threshold on **{ui.plain(runs.set_label(fit_on))}**. Numbers read on the set "
                    "the threshold was fitted on are optimistic; fit on validation and only read the others.")
 
-    summaries = {n: set_summary(p["set"], threshold, p["boot"], p["ranking"]) for n, p in prepared.items()}
+    summaries = {n: set_summary(p["set"], threshold, p["boot"], p["ranking"], p["counts"])
+                 for n, p in prepared.items()}
 
     top = st.columns([1, 1, 2])
     # The button is handled before the metrics are drawn, so they show the threshold just saved.
@@ -288,8 +306,8 @@ def threshold_views(subgroup_box) -> list[str]:
                 st.markdown(ui.plain(f"{runs.set_label(n)}: {flagged} of {total} images "
                                      f"({flagged / max(total, 1):.0%}) flagged as unlike the training data; metrics at "
                                      f"threshold {threshold:.3f}"))
-                part_summaries = {f"{label} ({len(p['set'].labels)} images)": set_summary(p["set"], threshold,
-                                                                                          p["boot"], p["ranking"])
+                part_summaries = {f"{label} ({len(p['set'].labels)} images)": set_summary(
+                    p["set"], threshold, p["boot"], p["ranking"], p["counts"])
                                   for label, p in zip(("like the training data", "unlike it"), parts) if p}
                 st.dataframe(pd.DataFrame({METRIC_LABELS[k]: {c: format_interval(v["metrics"][k])
                                                               for c, v in part_summaries.items()}
@@ -306,19 +324,11 @@ def threshold_views(subgroup_box) -> list[str]:
         markers.append({"name": f"{runs.set_label(n)} at {threshold:.3f}", "fpr": 1 - m["specificity"]["value"],
                         "tpr": m["sensitivity"]["value"], "recall": m["sensitivity"]["value"],
                         "precision": m["ppv"]["value"], "colour": colour_of(n, names)})
-    curves = {n: prepared[n]["curves"] for n in shown if prepared[n]["curves"]["roc"]}
-    roc_curves = {runs.set_label(n): {**c["roc"], "colour": colour_of(n, names)} for n, c in curves.items()}
-    pr_curves = {runs.set_label(n): {**c["pr"], "colour": colour_of(n, names)} for n, c in curves.items()}
-    if roc_curves:
-        charts = st.columns(2)
-        charts[0].plotly_chart(roc_figure(roc_curves, markers, "ROC (test is read, never tuned)"), key="roc")
-        charts[1].plotly_chart(pr_figure(pr_curves, markers), key="pr")
-
-    matrices = st.columns(max(1, len(shown)))
-    for col, n in zip(matrices, shown):
-        s = summaries[n]
-        col.plotly_chart(confusion_figure(s["counts"], prepared[n]["set"].class_names,
-                                          plain_label(f"{runs.set_label(n)} (n={s['n']})")), key=f"cm_{n}")
+    matrices = [{"title": f"{runs.set_label(n)} (n={summaries[n]['n']})", "counts": summaries[n]["counts"],
+                 "classes": prepared[n]["set"].class_names} for n in shown]
+    curves = shown_curves(str(run_dir), tuple((n, ui.file_mtime(runs.predictions_path(run_dir, n))) for n in shown),
+                          tuple(names), in_distribution_only)
+    ui.operating_view(operating_view_data(curves, markers, matrices), key="thr_operating_view")
 
     with subgroup_box:
         subgroup_views(threshold)

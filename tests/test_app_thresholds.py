@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from bad_inputs import as_read
+from conftest import rank_at_chance
 from streamlit.testing.v1 import AppTest
 
 from core import runs
@@ -31,6 +32,15 @@ def chart(at: AppTest, title_start: str) -> dict:
     return next(f for f in charts(at) if f["layout"]["title"]["text"].startswith(title_start))
 
 
+def operating_view(at: AppTest) -> dict:
+    """What the live view (curves, operating points, confusion matrices) was given to draw."""
+    return json.loads(at.get("bidi_component")[0].proto.json)
+
+
+def curve_names(at: AppTest, chart_name: str) -> list[str]:
+    return [c["name"] for c in operating_view(at)[chart_name]["curves"]]
+
+
 def metric(at: AppTest, label: str) -> str:
     return next(m.value for m in at.metric if m.label == label)
 
@@ -40,7 +50,7 @@ def rates(at: AppTest) -> pd.DataFrame:
 
 
 def confusion(at: AppTest, set_label: str) -> list[list[int]]:
-    return chart(at, f"{set_label} (n=")["data"][0]["z"]
+    return next(m["counts"] for m in operating_view(at)["matrices"] if m["title"].startswith(f"{set_label} (n="))
 
 
 @pytest.fixture
@@ -74,12 +84,12 @@ def test_opens_at_the_operating_threshold_with_intervals(page, run_copy):  # noq
 
 
 def test_validation_and_test_curves_overlaid(page):
-    roc = chart(page, "ROC")
-    names = [t.get("name", "") for t in roc["data"]]
+    names = curve_names(page, "roc")
     assert any(n.startswith("validation (AUC ") for n in names) and any(n.startswith("test (AUC ") for n in names)
-    assert roc["layout"]["yaxis"]["scaleanchor"] == "x"
-    pr = chart(page, "Precision–recall")
-    assert any(n.startswith("test (PR-AUC ") for n in (t.get("name", "") for t in pr["data"]))
+    assert any(n.startswith("test (PR-AUC ") for n in curve_names(page, "pr"))
+    markers = {m["name"] for m in operating_view(page)["markers"]}
+    threshold = metric(page, "Threshold on this page")
+    assert markers == {f"validation at {threshold}", f"test at {threshold}"}
 
 
 def test_recall_rule_is_fitted_on_validation(page, run_copy):  # noqa: F811
@@ -208,7 +218,7 @@ def test_external_set_is_selectable(run_copy):  # noqa: F811
     assert "external: demo" in rates(at).columns
     at.multiselect(key="thr_curves").select("external:demo").run()
     assert not at.exception
-    assert any(t.get("name", "").startswith("external: demo (AUC") for t in chart(at, "ROC")["data"])
+    assert any(n.startswith("external: demo (AUC") for n in curve_names(at, "roc"))
 
 
 def test_choice_survives_switching_pages(run_copy):  # noqa: F811
@@ -256,9 +266,10 @@ def test_a_groups_csv_with_conflicting_rows_is_refused_and_identical_ones_are_no
 
 
 def test_a_set_ranked_no_better_than_chance_says_so_first_and_cannot_give_the_threshold(page, run_copy):  # noqa: F811
-    # The fixture's model trained 10 steps: its test AUC interval includes 0.5 (checked here, not assumed).
+    rank_at_chance(run_copy)
     auc = run_summary(run_copy)["sets"]["test"]["metrics"]["auc"]
     assert auc["low"] <= 0.5 <= auc["high"]
+    page.run()
     said = [as_read(w.value) for w in page.warning]
     assert said[0].startswith("The model does not rank test's images better than chance")
     assert "No threshold can fix that" in said[0]
@@ -286,3 +297,17 @@ def test_sets_split_by_the_models_own_verdict_and_read_on_images_like_the_traini
     threshold = runs.operating_point(run_copy).threshold
     expected = metrics_at_threshold(kept["label"].to_numpy(), kept["prob"].to_numpy(), threshold)
     assert rates(page).loc["Sensitivity (recall)", "test"].startswith(f"{expected['sensitivity']:.3f}")
+
+
+def test_a_threshold_step_moves_the_operating_points_and_keeps_the_curves(page, run_copy):  # noqa: F811
+    before = operating_view(page)
+    page.radio(key="thr_mode").set_value("slider").run()
+    page.slider(key="thr_slider").set_value(0.2).run()
+    after = operating_view(page)
+    assert after["curves_key"] == before["curves_key"] and after["roc"] == before["roc"]
+    assert {m["name"] for m in after["markers"]} == {"validation at 0.200", "test at 0.200"}
+    val = runs.read_predictions(run_copy, "val")
+    m = metrics_at_threshold(val["label"].to_numpy(), val["prob"].to_numpy(), 0.2)
+    marker = next(k for k in after["markers"] if k["name"].startswith("validation"))
+    assert marker["tpr"] == pytest.approx(m["sensitivity"]) and marker["fpr"] == pytest.approx(1 - m["specificity"])
+    assert confusion(page, "validation") == [[m["tn"], m["fp"]], [m["fn"], m["tp"]]]

@@ -120,3 +120,37 @@ def test_the_studys_auc_axis_ends_at_one():
     fig = _all_figures()["study"]()
     low, high = fig.layout.yaxis.range
     assert high == 1.02 and 0 <= low <= 0.9
+
+
+def test_the_live_view_draws_thinned_curves_and_moves_only_markers_and_counts():
+    pset = PredictionSet("val", pd.DataFrame({"label": LABELS, "prob": PROBS}), LABELS, PROBS, None, ["N", "P"])
+    c = curve_data(pset, ranking_only(pset, PatientBootstrap(None, len(LABELS))), "#0072B2")
+    curves = figures.operating_curves({"a <b>&": c["roc"]}, {"a <b>&": c["pr"]})
+    roc = next(k for k in curves["roc"]["curves"] if k["label"] == "a <b>&")
+    assert roc["name"].startswith("a <b>& (AUC 0.")  # plain text: the view writes it with textContent
+    assert (roc["x"][0], roc["y"][0]) == (0.0, 0.0) and (roc["x"][-1], roc["y"][-1]) == (1.0, 1.0)
+    assert len(roc["x"]) == len(roc["y"]) == len(roc["threshold"]) <= len(c["roc"]["fpr"])
+    pr_names = [k["name"] for k in curves["pr"]["curves"]]
+    assert pr_names[0].startswith("a <b>& chance (prevalence") and pr_names[1].startswith("a <b>& (PR-AUC ")
+    assert figures.operating_curves({"a <b>&": c["roc"]}, {"a <b>&": c["pr"]})["curves_key"] == curves["curves_key"]
+    assert figures.operating_curves({"b": c["roc"]}, {"b": c["pr"]})["curves_key"] != curves["curves_key"]
+
+    counts = {"tp": 5, "fp": 1, "fn": 2, "tn": 7}
+    view = figures.operating_view_data(curves, [{"name": "a at 0.5", "colour": "#000", "fpr": 0.1, "tpr": 0.7,
+                                                 "recall": 0.7, "precision": float("nan")}],
+                                       [{"title": "a (n=15)", "classes": ["N", "P"], "counts": counts}])
+    assert view["curves_key"] == curves["curves_key"] and view["roc"] == curves["roc"]
+    assert view["markers"][0]["precision"] is None  # undefined: left out of the PR chart
+    assert view["matrices"][0]["counts"] == [[7, 1], [2, 5]]  # rows true class, columns predicted
+    json.dumps(view, allow_nan=False)  # plain JSON for the browser
+
+
+def test_thinning_keeps_the_curves_shape_within_a_grid_cell():
+    x = np.sort(np.random.default_rng(1).random(20_000))
+    y = np.sqrt(x)
+    thinned = figures.thin_curve(x, y, 1 - x)
+    assert len(thinned["x"]) < 1_100
+    # Between kept points the dropped ones lie within one grid cell of the kept one before them.
+    kept = np.searchsorted(x, thinned["x"][:-1])
+    gaps = np.abs(np.interp(x, thinned["x"], thinned["y"]) - y)
+    assert gaps.max() < 2 * figures.CURVE_GRID and kept[0] == 0
