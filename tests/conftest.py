@@ -106,3 +106,20 @@ def run_copy(finished_run: Path, app_env: Path) -> Path:
     target = app_env / finished_run.name
     shutil.copytree(finished_run, target, ignore=shutil.ignore_patterns("last.pt"))
     return target
+
+
+def rank_at_chance(run_dir: Path, split: str = "test") -> None:
+    """Rewrite a set's predictions so that the model ranks them no better than chance: each class gets the same
+    spread of probabilities (evenly from 0.2 to 0.8), whatever the fixture's model learned on this machine."""
+    import numpy as np
+    import pandas as pd
+
+    path = run_dir / f"predictions_{split}.csv"
+    frame = pd.read_csv(path, keep_default_na=False)
+    for label in (0, 1):
+        rows = frame["label"] == label
+        spread = np.linspace(0.2, 0.8, int(rows.sum()))
+        for column in ("prob", "prob_uncalibrated"):
+            if column in frame:
+                frame.loc[rows, column] = spread
+    frame.to_csv(path, index=False)
