@@ -299,7 +299,11 @@ class Session:
             with self.measure("Predict upload", keep=i > 0):
                 file_input.send_keys(str(image))
 
-def run_all(app_root: Path, run: Path, reps: int, workdir: Path) -> dict[str, list[dict]]:
+INTERACTIONS = ("slider", "rule", "switch", "mistakes", "upload")
+
+
+def run_all(app_root: Path, run: Path, reps: int, workdir: Path,
+            only: tuple[str, ...] = INTERACTIONS) -> dict[str, list[dict]]:
     runs_dir = workdir / "runs"
     if not runs_dir.exists():
         shutil.copytree(run, runs_dir / run.name)
@@ -307,11 +311,13 @@ def run_all(app_root: Path, run: Path, reps: int, workdir: Path) -> dict[str, li
     session = None
     try:
         session = Session(server, Path(tempfile.mkdtemp(dir=workdir, prefix="chromium-")))
-        session.slider_steps(reps)
-        session.rule_changes(reps)
-        session.page_switches(reps)
-        session.mistakes(reps)
-        session.uploads(reps)
+        steps = {"slider": session.slider_steps, "rule": session.rule_changes, "switch": session.page_switches,
+                 "mistakes": session.mistakes, "upload": session.uploads}
+        if "rule" in only and "slider" not in only:
+            session.open("Thresholds")
+        for name in INTERACTIONS:
+            if name in only:
+                steps[name](reps)
         return session.results
     except Exception:
         if session:
@@ -346,6 +352,8 @@ def main() -> None:
     parser.add_argument("--run", type=Path, help="a finished run with an external set (default: train one)")
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions of each interaction")
     parser.add_argument("--baseline", help="also measure this git revision of the app first, e.g. HEAD~3")
+    parser.add_argument("--only", nargs="+", choices=INTERACTIONS, default=list(INTERACTIONS),
+                        help="measure only these interactions (default: all)")
     args = parser.parse_args()
     if not HAS_BROWSER:
         sys.exit(NO_BROWSER_REASON)
@@ -363,10 +371,10 @@ def main() -> None:
                                      capture_output=True).stdout
             subprocess.run(["tar", "-x", "-C", str(baseline_root)], input=archive, check=True)
             (workdir / "before").mkdir()
-            before = run_all(baseline_root, run, args.reps, workdir / "before")
+            before = run_all(baseline_root, run, args.reps, workdir / "before", tuple(args.only))
             report(f"before: the app at {args.baseline} (load average {os.getloadavg()[0]:.2f})", before)
         (workdir / "now").mkdir()
-        now = run_all(ROOT, run, args.reps, workdir / "now")
+        now = run_all(ROOT, run, args.reps, workdir / "now", tuple(args.only))
         report(f"now: the working tree (load average {os.getloadavg()[0]:.2f})", now)
 
 
