@@ -24,13 +24,13 @@ PROJECT_ROOT = Path(__file__).resolve().parent
 # served at /<title>. Text only, no icons: emoji show as empty boxes without an emoji font (Debian's Chromium has
 # none), and :material/...: icons make the browser fetch a font from fonts.gstatic.com, out of reach offline.
 PAGES = (
-    ("pages/0_Data.py", "Data"),
-    ("pages/1_Train.py", "Train"),
-    ("pages/2_Compare.py", "Compare"),
-    ("pages/3_Thresholds.py", "Thresholds"),
-    ("pages/4_Mistakes.py", "Mistakes"),
-    ("pages/5_Predict.py", "Predict"),
-    ("pages/6_External.py", "External"),
+    ("views/0_Data.py", "Data"),
+    ("views/1_Train.py", "Train"),
+    ("views/2_Compare.py", "Compare"),
+    ("views/3_Thresholds.py", "Thresholds"),
+    ("views/4_Mistakes.py", "Mistakes"),
+    ("views/5_Predict.py", "Predict"),
+    ("views/6_External.py", "External"),
 )
 
 

@@ -106,7 +106,7 @@ def main() -> int:
         test = pd.read_csv(run / "predictions_test.csv")
         print(f"{origin}: test {len(test)} images, {test['patient'].nunique()} patients; bootstrap 2,000 resamples")
 
-        at = AppTest.from_file(str(ROOT / "pages" / "3_Thresholds.py"), default_timeout=300)
+        at = AppTest.from_file(str(ROOT / "views" / "3_Thresholds.py"), default_timeout=300)
         first = timed(at.run)
         assert not at.exception, at.exception
         values = np.linspace(0.05, 0.95, args.changes)

@@ -25,7 +25,7 @@ from core.bootstrap import format_interval
 from core.operating import run_summary
 from core.study import list_studies, read_study, study_progress
 
-COMPARE_PAGE = "pages/2_Compare.py"
+COMPARE_PAGE = "views/2_Compare.py"
 
 
 def test_empty_state(app_env):

@@ -28,7 +28,7 @@ import ui
 from core import runs
 
 RUN_PAGES = [script for script, _ in ui.PAGES if not script.endswith("0_Data.py")]
-PICKER_KEYS = {"pages/1_Train.py": "train_monitor_run"}  # the others use ui.run_picker's key "run"
+PICKER_KEYS = {"views/1_Train.py": "train_monitor_run"}  # the others use ui.run_picker's key "run"
 
 
 ODD_PATHS_RUN = "damaged-external-paths"  # its external predictions name a FIFO, a device, a folder, a missing file
@@ -94,12 +94,12 @@ def test_every_run_of_a_damaged_folder_opens_without_a_page_exception(script, en
 
 
 @pytest.mark.parametrize("variant, page_script, words", [
-    ("threshold-nan", "pages/3_Thresholds.py", "threshold.json is damaged"),
-    ("threshold-nan", "pages/5_Predict.py", "threshold.json is damaged"),
-    ("test-predictions-values", "pages/3_Thresholds.py", "predictions_test.csv"),
-    ("checkpoint-garbage", "pages/5_Predict.py", "best.safetensors"),
-    ("checkpoint-metadata", "pages/5_Predict.py", "best.safetensors"),
-    ("checkpoint-missing", "pages/5_Predict.py", "best.safetensors"),
+    ("threshold-nan", "views/3_Thresholds.py", "threshold.json is damaged"),
+    ("threshold-nan", "views/5_Predict.py", "threshold.json is damaged"),
+    ("test-predictions-values", "views/3_Thresholds.py", "predictions_test.csv"),
+    ("checkpoint-garbage", "views/5_Predict.py", "best.safetensors"),
+    ("checkpoint-metadata", "views/5_Predict.py", "best.safetensors"),
+    ("checkpoint-missing", "views/5_Predict.py", "best.safetensors"),
 ])
 def test_a_damaged_file_is_named_on_the_page(env, variant, page_script, words):
     at = page(page_script).run()
@@ -134,7 +134,7 @@ def test_plain_escapes_markdown_and_html_so_the_text_reads_as_written():
         assert not any(c in escaped.replace("\\" + c, "") for c in "[]()<>!*_`$&:")
 
 
-@pytest.mark.parametrize("script", ["pages/3_Thresholds.py", "pages/4_Mistakes.py"])
+@pytest.mark.parametrize("script", ["views/3_Thresholds.py", "views/4_Mistakes.py"])
 def test_a_run_name_with_markdown_and_html_is_shown_as_text(env, script):
     at = page(script).run()
     at.selectbox(key="run").select(HOSTILE_NAME).run()
@@ -145,7 +145,7 @@ def test_a_run_name_with_markdown_and_html_is_shown_as_text(env, script):
 
 
 def test_compare_shows_a_hostile_error_and_a_refused_study_as_text(env):
-    at = page("pages/2_Compare.py").run()
+    at = page("views/2_Compare.py").run()
     at.multiselect(key="compare_runs").set_value([HOSTILE_NAME, "failed-hostile"]).run()
     assert not at.exception, at.exception
     error = next(e.value for e in at.error if "failed" in e.value)
@@ -161,7 +161,7 @@ def test_compare_shows_a_hostile_error_and_a_refused_study_as_text(env):
 @pytest.mark.parametrize("variant", list(EXTERNAL_DAMAGE) + ["paths"])
 def test_a_damaged_external_set_leaves_the_other_sets_usable(env, variant):
     name = ODD_PATHS_RUN if variant == "paths" else f"damaged-{variant}"
-    at = page("pages/3_Thresholds.py").run()
+    at = page("views/3_Thresholds.py").run()
     at.selectbox(key="run").select(name).run()
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
@@ -178,7 +178,7 @@ def test_a_damaged_external_set_leaves_the_other_sets_usable(env, variant):
 @pytest.mark.parametrize("variant", list(EXTERNAL_DAMAGE) + ["paths"])
 def test_mistakes_of_a_damaged_external_set_open_without_blocking(env, variant):
     name = ODD_PATHS_RUN if variant == "paths" else f"damaged-{variant}"
-    at = page("pages/4_Mistakes.py")
+    at = page("views/4_Mistakes.py")
     at.default_timeout = 60  # a FIFO opened for reading would block until then
     at.run()
     at.selectbox(key="run").select(name).run()

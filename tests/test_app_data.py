@@ -1,4 +1,4 @@
-"""The Data page (pages/0_Data.py, the home page of streamlit_app.py) under AppTest: empty state, bad folders, the real
+"""The Data page (views/0_Data.py, the home page of streamlit_app.py) under AppTest: empty state, bad folders, the real
 Kermany tree, and the Kaggle download button when offline."""
 
 from __future__ import annotations

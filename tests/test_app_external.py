@@ -15,7 +15,7 @@ from streamlit.testing.v1 import AppTest
 
 from core import external, runs
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "6_External.py")
+PAGE = str(Path(__file__).resolve().parents[1] / "views" / "6_External.py")
 TIMEOUT = 120  # the first run in a process imports torch
 
 

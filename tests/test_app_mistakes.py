@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 from core import runs
 from core.metrics import mistakes
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "4_Mistakes.py")
+PAGE = str(Path(__file__).resolve().parents[1] / "views" / "4_Mistakes.py")
 TIMEOUT = 120
 CAM_CAPTION = re.compile(r"^(?P<file>[^ ]+) · true (?P<true>\w+) · p=(?P<prob>[0-9.]+) · (?P<kind>false \w+) — "
                          r"Grad-CAM, (?P<rows>\d+)×(?P<cols>\d+) map from backbone\.[\w.]+: ")

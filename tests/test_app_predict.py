@@ -16,7 +16,7 @@ from core import runs
 from core.dataset import IMAGE_EXTENSIONS
 from core.predict import ACCEPTED_FORMATS, MAX_UPLOAD_BYTES, load_run_model, predict_files
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "5_Predict.py")
+PAGE = str(Path(__file__).resolve().parents[1] / "views" / "5_Predict.py")
 TIMEOUT = 120
 
 

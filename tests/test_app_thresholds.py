@@ -20,7 +20,7 @@ from core.metrics import metrics_at_threshold
 from core.operating import load_set, run_summary, set_summary
 from core.subgroups import NO_METADATA, prepare_subgroups, set_groups, subgroup_table
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "3_Thresholds.py")
+PAGE = str(Path(__file__).resolve().parents[1] / "views" / "3_Thresholds.py")
 TIMEOUT = 120  # the first run in a process imports torch
 
 
@@ -224,13 +224,13 @@ def test_external_set_is_selectable(run_copy):  # noqa: F811
 def test_choice_survives_switching_pages(run_copy):  # noqa: F811
     app = Path(PAGE).parents[1] / "streamlit_app.py"
     at = AppTest.from_file(str(app), default_timeout=TIMEOUT).run()
-    at.switch_page("pages/3_Thresholds.py").run()
+    at.switch_page("views/3_Thresholds.py").run()
     at.radio(key="thr_mode").set_value("recall").run()
     at.number_input(key="thr_x_recall").set_value(0.99).run()
     chosen = at.slider(key="thr_slider").value
-    at.switch_page("pages/4_Mistakes.py").run()
+    at.switch_page("views/4_Mistakes.py").run()
     assert not at.exception
-    at.switch_page("pages/3_Thresholds.py").run()
+    at.switch_page("views/3_Thresholds.py").run()
     assert at.radio(key="thr_mode").value == "recall" and at.number_input(key="thr_x_recall").value == 0.99
     assert at.slider(key="thr_slider").value == chosen
 

@@ -23,7 +23,7 @@ import ui
 from core import launch, runs
 from core.model import WeightsUnavailableError
 
-TRAIN_PAGE = "pages/1_Train.py"
+TRAIN_PAGE = "views/1_Train.py"
 
 
 def metric(at, label: str) -> str:
@@ -187,7 +187,7 @@ LAUNCH = "FormSubmitter:train_form-Launch training"
 def test_enter_in_a_field_does_not_launch(app_env):
     """Streamlit's forms submit on Enter by default; the launch form and the study form turn that off, so only
     their button launches (test_browser presses Enter in the real fields)."""
-    for script, form in ((TRAIN_PAGE, "train_form"), ("pages/2_Compare.py", "study_form")):
+    for script, form in ((TRAIN_PAGE, "train_form"), ("views/2_Compare.py", "study_form")):
         at = page(script).run()
         (block,) = [f for f in at.get("form") if f.proto.form.form_id == form]
         assert block.proto.form.enter_to_submit is False

@@ -110,9 +110,6 @@ def test_the_run_in_the_address_survives_a_reload(server, narrow):  # noqa: F811
     assert f"run={run}" in narrow.current_url
 
 
-@pytest.mark.xfail(strict=False, reason="a page opened by its address runs pages/<n>_<Page>.py as a pages/-folder "
-                   "app (Streamlit's automatic multipage mode), not through streamlit_app.py's st.navigation: the "
-                   "menu then lists 'streamlit app' too; moving pages/ to a folder of another name fixes it")
 def test_the_menu_lists_the_pages_once_in_words(server, narrow):  # noqa: F811
     from selenium.webdriver.common.by import By
 

@@ -12,7 +12,7 @@ from app_helpers import page
 
 import ui
 
-MISTAKES = "pages/4_Mistakes.py"
+MISTAKES = "views/4_Mistakes.py"
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import ui
 def test_every_page_script_is_in_the_menu_once():
     scripts = [script for script, _ in ui.PAGES]
     assert len(set(scripts)) == len(scripts)
-    assert sorted(scripts) == sorted(f"pages/{p.name}" for p in (PROJECT_ROOT / "pages").glob("*.py"))
+    assert sorted(scripts) == sorted(f"views/{p.name}" for p in (PROJECT_ROOT / "views").glob("*.py"))
     assert len({title for _, title in ui.PAGES}) == len(ui.PAGES)  # titles are the URLs
 
 
