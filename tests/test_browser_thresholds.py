@@ -83,3 +83,41 @@ def test_a_slider_step_reruns_only_the_threshold_views(server, browser) -> None:
     counts = browser.execute_script("return window.__counts")
     assert counts["metric"] > 0, counts  # the observer sees the views redrawn...
     assert counts["outside"] == 0, f"the page outside the threshold's views was redrawn: {counts}"  # ...not the rest
+
+
+# The live view's shadow root: its curves (paths), operating points (stars) and confusion-matrix counts.
+VIEW_JS = """
+const host = [...document.querySelectorAll('.st-key-thr_operating_view *')].find(el => el.shadowRoot);
+const root = host && host.shadowRoot;
+if (!root) return null;
+const paths = [...root.querySelectorAll('.panel > svg path.curve')];
+if (arguments[0]) paths.forEach((p, i) => { p.__mark = i; });  // a mark survives only on the same DOM node
+return {curves: paths.length, marked: paths.filter(p => p.__mark !== undefined).length,
+        stars: [...root.querySelectorAll('.panel > svg polygon.marker')].map(p => p.getAttribute('points')),
+        counts: [...root.querySelectorAll('.matrix td.count')].map(td => td.textContent),
+        legend: root.textContent.includes('validation (AUC ')};
+"""
+
+
+def test_a_slider_step_moves_the_operating_points_without_redrawing_the_curves(server, browser) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = server
+    browser.get(f"{url}/Thresholds")
+    _settle(browser)
+    browser.find_element("css selector", ".st-key-thr_mode label").click()  # "By hand": the slider moves freely
+    _settle(browser)
+    before = browser.execute_script(VIEW_JS, True)
+    assert before and before["curves"] >= 5 and before["legend"], before  # chance, 2 ROC, 2 PR (+ prevalence)
+    assert len(before["stars"]) == 4 and len(before["counts"]) == 8  # val and test on both charts; 2 matrices
+    browser.execute_script("document.querySelector('.st-key-thr_slider input[type=\"range\"]').focus()")
+    for _ in range(40):  # far enough that the counts change on a barely trained model
+        ActionChains(browser).send_keys(Keys.ARROW_RIGHT).perform()
+    WebDriverWait(browser, TIMEOUT_S, poll_frequency=0.2).until(
+        lambda d: d.execute_script(VIEW_JS, False)["stars"] != before["stars"])
+    _settle(browser)
+    after = browser.execute_script(VIEW_JS, False)
+    assert after["marked"] == before["curves"], "the curves were drawn again"
+    assert after["stars"] != before["stars"] and after["counts"] != before["counts"]
