@@ -1,14 +1,10 @@
-"""The dashboard: `streamlit run streamlit_app.py`. This entry point only routes between the pages in
-views/ (thin views over core/); each page also runs on its own, which is how the AppTests open them. The folder is
-not called pages/: Streamlit would also serve a pages/ folder as an app of its own, and a page opened by its
-address then listed this script in the menu as "streamlit app"."""
+"""The dashboard: `streamlit run streamlit_app.py` (or `bash run.sh app`). Streamlit serves dashboard.py, which
+routes between the pages in views/, through the middleware of app_server.py (no 404s in the browser's console
+when a page is opened by its address)."""
 
 import streamlit as st
+from starlette.middleware import Middleware
 
-import ui
+from app_server import BackendBaseUrl
 
-home, *others = ui.PAGES
-navigation = st.navigation(
-    [st.Page(home[0], title=home[1], default=True)]
-    + [st.Page(script, title=title, url_path=title) for script, title in others])
-navigation.run()
+app = st.App("dashboard.py", middleware=[Middleware(BackendBaseUrl, base_path=st.get_option("server.baseUrlPath"))])

@@ -1,4 +1,4 @@
-"""The Data page (views/0_Data.py, the home page of streamlit_app.py) under AppTest: empty state, bad folders, the real
+"""The Data page (views/0_Data.py, the home page of dashboard.py) under AppTest: empty state, bad folders, the real
 Kermany tree, and the Kaggle download button when offline."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def dataset_error(folder: Path) -> str:
 
 
 def test_empty_state_says_what_to_do(app_env):
-    at = page("streamlit_app.py").run()
+    at = page("dashboard.py").run()
     assert not at.exception
     assert at.text_input(key="data_folder_input").value == ""
     assert "Type the folder" in at.info[0].value
@@ -31,7 +31,7 @@ def test_not_a_dataset_shows_core_message(app_env, tmp_path):
     not_data = tmp_path / "documents"
     not_data.mkdir()
     (not_data / "notes.txt").write_text("no images here")
-    at = page("streamlit_app.py").run()
+    at = page("dashboard.py").run()
     at.text_input(key="data_folder_input").input(str(not_data)).run()
     assert not at.exception
     assert [as_read(e.value) for e in at.error] == [dataset_error(not_data)]
@@ -44,7 +44,7 @@ def test_not_a_dataset_shows_core_message(app_env, tmp_path):
 
 def test_kermany_overview(app_env):
     data = require_data(KERMANY_224)
-    at = page("streamlit_app.py").run()
+    at = page("dashboard.py").run()
     at.text_input(key="data_folder_input").input(str(data)).run()
     assert not at.exception
     assert not at.error
@@ -71,7 +71,7 @@ def test_kaggle_download_offline_is_a_message(app_env, monkeypatch):
         raise ConnectionError("Name or service not known")
 
     monkeypatch.setattr(kagglehub, "dataset_download", offline)
-    at = page("streamlit_app.py").run()
+    at = page("dashboard.py").run()
     at.button[0].click().run()
     assert not at.exception
     assert "Download failed: ConnectionError" in as_read(at.error[0].value)
@@ -86,7 +86,7 @@ def test_kaggle_download_sets_the_folder(app_env, monkeypatch, tmp_path):
     download.mkdir(parents=True)
     (download / "chest_xray").symlink_to(data, target_is_directory=True)
     monkeypatch.setattr(kagglehub, "dataset_download", lambda handle: str(download))
-    at = page("streamlit_app.py").run()
+    at = page("dashboard.py").run()
     at.button[0].click().run()
     assert not at.exception
     assert at.text_input(key="data_folder_input").value == str(download / "chest_xray")
@@ -105,7 +105,7 @@ def test_folder_names_with_markdown_and_html_and_a_fifo_are_shown_as_text(app_en
     root = write_dataset(tmp_path / "xrays", {"NORMAL": 24, "PNEUMONIA": 24}, splits=None, size=48)
     (root / "PNEUMONIA").rename(root / HOSTILE_NAME)
     os.mkfifo(root / "NORMAL" / "pipe.jpeg")
-    at = page("streamlit_app.py")
+    at = page("dashboard.py")
     at.default_timeout = 60
     at.run()
     at.text_input(key="data_folder_input").input(str(root)).run()
@@ -136,7 +136,7 @@ def test_a_label_file_over_a_dicom_folder_gives_patients_metadata_and_left_out_r
     rows.append(["gone", 0])
     with open(tmp_path / "labels.csv", "w", newline="") as f:
         csv.writer(f).writerows([["patientId", "Target"], *rows])
-    at = page("streamlit_app.py").run()
+    at = page("dashboard.py").run()
     at.text_input(key="data_folder_input").input(str(images)).run()
     at.text_input(key="data_labels").input(str(tmp_path / "labels.csv")).run()
     at.selectbox(key="data_labels_format").select("rsna").run()
@@ -155,7 +155,7 @@ def test_a_label_file_over_a_dicom_folder_gives_patients_metadata_and_left_out_r
 def test_the_folder_is_shown_as_typed_and_where_it_leads(app_env, tiny_dataset, tmp_path):
     link = tmp_path / "my-xrays"
     link.symlink_to(tiny_dataset)
-    at = page("streamlit_app.py").run()
+    at = page("dashboard.py").run()
     at.text_input(key="data_folder_input").input(str(link)).run()
     assert not at.exception and not at.error
     shown = as_read(at.success[0].value)

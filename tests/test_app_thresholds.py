@@ -222,7 +222,7 @@ def test_external_set_is_selectable(run_copy):  # noqa: F811
 
 
 def test_choice_survives_switching_pages(run_copy):  # noqa: F811
-    app = Path(PAGE).parents[1] / "streamlit_app.py"
+    app = Path(PAGE).parents[1] / "dashboard.py"
     at = AppTest.from_file(str(app), default_timeout=TIMEOUT).run()
     at.switch_page("views/3_Thresholds.py").run()
     at.radio(key="thr_mode").set_value("recall").run()

@@ -117,7 +117,7 @@ def server(finished_run: Path, tmp_path_factory) -> Iterator[tuple[str, Path]]:
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory) -> Iterator[Any]:
-    driver = headless_chromium(tmp_path_factory.mktemp("chromium-profile"), 60)
+    driver = headless_chromium(tmp_path_factory.mktemp("chromium-profile"), 60, logs=True)
     try:
         yield driver
     finally:

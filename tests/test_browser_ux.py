@@ -119,3 +119,18 @@ def test_the_menu_lists_the_pages_once_in_words(server, narrow):  # noqa: F811
     _open(narrow, f"{url}/Compare")
     links = [a.text.strip() for a in narrow.find_elements(By.CSS_SELECTOR, '[data-testid="stSidebarNavLink"]')]
     assert links == [title for _, title in ui.PAGES], links
+
+
+def test_a_page_opened_by_its_address_logs_no_error_in_the_console(server, narrow):  # noqa: F811
+    """Streamlit's page probes <page>/_stcore/health and host-config first unless told where its server is: two
+    404s per direct load. streamlit_app.py's middleware (app_server.py) tells it."""
+    import ui
+
+    url, _ = server
+    narrow.get_log("browser")  # what earlier tests left
+    for _, title in ui.PAGES[1:]:
+        _open(narrow, f"{url}/{title}", settle_s=0.5)
+    narrow.refresh()
+    _open(narrow, narrow.current_url, settle_s=0.5)
+    severe = [e["message"] for e in narrow.get_log("browser") if e.get("level") == "SEVERE"]
+    assert not severe, severe

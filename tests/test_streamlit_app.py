@@ -1,4 +1,4 @@
-"""The entry point streamlit_app.py: its menu holds every page, and it opens on the Data page."""
+"""The dashboard's menu (dashboard.py, served by streamlit_app.py): it holds every page, and it opens on the Data page."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def test_the_menu_has_no_icon_that_needs_a_font(app_env, monkeypatch):
     menus = []
     navigation = streamlit.navigation
     monkeypatch.setattr(streamlit, "navigation", lambda pages, **kw: menus.append(pages) or navigation(pages, **kw))
-    at = page("streamlit_app.py").run()
+    at = page("dashboard.py").run()
     assert not at.exception
     (menu,) = menus
     assert [p.title for p in menu] == [title for _, title in ui.PAGES]
