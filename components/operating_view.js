@@ -57,8 +57,8 @@ function buildPanel(parent, spec) {
     const v = i / 5;
     svg("line", { x1: sx(v), x2: sx(v), y1: sy(0), y2: sy(1), class: "grid" }, plot);
     svg("line", { x1: sx(0), x2: sx(1), y1: sy(v), y2: sy(v), class: "grid" }, plot);
-    svg("text", { x: sx(v), y: sy(0) + 16, class: "tick", "text-anchor": "middle" }, plot).textContent = v.toFixed(1);
-    svg("text", { x: sx(0) - 6, y: sy(v) + 4, class: "tick", "text-anchor": "end" }, plot).textContent = v.toFixed(1);
+    svg("text", { x: sx(v), y: sy(0) + 18, class: "tick", "text-anchor": "middle" }, plot).textContent = v.toFixed(1);
+    svg("text", { x: sx(0) - 8, y: sy(v) + 4, class: "tick", "text-anchor": "end" }, plot).textContent = v.toFixed(1);
   }
   svg("rect", { x: sx(0), y: sy(1), width: PLOT, height: PLOT, class: "frame" }, plot);
   svg("text", { x: sx(0.5), y: SIZE - 8, class: "axis", "text-anchor": "middle" }, plot).textContent = spec.x_title;
@@ -118,16 +118,18 @@ function showNearest(event, plot, curves, spec, hover, tip, box) {
 function drawMarkers(panel, markers, xKey, yKey) {
   panel.markers.replaceChildren();
   panel.markerLegend.replaceChildren();
-  for (const m of markers) {
+  markers.forEach((m, i) => {
     const x = m[xKey], y = m[yKey];
-    if (x === null || y === null || !Number.isFinite(x) || !Number.isFinite(y)) continue;
-    const point = svg("polygon", { points: star(sx(x), sy(y), 10), fill: m.colour, class: "marker" }, panel.markers);
+    if (x === null || y === null || !Number.isFinite(x) || !Number.isFinite(y)) return;
+    // Each later set's star a little smaller, so that sets at the same point stay visible one inside the other.
+    const size = Math.max(5, 12 - 2.5 * i);
+    const point = svg("polygon", { points: star(sx(x), sy(y), size), fill: m.colour, class: "marker" }, panel.markers);
     svg("title", {}, point).textContent = `${m.name}: ${x.toFixed(3)}, ${y.toFixed(3)}`;
     const item = div("item", panel.markerLegend);
     const icon = svg("svg", { viewBox: "0 0 24 24", width: 16, height: 16 }, item);
     svg("polygon", { points: star(12, 12, 11), fill: m.colour, class: "marker" }, icon);
     item.appendChild(document.createTextNode(m.name));
-  }
+  });
 }
 
 // Counts as a 2x2 table, shaded by count; class names are the set's own.

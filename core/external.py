@@ -765,8 +765,8 @@ def overlap_warnings(overlap: dict, n_images: int) -> list[str]:
 THRESHOLD_TRANSFER_WARNING = (
     "A threshold chosen on the run's own validation data rarely transfers to another site (other scanners, "
     "patients and prevalence): read the rates at the operating threshold with care, and re-pick the threshold on "
-    "part of this set and read the rest (Re-pick the threshold on the External data page, or "
-    "--refit-threshold RULE[:VALUE] on the command line).")
+    "part of this set and read the rest (\"Re-pick the threshold on part of this set\" on the dashboard's External "
+    "page, or --refit-threshold RULE[:VALUE] on the command line).")
 
 
 # ---------------------------------------------------------------- evaluation

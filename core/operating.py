@@ -98,6 +98,11 @@ def run_summary(run_dir: Path, sets: list[str] | None = None, threshold: float |
     return out
 
 
+# How far a set's estimate must lie from an interval of no width (every validation resample gave the same value)
+# to be called a shift: outside such an interval by a single image is noise, not a different population.
+DEGENERATE_MARGIN = 0.01
+
+
 def shift_warnings(val: dict, test: dict, other_name: str = "test") -> list[str]:
     """Where `test`'s estimate falls outside validation's 95% interval (AUC, and the sensitivity and
     specificity at the operating threshold): validation then does not represent that set."""
@@ -107,6 +112,8 @@ def shift_warnings(val: dict, test: dict, other_name: str = "test") -> list[str]
         value, low, high = t.get("value"), v.get("low"), v.get("high")
         if None in (value, low, high) or not np.all(np.isfinite([value, low, high])):
             continue
+        if high - low < 1e-12 and abs(value - low) <= DEGENERATE_MARGIN:
+            continue  # every resample alike (e.g. sensitivity 1.0): a hair off it is not a shift
         if not low <= value <= high:
             out.append(f"{other_name} {label} {value:.3f} lies outside validation's 95% interval "
                        f"[{low:.3f}, {high:.3f}]")

@@ -311,3 +311,17 @@ def test_a_threshold_step_moves_the_operating_points_and_keeps_the_curves(page, 
     marker = next(k for k in after["markers"] if k["name"].startswith("validation"))
     assert marker["tpr"] == pytest.approx(m["sensitivity"]) and marker["fpr"] == pytest.approx(1 - m["specificity"])
     assert confusion(page, "validation") == [[m["tn"], m["fp"]], [m["fn"], m["tp"]]]
+
+
+def test_reading_on_images_like_the_training_data_leaves_validations_curves_whole(page, run_copy):  # noqa: F811
+    for split in ("val", "test"):
+        frame = pd.read_csv(run_copy / f"predictions_{split}.csv")
+        frame["ood_flag"] = [i % 3 == 0 for i in range(len(frame))]
+        frame.to_csv(run_copy / f"predictions_{split}.csv", index=False)
+    page.run()
+    before = {c["label"]: c["name"] for c in operating_view(page)["roc"]["curves"]}
+    page.toggle(key="thr_ood_only").set_value(True).run()
+    assert not page.exception, page.exception
+    after = {c["label"]: c["name"] for c in operating_view(page)["roc"]["curves"]}
+    assert after["validation"] == before["validation"]  # the threshold is fitted on all of validation
+    assert after["test"] != before["test"]  # test is read on its images like the training data

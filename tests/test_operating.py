@@ -90,3 +90,16 @@ def test_probabilities_survive_the_csv_round_trip(tmp_path):
     back = runs.read_predictions(tmp_path, "val")["prob"].to_numpy()
     assert np.array_equal(back, probs)
     assert ((back >= threshold) == (probs >= threshold)).all()
+
+
+def test_no_shift_warning_against_an_interval_of_no_width():
+    """Validation's sensitivity 1.0 in every resample is an interval [1, 1]: a test sensitivity of 0.997 is not a
+    shift worth a warning (seen at an extreme threshold), while a real gap still is."""
+    def summary(sens: dict) -> dict:
+        return {"metrics": {"sensitivity": sens, "auc": {"value": 0.9, "low": 0.85, "high": 0.95}}}
+
+    assert shift_warnings(summary({"value": 1.0, "low": 1.0, "high": 1.0}),
+                          summary({"value": 0.997, "low": 0.99, "high": 1.0})) == []
+    (warning,) = shift_warnings(summary({"value": 0.95, "low": 0.93, "high": 0.97}),
+                                summary({"value": 0.80, "low": 0.75, "high": 0.85}))
+    assert warning.startswith("test sensitivity 0.800 lies outside")

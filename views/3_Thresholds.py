@@ -98,13 +98,12 @@ def prepared_part(run_dir: str, name: str, mtime: float, part: int) -> dict | No
 
 @st.cache_resource(show_spinner=False, max_entries=32)
 def shown_curves(run_dir: str, shown: tuple[tuple[str, float], ...], names: tuple[str, ...],
-                 in_distribution_only: bool) -> dict:
-    """The live view's curves of the (name, mtime) sets shown: threshold-free, built once per choice of sets."""
-    part = 0 if in_distribution_only else None
+                 filtered: tuple[str, ...]) -> dict:
+    """The live view's curves of the (name, mtime) sets shown, those in `filtered` on their images like the
+    training data only: threshold-free, built once per choice of sets."""
     roc, pr = {}, {}
     for n, mtime in shown:
-        p = prepared_set(run_dir, n, mtime) if part is None else (prepared_part(run_dir, n, mtime, part)
-                                                                  or prepared_set(run_dir, n, mtime))
+        p = (prepared_part(run_dir, n, mtime, 0) if n in filtered else None) or prepared_set(run_dir, n, mtime)
         if p["curves"]["roc"]:
             roc[runs.set_label(n)] = {**p["curves"]["roc"], "colour": colour_of(n, list(names))}
             pr[runs.set_label(n)] = {**p["curves"]["pr"], "colour": colour_of(n, list(names))}
@@ -327,7 +326,7 @@ def threshold_views(subgroup_box) -> list[str]:
     matrices = [{"title": f"{runs.set_label(n)} (n={summaries[n]['n']})", "counts": summaries[n]["counts"],
                  "classes": prepared[n]["set"].class_names} for n in shown]
     curves = shown_curves(str(run_dir), tuple((n, ui.file_mtime(runs.predictions_path(run_dir, n))) for n in shown),
-                          tuple(names), in_distribution_only)
+                          tuple(names), tuple(with_verdict) if in_distribution_only else ())
     ui.operating_view(operating_view_data(curves, markers, matrices), key="thr_operating_view")
 
     with subgroup_box:

@@ -48,7 +48,8 @@ def ood_parts(run_dir: str, name: str, threshold: float, predictions_mtime: floa
 
 def show_metrics(table: pd.DataFrame) -> None:
     """A metrics table with the metric names as a column, so that they are shown in full."""
-    st.dataframe(table.rename_axis("metric").reset_index(), hide_index=True)
+    st.dataframe(table.rename_axis("metric").reset_index(), hide_index=True,
+                 column_config={"metric": st.column_config.TextColumn("metric", width="medium")})
 
 
 def evaluate_section(run_dir: Path, classes: list[str], folder: str, labels: LabelSpec | None) -> None:
@@ -229,7 +230,9 @@ def evaluation_view(run_dir: Path, entry: dict, threshold: float, threshold_text
         st.warning(md(chance), icon="⛔")
     at_eval = (summary.get("threshold") or {}).get("value")
     st.caption(md(f"{summary.get('root', '?')} · split {summary.get('split', '?')} · evaluated "
-                  f"{summary.get('created', '?')}" + (f" at threshold {at_eval:.3f}" if at_eval is not None else "")))
+                  f"{summary.get('created', '?')}"
+                  + (f" (the operating threshold then was {at_eval:.3f}; the numbers below are read at today's)"
+                     if at_eval is not None else "")))
     left, right = st.columns([1, 2])
     with left:
         st.markdown(f"**{summary.get('n', '?')} images**, {summary.get('n_patients', '?')} patients")
