@@ -1,4 +1,4 @@
-"""The dashboard's menu (dashboard.py, served by streamlit_app.py): it holds every page, and it opens on the Data page."""
+"""The dashboard's menu (dashboard.py, served by streamlit_app.py): every page once, opening on Data."""
 
 from __future__ import annotations
 
