@@ -9,6 +9,7 @@ import shutil
 import time
 import urllib.error
 
+import pandas as pd
 import torch
 from app_helpers import (
     ORIGINAL_SUBSET,
@@ -85,6 +86,35 @@ def test_finished_run_metrics(app_env, finished_run):
     at.multiselect(key="compare_runs").unselect(finished_run.name).unselect(running.name).run()
     assert not at.exception
     assert "Pick one or more runs" in at.info[0].value
+
+
+def test_a_rerun_reuses_the_metrics_until_a_file_of_the_run_changes(app_env, finished_run, monkeypatch):
+    """Rows and curves are cached (a warm switch to the page must not redo the bootstrap of every run), yet a
+    rewritten predictions file or a new epoch shows on the next rerun."""
+    import core.operating
+
+    run_dir = app_env / finished_run.name
+    shutil.copytree(finished_run, run_dir)
+    calls = []
+    real_summary = core.operating.run_summary
+    monkeypatch.setattr(core.operating, "run_summary", lambda *a, **k: calls.append(a) or real_summary(*a, **k))
+    at = page(COMPARE_PAGE).run()
+    assert not at.exception and len(calls) == 1
+    at.run()
+    assert not at.exception and len(calls) == 1  # nothing changed: no second bootstrap
+
+    predictions = run_dir / "predictions_test.csv"
+    frame = pd.read_csv(predictions)
+    frame["prob"] = 1 - frame["prob"]  # re-evaluated: the ranking turns round
+    frame.to_csv(predictions, index=False)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "epoch", "epoch": 3, "val_auc": 0.5, "val_loss": 5.0}) + "\n")
+    at.run()
+    assert not at.exception and len(calls) == 2
+    row = at.dataframe[1].value.iloc[0]
+    assert row["test AUC"] == format_interval(real_summary(run_dir)["sets"]["test"]["metrics"]["auc"])
+    loss_chart = json.loads(at.get("plotly_chart")[1].proto.spec)
+    assert loss_chart["layout"]["yaxis"]["range"][1] >= 5.0  # the new epoch's loss is on the chart
 
 
 def test_study_that_needs_unavailable_weights_queues_nothing(app_env, monkeypatch, tmp_path):

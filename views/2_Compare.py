@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
 import ui
@@ -41,9 +42,23 @@ METRIC_SHORT = {"auc": "AUC", "sensitivity": "sensitivity", "specificity": "spec
 st.set_page_config(page_title="Compare · CXR workbench", page_icon="🫁", layout="wide")
 
 
+# Every file comparison_row reads: a row is recomputed only when one of them changes.
+ROW_FILES = ("status.json", "report.json", "threshold.json", "data_report.json", "predictions_val.csv",
+             "predictions_test.csv")
+
+
 def comparison_row(run: dict) -> dict:
     """One run's row: its operating threshold and how it was chosen, val and test metrics at that threshold
     with 95% patient-bootstrap intervals (strings 'value [low, high]', which sort like the values)."""
+    run_dir = Path(run["path"])
+    return cached_comparison_row(run, tuple(ui.file_mtime(run_dir / name) for name in ROW_FILES))
+
+
+# The bootstrap intervals take a third of a second per run: without the cache every rerun of the page (a warm
+# switch to it, a poll while something trains) pays that for every chosen run. `signature` (the mtimes of
+# ROW_FILES) is only the cache key.
+@st.cache_data(show_spinner=False, max_entries=64)
+def cached_comparison_row(run: dict, signature: tuple) -> dict:
     run_dir = Path(run["path"])
     status = runs.read_status(run_dir)
     report = runs.read_report(run_dir)
@@ -260,6 +275,25 @@ def pair_row(pair: dict) -> dict:
                                                                        " (seed variation not included)")}
 
 
+def curve_figures(selected: list[dict]) -> tuple[go.Figure, go.Figure] | None:
+    """Validation AUC and loss per epoch of the chosen runs; None before any of them has finished an epoch."""
+    chosen = tuple((r["run"], r["path"]) for r in selected)
+    return cached_curve_figures(chosen, tuple(ui.file_mtime(Path(path) / "metrics.jsonl") for _, path in chosen))
+
+
+# Built once per version of the runs' metrics.jsonl: reading them and building the figures was most of the
+# server's work on a rerun once the table rows are cached. A resource, not data: st.plotly_chart only reads a
+# figure, so every session can share it without a copy. `signature` is only the cache key.
+@st.cache_resource(show_spinner=False, max_entries=16)
+def cached_curve_figures(chosen: tuple, signature: tuple) -> tuple[go.Figure, go.Figure] | None:
+    curves = {name: runs.epoch_metrics(Path(path)) for name, path in chosen}
+    curves = {name: df for name, df in curves.items() if not df.empty}
+    if not curves:
+        return None
+    return (epoch_curves_figure(curves, "val_auc", "Validation AUC", "ROC AUC (0–1)", score=True),
+            epoch_curves_figure(curves, "val_loss", "Validation loss", "Cross-entropy loss (weighted)"))
+
+
 def runs_view() -> bool:
     """Curves and metrics of the chosen runs; True while any run is queued or training."""
     all_runs = runs.list_runs(ui.runs_dir())
@@ -275,14 +309,11 @@ def runs_view() -> bool:
         st.info("Pick one or more runs.")
         return active
     selected = [by_name[n] for n in chosen if n in by_name]
-    curves = {r["run"]: runs.epoch_metrics(Path(r["path"])) for r in selected}
-    curves = {name: df for name, df in curves.items() if not df.empty}
-    if curves:
+    figures = curve_figures(selected)
+    if figures:
         auc_col, loss_col = st.columns(2)
-        auc_col.plotly_chart(epoch_curves_figure(curves, "val_auc", "Validation AUC", "ROC AUC (0–1)", score=True),
-                             key="compare_auc_chart")
-        loss_col.plotly_chart(epoch_curves_figure(curves, "val_loss", "Validation loss",
-                                                  "Cross-entropy loss (weighted)"), key="compare_loss_chart")
+        auc_col.plotly_chart(figures[0], key="compare_auc_chart")
+        loss_col.plotly_chart(figures[1], key="compare_loss_chart")
     else:
         st.caption("None of the selected runs has finished an epoch yet: no curves to draw.")
 
