@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from bad_inputs import as_read
 from streamlit.testing.v1 import AppTest
+from streamlit.testing.v1.element_tree import Caption, Image
 
 from core import runs
 from core.metrics import mistakes
@@ -189,6 +191,34 @@ def test_missing_image_file_is_reported_not_raised(run_copy):  # noqa: F811
     assert any("missing.jpeg" in as_read(e.value) for e in at.error)
 
 
+def test_missing_file_keeps_its_place_in_the_gallery(run_copy):  # noqa: F811
+    """A missing file in the middle of a gallery column is said where its image would be, between the
+    images before and after it."""
+    csv = run_copy / "predictions_test.csv"
+    df = runs.read_predictions(run_copy, "test")
+    expected = mistakes(df, runs.operating_threshold(run_copy))
+    assert len(expected) >= 9, "the fixture should make enough mistakes for two gallery rows and a third"
+    gone = expected.at[4, "path"]  # the first column's second image
+    df.loc[df["path"] == gone, "path"] = str(run_copy / "gone" / "missing.jpeg")
+    df.to_csv(csv, index=False)
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    first_column = next(column for column in at.columns
+                        if any(isinstance(node, Image) and as_read(node.captions[0]).startswith("false ")
+                               for node in column))
+    shown = []
+    for node in first_column:
+        if isinstance(node, Image):
+            shown += [as_read(c) for c in node.captions]
+        elif isinstance(node, Caption):
+            shown.append(as_read(node.value))
+    # Images 0, 4, 8, ... of the page, top to bottom; the missing one's name, then its caption, in its place.
+    rows = expected.iloc[0:min(24, len(expected)):4]
+    captions = [f"{r.kind} · true {r.class_name} · p={r.prob:.3f}" for r in rows.itertuples()]
+    wanted = captions[:1] + ["file missing or unreadable: missing.jpeg"] + captions[1:]
+    assert len(shown) == len(wanted) and all(text.startswith(w) for text, w in zip(shown, wanted)), shown
+
+
 def test_colour_map_and_opacity_controls(run_copy):  # noqa: F811
     at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
     viridis_url = at.image[-1].value[0]
@@ -200,6 +230,28 @@ def test_colour_map_and_opacity_controls(run_copy):  # noqa: F811
     # Media URLs name the content: each change redraws the overlay, of the same image.
     assert len({viridis_url, jet_url, at.image[-1].value[0]}) == 3
     cam_caption(at)
+
+
+def test_grad_cam_explains_a_checkpoint_written_since(run_copy):  # noqa: F811
+    """Maps are cached per image; a run whose best.safetensors is rewritten (trained on in place) is explained by
+    its new weights, not by the map cached for the old ones."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    before, image = at.image[-1].value[0], cam_caption(at)["file"]
+    path = run_copy / "best.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    generator = torch.Generator().manual_seed(0)
+    for tensor in tensors.values():
+        if tensor.is_floating_point() and tensor.ndim > 1:
+            tensor.add_(torch.randn(tensor.shape, generator=generator) * tensor.std())
+    save_file(tensors, str(path), metadata=metadata)
+    at.run()
+    assert not at.exception, at.exception
+    assert cam_caption(at)["file"] == image and at.image[-1].value[0] != before
 
 
 def test_mistakes_of_images_like_or_unlike_the_training_data(run_copy):  # noqa: F811

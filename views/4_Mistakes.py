@@ -4,20 +4,23 @@ of any of them."""
 
 from __future__ import annotations
 
+import io
+import itertools
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import streamlit as st
+from PIL import Image
 
 import ui
 from core import runs
-from core.cam import COLOUR_MAPS, DEFAULT_ALPHA, DEFAULT_COLOUR_MAP
+from core.cam import COLOUR_MAPS, DEFAULT_ALPHA, DEFAULT_COLOUR_MAP, CamResult, cam_caption
 from core.dataset import load_thumbnail
 from core.metrics import mistakes
 from core.ood import has_ood, ood_flags
-from core.predict import gradcam_display
+from core.predict import LoadedModel, gradcam_display
 
 KINDS = {"both": "Both", "false negative": "False negatives", "false positive": "False positives"}
 THUMB_PX = 256
@@ -28,19 +31,90 @@ WHO_USES_THE_OPERATING_THRESHOLD = ("Predict, Compare, `runs`, `evaluate` and th
                                     "threshold; save a new one on the Thresholds page.")
 
 
+def jpeg(pixels: np.ndarray) -> bytes:
+    """The JPEG st.image would make of `pixels` (quality 100), made once here so that a rerun that shows the
+    same image again sends the cached bytes instead of encoding it again."""
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=100)
+    return out.getvalue()
+
+
 @st.cache_data(show_spinner=False, max_entries=1024)
-def thumbnail(path: str, mtime: float) -> np.ndarray | None:
-    """A small grayscale copy for the gallery (aspect kept); None when the file is missing or unreadable."""
+def thumbnail(path: str, mtime: float) -> bytes | None:
+    """A small grayscale copy for the gallery (aspect kept), as JPEG; None when the file is missing or unreadable."""
     try:
-        return load_thumbnail(path, THUMB_PX)
+        return jpeg(load_thumbnail(path, THUMB_PX))
     except (OSError, ValueError):
         return None
 
 
-def describe(row: pd.Series) -> str:
-    """'IM-0001-0001.jpeg · true NORMAL · p=0.912 · false positive': one image, from its own row."""
-    true_name = row["class_name"] if isinstance(row.get("class_name"), str) else f"label {row['label']}"
-    return f"{Path(row['path']).name} · true {true_name} · p={row['prob']:.3f} · {row['kind']}"
+@st.cache_data(show_spinner=False, max_entries=128)
+def grad_cam(run_dir: str, checkpoint_mtime: float, path: str, mtime: float, colour_map: str, alpha: float,
+             _loaded: LoadedModel) -> tuple[bytes, bytes, CamResult]:
+    """(original, overlay) as JPEG and the map of one image: a backward pass through the model, so computed
+    once per image, checkpoint version (the weights and the metadata the map depends on are all in
+    best.safetensors) and look. Raises ValueError for an unreadable file (not cached: it may come back)."""
+    view = gradcam_display(_loaded, path, CAM_PX, colour_map, alpha)
+    return jpeg(view.image), jpeg(view.overlay), view.cam
+
+
+def describe(row) -> str:
+    """'IM-0001-0001.jpeg · true NORMAL · p=0.912 · false positive': one image, from its own row (of
+    DataFrame.itertuples)."""
+    class_name = getattr(row, "class_name", None)
+    true_name = class_name if isinstance(class_name, str) else f"label {row.label}"
+    return f"{Path(row.path).name} · true {true_name} · p={row.prob:.3f} · {row.kind}"
+
+
+def gallery_column(items: list[tuple[str, bytes | None, str]]) -> None:
+    """One column of the gallery, top to bottom: (path, thumbnail or None, caption) per image. Each run of readable
+    images is one st.image call: the browser mounts one element per call, and two dozen of them took a third of
+    its time on a page switch. A missing or unreadable file is said in its place."""
+    for readable, group in itertools.groupby(items, key=lambda item: item[1] is not None):
+        group = list(group)
+        if readable:
+            st.image([pixels for _, pixels, _ in group], caption=[ui.plain(caption) for _, _, caption in group],
+                     width="stretch")
+            continue
+        for path, _, caption in group:
+            st.caption(ui.plain(f"file missing or unreadable: {Path(path).name}"))
+            st.caption(ui.plain(caption))
+
+
+@st.fragment
+def grad_cam_section(run_dir: Path, shown: pd.DataFrame) -> None:
+    """The Grad-CAM picker and view of the mistakes shown. A fragment: choosing another image, colour map or
+    opacity reruns only this part, not the table and the gallery, which do not depend on them."""
+    # Options are the images' paths, not positions in the list: a position would point at another image after
+    # the filter, set or threshold changes, and a label computed for one row would sit over another's map.
+    rows = list(shown.itertuples(index=False))
+    paths = list(dict.fromkeys(str(r.path) for r in rows))
+    labels = {str(r.path): f"#{i + 1} {describe(r)}" for i, r in enumerate(rows)}
+    if st.session_state.get("mistakes_cam") not in labels:
+        st.session_state["mistakes_cam"] = paths[0]
+    cam_controls = st.columns([3, 1, 1])
+    chosen = cam_controls[0].selectbox("Image", paths, key="mistakes_cam", format_func=lambda p: labels.get(p, p))
+    colour_map = cam_controls[1].selectbox("Colour map", list(COLOUR_MAPS),
+                                           index=list(COLOUR_MAPS).index(DEFAULT_COLOUR_MAP),
+                                           format_func=lambda name: COLOUR_MAPS[name][1], key="mistakes_colour_map")
+    alpha = cam_controls[2].slider("Overlay opacity", 0.0, 1.0, DEFAULT_ALPHA, 0.05, key="mistakes_alpha")
+    row = next(r for r in rows if str(r.path) == chosen)  # the one row both the map and its caption come from
+    path = str(row.path)
+    try:
+        loaded = ui.cached_model(run_dir)
+    except (FileNotFoundError, ValueError) as e:
+        st.error(ui.plain(e))
+        return
+    try:
+        original, overlay, cam = grad_cam(str(run_dir), ui.file_mtime(run_dir / "best.safetensors"), path,
+                                          ui.file_mtime(path), colour_map, alpha, loaded)
+    except ValueError as e:
+        st.error(ui.plain(f"{Path(path).name}: file missing or unreadable ({e})"))
+        return
+    views = st.columns(2)
+    views[0].image(original, caption=ui.plain(f"Original: {Path(path).name}"), width=CAM_PX)
+    views[1].image(overlay, caption=ui.plain(cam_caption(cam, loaded.classes[1], subject=describe(row))),
+                   width=CAM_PX)
 
 
 st.set_page_config(page_title="Mistakes · CXR workbench", layout="wide")
@@ -133,45 +207,16 @@ if st.session_state.get("mistakes_page", 1) > pages:  # fewer pages after a filt
 page = int(paging[1].number_input(f"Page (of {pages})", min_value=1, max_value=pages, step=1, key="mistakes_page"))
 start = (page - 1) * per_page
 rows = shown.iloc[start:start + per_page]
-grid = st.columns(COLUMNS)
+cells: list[list[tuple[str, bytes | None, str]]] = [[] for _ in range(COLUMNS)]
 for i, row in enumerate(rows.itertuples(index=False)):
     true_name = getattr(row, "class_name", None) or f"label {row.label}"
     caption = (f"{row.kind} · true {true_name} · p={row.prob:.3f}"
                + (f" · {row.patient}" if isinstance(getattr(row, "patient", None), str) else "")
                + (" · unlike the training data" if getattr(row, "unlike_training", False) else ""))
-    with grid[i % COLUMNS]:
-        pixels = thumbnail(str(row.path), ui.file_mtime(row.path))
-        if pixels is None:
-            st.caption(ui.plain(f"file missing or unreadable: {Path(row.path).name}"))
-            st.caption(ui.plain(caption))
-        else:
-            st.image(pixels, caption=ui.plain(caption), width="stretch")
+    cells[i % COLUMNS].append((str(row.path), thumbnail(str(row.path), ui.file_mtime(row.path)), caption))
+for column, items in zip(st.columns(COLUMNS), cells):
+    with column:
+        gallery_column(items)
 
 st.subheader("Grad-CAM")
-# Options are the images' paths, not positions in the list: a position would point at another image after
-# the filter, set or threshold changes, and a label computed for one row would sit over another's map.
-paths = list(dict.fromkeys(shown["path"].astype(str)))
-labels = {p: f"#{i + 1} {describe(shown.iloc[i])}" for i, p in enumerate(shown["path"].astype(str))}
-if st.session_state.get("mistakes_cam") not in labels:
-    st.session_state["mistakes_cam"] = paths[0]
-cam_controls = st.columns([3, 1, 1])
-chosen = cam_controls[0].selectbox("Image", paths, key="mistakes_cam", format_func=lambda p: labels.get(p, p))
-colour_map = cam_controls[1].selectbox("Colour map", list(COLOUR_MAPS),
-                                       index=list(COLOUR_MAPS).index(DEFAULT_COLOUR_MAP),
-                                       format_func=lambda name: COLOUR_MAPS[name][1], key="mistakes_colour_map")
-alpha = cam_controls[2].slider("Overlay opacity", 0.0, 1.0, DEFAULT_ALPHA, 0.05, key="mistakes_alpha")
-row = shown[shown["path"].astype(str) == chosen].iloc[0]  # the one row both the map and its caption come from
-try:
-    loaded = ui.cached_model(run_dir)
-except (FileNotFoundError, ValueError) as e:
-    st.error(ui.plain(e))
-    st.stop()
-try:
-    view = gradcam_display(loaded, str(row["path"]), CAM_PX, colour_map, alpha)
-except ValueError as e:
-    st.error(ui.plain(f"{Path(row['path']).name}: file missing or unreadable ({e})"))
-else:
-    views = st.columns(2)
-    views[0].image(view.image, caption=ui.plain(f"Original: {Path(row['path']).name}"), width=CAM_PX)
-    views[1].image(view.overlay, caption=ui.plain(view.caption(loaded.classes[1], subject=describe(row))),
-                   width=CAM_PX)
+grad_cam_section(run_dir, shown)
