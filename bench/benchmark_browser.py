@@ -55,7 +55,7 @@ SWITCH_PAGES = ("Thresholds", "Mistakes", "Compare", "Data")
 # the first input event after arming sets t0; every mutation after it moves `last`.
 INSTALL_JS = """
 if (window.__bench) return;
-const b = window.__bench = {armed: false, t0: null, last: 0, sawRunning: false, mutations: 0};
+const b = window.__bench = {armed: false, t0: null, last: 0, sawRunning: false, mutations: 0, messageAt: null};
 const onInput = e => { if (b.armed && b.t0 === null) b.t0 = e.timeStamp; };
 for (const type of ['keydown', 'pointerdown', 'mousedown', 'click', 'input', 'change'])
     document.addEventListener(type, onInput, true);
@@ -63,12 +63,30 @@ new MutationObserver(records => {
     if (!b.armed || b.t0 === null) return;
     b.last = performance.now();
     b.mutations += records.length;
+    if (b.messageAt !== null) b.sawRunning = true;  // the server answered the input and the page changed
     for (const r of records)
         if (r.attributeName === 'data-test-script-state' && r.target.getAttribute(r.attributeName) === 'running')
             b.sawRunning = true;
 }).observe(document.documentElement, {subtree: true, childList: true, attributes: true, characterData: true});
 """
-ARM_JS = "Object.assign(window.__bench, {armed: true, t0: null, last: 0, sawRunning: false, mutations: 0});"
+ARM_JS = ("Object.assign(window.__bench, {armed: true, t0: null, last: 0, sawRunning: false, mutations: 0, "
+          "messageAt: null});")
+# Every websocket message the page receives after the input event. React can commit a fast rerun's 'running' and
+# 'notRunning' script states in one batch, so the script-state attribute never changes: a server message after the
+# input followed by a DOM mutation is then the only sign that the rerun happened. Installed before the app's scripts
+# (the socket opens as the page loads).
+MESSAGE_HOOK_JS = """
+const Socket = window.WebSocket;
+window.WebSocket = class extends Socket {
+    constructor(...args) {
+        super(...args);
+        this.addEventListener('message', () => {
+            const b = window.__bench;
+            if (b && b.armed && b.t0 !== null) b.messageAt = performance.now();
+        });
+    }
+};
+"""
 SETTLED_JS = """
 const [quiet, timeout, done] = arguments;
 const b = window.__bench, start = performance.now();
@@ -167,6 +185,7 @@ class Session:
         self.driver = headless_chromium(profile, FIRST_LOAD_TIMEOUT_S, logs=True)
         self.driver.set_script_timeout(SETTLE_TIMEOUT_MS / 1000 + 10)
         self.driver.execute_cdp_cmd("Performance.enable", {})
+        self.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": MESSAGE_HOOK_JS})
         self.results: dict[str, list[dict]] = {}
 
     def close(self) -> None:
