@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pandas as pd
@@ -153,7 +154,14 @@ def test_early_stopping_and_an_empty_test_split_end_every_rank(tmp_path):
 def _on_two_ranks(worker, tmp_path: Path, *args) -> list[dict]:
     """worker(dist, *args) -> dict on 2 spawned gloo processes; each rank's dict. A rank left waiting in a
     collective fails the test after the group's timeout instead of hanging it."""
-    torch.multiprocessing.spawn(_rank_main, args=(worker, str(tmp_path), args), nprocs=2, join=True)
+    # A spawned child re-runs the parent's __main__ script; in a full test run an AppTest leaves a dashboard page
+    # there (views/1_Train.py), which fails outside Streamlit. The workers live in this module, not in __main__.
+    real_main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        torch.multiprocessing.spawn(_rank_main, args=(worker, str(tmp_path), args), nprocs=2, join=True)
+    finally:
+        sys.modules["__main__"] = real_main
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
