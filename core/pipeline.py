@@ -167,14 +167,40 @@ def fits_on_device(images: torch.Tensor, device: torch.device) -> bool:
     return images.numel() * images.element_size() <= DEVICE_IMAGES_SHARE * free
 
 
+class DeviceCopies:
+    """Host batches copied to the device one batch ahead of the step that uses them. On a GPU the copy is issued on
+    a side stream, so copying the next batch (from pinned memory, without blocking) overlaps the current step, and
+    the compute stream waits for it only where the batch is used; elsewhere it is a plain `.to(device)`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def start(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.stream is None:
+            return tuple(t.to(self.device) for t in tensors)
+        with torch.cuda.stream(self.stream):
+            return tuple(t.to(self.device, non_blocking=True) for t in tensors)
+
+    def ready(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The copies, safe to use on the current stream (and not reused by the allocator before it is done)."""
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            for t in tensors:
+                t.record_stream(current)
+        return tensors
+
+
 class TrainBatches:
     """One split's training batches on the device, in the order of each epoch's permutation.
 
     Where the images live decides how a batch is gathered: on a GPU whose memory holds the split, the uint8 images
     are copied there once and each batch is gathered there; otherwise a background thread gathers the next batches
-    from host memory or the cache's memory maps (in pinned memory when the device is a GPU, copied without
-    blocking). Batches are augmented and normalised on the device. Frozen-backbone training passes feature vectors
-    (`features=True`), which are only moved. `shard=(rank, world)`: this process's share of every batch."""
+    from host memory or the cache's memory maps (in pinned memory when the device is a GPU), and each is copied to
+    the device while the step before it runs (`DeviceCopies`). Batches are augmented and normalised on the device.
+    Frozen-backbone training passes feature vectors (`features=True`), which are only moved. `shard=(rank, world)`:
+    this process's share of every batch."""
 
     def __init__(self, images: torch.Tensor | MappedImages, labels: torch.Tensor, device: torch.device,
                  batch_size: int, mean: float = 0.0, std: float = 1.0, aug: AugmentParams | None = None,
@@ -191,7 +217,7 @@ class TrainBatches:
 
     def _prepare(self, batch: torch.Tensor, batch_total: int) -> torch.Tensor:
         if self.features:
-            return batch.to(self.device, non_blocking=True)
+            return batch
         return to_model_input(batch, self.device, self.mean, self.std, self.aug, self.aug_gen, self.shard, batch_total)
 
     def _total(self, order: torch.Tensor, step: int) -> int:
@@ -207,8 +233,19 @@ class TrainBatches:
                 idx = order[step * self.batch_size:(step + 1) * self.batch_size][rank::world]
                 yield step, self._prepare(self.images[idx], self._total(order, step)), self.labels[idx]
             return
-        pin = self.device.type == "cuda"
-        with BatchPrefetcher(self.images, order, self.batch_size, start, stop, shard=self.shard, pin=pin) as batches:
+        copies = DeviceCopies(self.device)
+        pending: tuple[int, tuple[torch.Tensor, ...]] | None = None
+        with BatchPrefetcher(self.images, order, self.batch_size, start, stop, shard=self.shard,
+                             pin=self.device.type == "cuda") as batches:
             for step, idx, batch in batches:
-                yield step, self._prepare(batch, self._total(order, step)), self.labels[idx].to(self.device,
-                                                                                                 non_blocking=True)
+                staged = step, copies.start(batch, self.labels[idx])
+                if pending is not None:
+                    yield self._ready(pending, copies, order)
+                pending = staged
+            if pending is not None:
+                yield self._ready(pending, copies, order)
+
+    def _ready(self, staged: tuple[int, tuple[torch.Tensor, ...]], copies: DeviceCopies,
+               order: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+        step, (batch, labels) = staged[0], copies.ready(staged[1])
+        return step, self._prepare(batch, self._total(order, step)), labels

@@ -41,7 +41,16 @@ from .checkpoint import (
     save_weights,
 )
 from .config import TrainConfig
-from .device import autocast, available_devices, device_names, maybe_compile, select_device, uses_bf16
+from .device import (
+    autocast,
+    available_devices,
+    device_names,
+    keep_freed_memory,
+    maybe_compile,
+    optimizer_options,
+    select_device,
+    uses_bf16,
+)
 from .distributed import SINGLE, Distributed
 from .finalize import finalize_run, fit_temperature, positive_probs
 from .metrics import safe_auc
@@ -204,9 +213,9 @@ def failure_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def _optimizer_and_schedule(config: TrainConfig, params, total_steps: int):
+def _optimizer_and_schedule(config: TrainConfig, params, total_steps: int, device: torch.device):
     opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = opt_cls(params, lr=config.lr, weight_decay=config.weight_decay, **optimizer_options(device))
     if config.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
     elif config.schedule == "plateau":
@@ -240,11 +249,13 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
     started = time.time()
     device = dist.device(select_device(config.device))
     bf16 = uses_bf16(device, config.precision)
+    kept_freed_memory = device.type == "cpu" and keep_freed_memory()
     # Rank 0 alone writes the run folder; the other ranks of a distributed run train and stay silent.
     log = runs.log if dist.is_main else _silent
     status = runs.write_status if dist.is_main else _silent
     if dist.is_main:
-        record_command(run_dir, config, launched, {**environment_info(device, bf16), "world_size": dist.world})
+        record_command(run_dir, config, launched, {**environment_info(device, bf16), "world_size": dist.world,
+                                                      "malloc_keeps_freed_memory": kept_freed_memory})
     status(run_dir, state="running", pid=os.getpid(), started=started, phase="preparing data", device=str(device),
            world_size=dist.world)
     resuming = resume and (run_dir / "last.pt").exists()
@@ -296,7 +307,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
     if config.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
     total_steps = steps_per_epoch * config.epochs
-    optimizer, scheduler = _optimizer_and_schedule(config, params, total_steps)
+    optimizer, scheduler = _optimizer_and_schedule(config, params, total_steps, device)
     aug = AugmentParams(config.aug_flip, config.aug_rotation, config.aug_scale, config.aug_shift,
                         config.aug_brightness, config.aug_contrast) if config.augment and not frozen else None
     aug_gen = torch.Generator().manual_seed(config.seed + 1)

@@ -1,0 +1,56 @@
+"""The batches the model sees (core.pipeline.TrainBatches): the epoch's permutation from a given step, each batch
+once and whole, copied to the device one step ahead, and nothing left running when a step stops the epoch."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+
+from core.pipeline import DeviceCopies, TrainBatches
+
+CPU = torch.device("cpu")
+
+
+def _numbered_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image i is filled with the value i, and its label is i % 2: a batch says which images it holds."""
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 4, 4).contiguous()
+    return images, torch.arange(n) % 2
+
+
+def test_each_step_gets_its_batch_of_the_permutation_from_the_step_asked_for():
+    images, labels = _numbered_images(10)
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    batches = TrainBatches(images, labels, CPU, batch_size=4)
+    got = list(batches.epoch(order, 1, 3))
+    assert [step for step, _, _ in got] == [1, 2]
+    for step, x, y in got:
+        want = order[step * 4:(step + 1) * 4]
+        assert torch.equal((x[:, 0, 0, 0] * 255).round().long(), want)  # mean 0, std 1: the values / 255
+        assert torch.equal(y, want % 2)
+    assert got[-1][1].shape[0] == 2  # the last batch holds what is left
+
+
+def test_a_distributed_rank_gets_every_world_th_image_of_each_batch():
+    images, labels = _numbered_images(8)
+    order = torch.arange(8)
+    rank1 = list(TrainBatches(images, labels, CPU, batch_size=4, shard=(1, 2)).epoch(order, 0, 2))
+    assert [(x[:, 0, 0, 0] * 255).round().long().tolist() for _, x, _ in rank1] == [[1, 3], [5, 7]]
+
+
+def test_stopping_in_the_middle_of_an_epoch_leaves_no_thread_reading_batches():
+    images, labels = _numbered_images(40)
+    batches = TrainBatches(images, labels, CPU, batch_size=2)
+    with contextlib.closing(batches.epoch(torch.arange(40), 0, 20)) as steps:
+        for step, _, _ in steps:
+            if step == 3:
+                break
+    assert not [t for t in threading.enumerate() if t.name == "batch-prefetch"]
+
+
+def test_copies_off_a_gpu_are_the_tensors_themselves():
+    copies = DeviceCopies(CPU)
+    x, y = torch.ones(2, 1, 4, 4), torch.tensor([0, 1])
+    staged = copies.start(x, y)
+    assert copies.stream is None and all(a is b for a, b in zip(copies.ready(staged), (x, y)))
