@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,6 +51,45 @@ def load_resume_state(path: Path) -> dict:
         raise ValueError(f"{path} is damaged (fields missing or of the wrong type). Delete it to restart the run "
                          "from epoch 0.")
     return state
+
+
+@dataclass
+class TrainingState:
+    """What a run resumes from, and the one place that knows last.pt's layout: the model, the optimizer and its
+    schedule, the augmentation and torch random generators, and the run's progress counters (epoch, step in the
+    epoch, best validation score, elapsed seconds, ...). `progress` is the trainer's own dict, updated in place."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None
+    aug_gen: torch.Generator
+    progress: dict
+
+    def save(self, path: Path, elapsed: float) -> None:
+        counters = {k: v for k, v in self.progress.items() if not callable(v)}
+        save_resume_state(path, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+            "aug_rng": self.aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "progress": {**counters, "elapsed": elapsed},
+        })
+
+    def restore(self, path: Path) -> None:
+        """Load `path` into the model, optimizer, schedule and generators, and take the counters it saved that this
+        run also counts (of the same type). ValueError, naming the file, when it is damaged or does not fit."""
+        saved = load_resume_state(path)
+        try:
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            if self.scheduler is not None and saved.get("scheduler"):
+                self.scheduler.load_state_dict(saved["scheduler"])
+            self.aug_gen.set_state(saved["aug_rng"])
+            torch.set_rng_state(saved["torch_rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} does not fit this run's model or optimizer ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}). Delete it to restart the run from epoch 0.") from None
+        self.progress.update({k: v for k, v in saved["progress"].items()
+                              if k in self.progress and type(v) is type(self.progress[k])})
 
 
 def load_weights_into(model: Classifier, path: Path) -> dict[str, str]:

@@ -33,13 +33,7 @@ from . import runs
 from .augment import AugmentParams
 from .bookkeeping import ProgressBar, StepRecorder, create_run, environment_info, record_command, training_slot
 from .cache import DecodeProgress
-from .checkpoint import (
-    checkpoint_metadata,
-    load_resume_state,
-    load_weights_into,
-    save_resume_state,
-    save_weights,
-)
+from .checkpoint import TrainingState, checkpoint_metadata, load_resume_state, load_weights_into, save_weights
 from .config import TrainConfig
 from .device import (
     autocast,
@@ -278,11 +272,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
     classes = data.index.classes
 
     train_labels = data.splits["train"].labels
-    class_counts = torch.bincount(train_labels, minlength=2).float()
-    if (class_counts == 0).any():
-        raise ValueError(f"The training split has no images of class "
-                         f"{classes[int((class_counts == 0).nonzero()[0])]}.")
-    weights = (class_counts.sum() / (2 * class_counts)) if config.class_weights == "inverse" else torch.ones(2)
+    weights = _class_weights(train_labels, classes, config.class_weights)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights.to(device))
 
     frozen = config.strategy == "frozen"
@@ -317,20 +307,9 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
     progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_auc": -1.0, "best_epoch": 0,
                 "stale_epochs": 0, "elapsed": 0.0, "loss_sum": 0.0, "correct": 0, "seen": 0}
     last_path, best_path = run_dir / "last.pt", run_dir / "best.safetensors"
+    state = TrainingState(model, optimizer, scheduler, aug_gen, progress)
     if resuming:
-        saved = load_resume_state(last_path)
-        try:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            if scheduler is not None and saved.get("scheduler"):
-                scheduler.load_state_dict(saved["scheduler"])
-            aug_gen.set_state(saved["aug_rng"])
-            torch.set_rng_state(saved["torch_rng"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{last_path} does not fit this run's model or optimizer ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200]}). Delete it to restart the run from epoch 0.") from None
-        progress.update({k: v for k, v in saved["progress"].items()
-                         if k in progress and type(v) is type(progress[k])})
+        state.restore(last_path)
         log(run_dir, f"Resumed with {progress['epoch']}/{config.epochs} epochs done, at step "
                      f"{progress['step_in_epoch']}/{steps_per_epoch} of epoch {progress['epoch'] + 1}")
 
@@ -343,13 +322,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
         if progress["step_in_epoch"]:  # stopped mid-epoch: the page shows that step, not the last one recorded
             status(run_dir, epoch=progress["epoch"] + 1, step=progress["step_in_epoch"],
                    global_step=progress["global_step"])
-        counters = {k: v for k, v in progress.items() if k != "elapsed_now"}
-        save_resume_state(last_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else {},
-            "aug_rng": aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "progress": {**counters, "elapsed": progress["elapsed_now"]()},
-        })
+        state.save(last_path, progress["elapsed_now"]())
 
     bar = ProgressBar(show_progress, total_steps, progress["global_step"], "training")
     recorder = StepRecorder(run_dir, GPU_RECORD_EVERY if device.type == "cuda" else 1, bar, steps_per_epoch,
@@ -381,20 +354,10 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step(score)
             elapsed = progress["elapsed_now"]()
-            record = {
-                "kind": "epoch", "epoch": epoch + 1, "global_step": progress["global_step"],
-                "train_loss": progress["loss_sum"] / max(progress["seen"], 1),
-                "train_accuracy": progress["correct"] / max(progress["seen"], 1),
-                "train_auc": trained.train_auc,
-                "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_auc": val["auc"],
-                "lr": optimizer.param_groups[0]["lr"], "images_per_s": trained.seen / max(trained.seconds, 1e-9),
-                "epoch_seconds": trained.seconds, "elapsed": elapsed, "best": improved, "time": time.time()}
+            record = _epoch_record(epoch, progress, trained, val, optimizer, improved, elapsed)
             if dist.is_main:
                 runs.append_metrics(run_dir, record)
-            log(run_dir, f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f} "
-                              f"acc {record['train_accuracy']:.3f} | val loss {val['loss']:.4f} acc "
-                              f"{val['accuracy']:.3f} AUC {val['auc']:.4f}{' (best)' if improved else ''} | "
-                              f"{record['images_per_s']:.0f} img/s, {trained.seconds:.1f}s")
+            log(run_dir, _epoch_line(record, config.epochs, trained.seconds))
             progress.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0, correct=0, seen=0)
             save_last()
             status(run_dir, epoch=epoch + 1, best_val_auc=progress["best_auc"],
@@ -418,6 +381,35 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
     log(run_dir, f"Finished. Threshold {report['threshold']:.3f} chosen on validation (Youden). "
                       f"Test AUC {test.get('auc', nan):.4f}, sensitivity {test.get('sensitivity', nan):.3f}, "
                       f"specificity {test.get('specificity', nan):.3f}")
+
+
+def _class_weights(train_labels: torch.Tensor, classes: list[str], rule: str) -> torch.Tensor:
+    """The loss's weight per class: 'inverse' to the class's share of the training split, else 1 each."""
+    class_counts = torch.bincount(train_labels, minlength=2).float()
+    if (class_counts == 0).any():
+        raise ValueError(f"The training split has no images of class "
+                         f"{classes[int((class_counts == 0).nonzero()[0])]}.")
+    return (class_counts.sum() / (2 * class_counts)) if rule == "inverse" else torch.ones(2)
+
+
+def _epoch_record(epoch: int, progress: dict, trained: EpochFigures, val: dict, optimizer: torch.optim.Optimizer,
+                  improved: bool, elapsed: float) -> dict:
+    """metrics.jsonl's line for an epoch (0-based `epoch`, just trained and validated)."""
+    return {
+        "kind": "epoch", "epoch": epoch + 1, "global_step": progress["global_step"],
+        "train_loss": progress["loss_sum"] / max(progress["seen"], 1),
+        "train_accuracy": progress["correct"] / max(progress["seen"], 1), "train_auc": trained.train_auc,
+        "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_auc": val["auc"],
+        "lr": optimizer.param_groups[0]["lr"], "images_per_s": trained.seen / max(trained.seconds, 1e-9),
+        "epoch_seconds": trained.seconds, "elapsed": elapsed, "best": improved, "time": time.time()}
+
+
+def _epoch_line(record: dict, epochs: int, seconds: float) -> str:
+    """The log's line for an epoch record."""
+    return (f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} "
+            f"acc {record['train_accuracy']:.3f} | val loss {record['val_loss']:.4f} acc "
+            f"{record['val_accuracy']:.3f} AUC {record['val_auc']:.4f}{' (best)' if record['best'] else ''} | "
+            f"{record['images_per_s']:.0f} img/s, {seconds:.1f}s")
 
 
 def _silent(*args, **kwargs) -> None:
