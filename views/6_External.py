@@ -279,8 +279,8 @@ def evaluation_view(run_dir: Path, entry: dict, threshold: float, threshold_text
     delete_section(run_dir, name)
 
 
-st.set_page_config(page_title="External data · CXR workbench", layout="wide")
-st.title("External data")
+st.set_page_config(page_title="External · CXR workbench", layout="wide")
+st.title("External")
 st.caption("Evaluate a finished run on another folder of X-rays. A research tool: its output is not a diagnosis.")
 
 run_dir = ui.run_picker()
