@@ -170,23 +170,29 @@ def fits_on_device(images: torch.Tensor, device: torch.device) -> bool:
 class DeviceCopies:
     """Host batches copied to the device one batch ahead of the step that uses them. On a GPU the copy is issued on
     a side stream, so copying the next batch (from pinned memory, without blocking) overlaps the current step, and
-    the compute stream waits for it only where the batch is used; elsewhere it is a plain `.to(device)`."""
+    the compute stream waits for that copy alone (its event) where the batch is used; elsewhere it is a plain
+    `.to(device)`."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def start(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def start(self, *tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], object]:
+        """The copies, and what `ready` needs to wait for them (a CUDA event; None off a GPU)."""
         if self.stream is None:
-            return tuple(t.to(self.device) for t in tensors)
+            return tuple(t.to(self.device) for t in tensors), None
         with torch.cuda.stream(self.stream):
-            return tuple(t.to(self.device, non_blocking=True) for t in tensors)
+            copies = tuple(t.to(self.device, non_blocking=True) for t in tensors)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return copies, done
 
-    def ready(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    def ready(self, staged: tuple[tuple[torch.Tensor, ...], object]) -> tuple[torch.Tensor, ...]:
         """The copies, safe to use on the current stream (and not reused by the allocator before it is done)."""
-        if self.stream is not None:
+        tensors, done = staged
+        if done is not None:
             current = torch.cuda.current_stream(self.device)
-            current.wait_stream(self.stream)
+            current.wait_event(done)
             for t in tensors:
                 t.record_stream(current)
         return tensors
@@ -234,18 +240,19 @@ class TrainBatches:
                 yield step, self._prepare(self.images[idx], self._total(order, step)), self.labels[idx]
             return
         copies = DeviceCopies(self.device)
-        pending: tuple[int, tuple[torch.Tensor, ...]] | None = None
-        with BatchPrefetcher(self.images, order, self.batch_size, start, stop, shard=self.shard,
-                             pin=self.device.type == "cuda") as batches:
+        pin = self.device.type == "cuda"  # pinned host memory: copied to the GPU without blocking
+        pending: tuple[int, tuple] | None = None
+        with BatchPrefetcher(self.images, order, self.batch_size, start, stop, shard=self.shard, pin=pin) as batches:
             for step, idx, batch in batches:
-                staged = step, copies.start(batch, self.labels[idx])
+                labels = self.labels[idx].pin_memory() if pin else self.labels[idx]
+                staged = step, copies.start(batch, labels)
                 if pending is not None:
                     yield self._ready(pending, copies, order)
                 pending = staged
             if pending is not None:
                 yield self._ready(pending, copies, order)
 
-    def _ready(self, staged: tuple[int, tuple[torch.Tensor, ...]], copies: DeviceCopies,
+    def _ready(self, staged: tuple[int, tuple], copies: DeviceCopies,
                order: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
         step, (batch, labels) = staged[0], copies.ready(staged[1])
         return step, self._prepare(batch, self._total(order, step)), labels
