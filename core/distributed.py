@@ -103,6 +103,75 @@ class Distributed:
 SINGLE = Distributed()  # one process: no torchrun
 
 
+def _all_reduce_with_gradient(values: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks, differentiable: its gradient on each rank is the sum of every rank's gradient."""
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(values)
+
+
+class WholeBatchNorm2d(torch.nn.BatchNorm2d):
+    """BatchNorm2d that, in training, normalises with the statistics of the whole distributed batch (every rank's
+    images), as one process computing the same batch would, and updates its running statistics with them.
+
+    torch.nn.SyncBatchNorm does this on GPUs only. Here the sums travel through a differentiable all-reduce, so
+    autograd gives each rank the gradient of every rank's loss through the shared statistics. Two passes (mean,
+    then the centred squares) in float32, as one process's batch norm. In eval mode it is BatchNorm2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not torch.distributed.is_initialized():
+            return super().forward(x)
+        dims = (0, 2, 3)
+        xf = x.float()
+        local = torch.cat([xf.sum(dims), xf.new_tensor([x.shape[0] * x.shape[2] * x.shape[3]])])
+        total = _all_reduce_with_gradient(local)
+        count = total[-1].detach()
+        mean = total[:-1] / count
+        centred = xf - mean.view(1, -1, 1, 1)
+        var = _all_reduce_with_gradient((centred * centred).sum(dims)) / count
+        out = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+        if self.affine:
+            out = out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var.detach() * count / max(float(count) - 1.0, 1.0)
+                self.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+                self.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+        return out.to(x.dtype)
+
+
+class WholeBatchLoss(torch.nn.Module):
+    """Class-weighted cross-entropy of the whole distributed batch, as this rank's part of it.
+
+    DDP averages the ranks' gradients, so a rank's loss is its images' weighted sum of losses x world / the whole
+    batch's weight (summed over ranks): the average of the ranks' losses and of their gradients is then exactly the
+    one-process loss of the whole batch and its gradient. Each rank's own weighted mean would weight an image by its
+    rank's class mix instead."""
+
+    def __init__(self, class_weights: torch.Tensor, dist: Distributed) -> None:
+        super().__init__()
+        self.class_weights, self.dist = class_weights, dist
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        weighted = torch.nn.functional.cross_entropy(logits, labels, weight=self.class_weights, reduction="sum")
+        whole = self.dist.sum(self.class_weights[labels].sum())
+        return weighted * self.dist.world / whole
+
+
+def whole_batch_norm(model: torch.nn.Module) -> int:
+    """Make every plain BatchNorm2d of `model` a WholeBatchNorm2d, in place, keeping its parameters and buffers (the
+    same tensors: an optimizer built on them still holds them; the state dict keeps its keys). Subclasses that do
+    more than normalise (an activation inside, e.g.) are left as they are. Returns how many were changed."""
+    changed = 0
+    for module in model.modules():
+        if type(module) is torch.nn.BatchNorm2d:
+            module.__class__ = WholeBatchNorm2d
+            changed += 1
+    return changed
+
+
 def from_environment() -> Distributed:
     """The process's place as torchrun set it (RANK, WORLD_SIZE, LOCAL_RANK); one process without torchrun."""
     try:

@@ -45,7 +45,7 @@ from .device import (
     select_device,
     uses_bf16,
 )
-from .distributed import SINGLE, Distributed
+from .distributed import SINGLE, Distributed, WholeBatchLoss, whole_batch_norm
 from .finalize import finalize_run, fit_temperature, positive_probs
 from .metrics import safe_auc
 from .model import apply_strategy, build_model, count_parameters, normalization, set_train_mode
@@ -273,7 +273,9 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
 
     train_labels = data.splits["train"].labels
     weights = _class_weights(train_labels, classes, config.class_weights)
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weights.to(device))
+    # Distributed: the loss and (on CPUs) the batch norm statistics are the whole batch's, as in one process.
+    on_device = weights.to(device)  # evaluate() takes the CPU copy: it scores logits gathered on the CPU
+    loss_fn = WholeBatchLoss(on_device, dist) if dist.active else torch.nn.CrossEntropyLoss(weight=on_device)
 
     frozen = config.strategy == "frozen"
     if frozen:
@@ -288,6 +290,9 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
     else:
         inputs = {s: data.splits[s].images for s in ("train", "val")}
         net = model
+    if dist.active and device.type == "cpu" and not frozen:
+        log(run_dir, f"Batch norm over the whole batch of all {dist.world} processes: "
+                     f"{whole_batch_norm(model)} layers")
     if dist.active:  # gradients averaged over the ranks at every step
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
