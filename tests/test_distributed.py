@@ -308,3 +308,30 @@ def test_the_commands_for_several_machines_name_each_node():
     lines = torchrun_commands(2, 8, "10.0.0.1", ["--data", "/data/x", "--preset", "gpu"])
     assert len(lines) == 2 and "--node-rank=1" in lines[1] and "--nproc-per-node=8" in lines[0]
     assert lines[0].endswith("-m core train --data /data/x --preset gpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_batch_norm_on_one_process_is_batch_norm_forward_and_backward(dtype):
+    """With one process the whole batch is this batch: outputs, the gradients of input, weight and bias, and the
+    running statistics are BatchNorm2d's (fp32 to 1e-5; bf16 to 1%, bf16's own rounding)."""
+    from core.distributed import WholeBatchNorm2d, _WholeBatchNormFunction
+
+    torch.manual_seed(0)
+    x0 = (torch.randn(6, 5, 7, 9) * 3 + 2).to(dtype).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(x0.shape)
+    reference, whole = torch.nn.BatchNorm2d(5), WholeBatchNorm2d(5)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-1, 1)
+    whole.load_state_dict(reference.state_dict())
+    results = []
+    for module, forward in ((reference, reference),
+                            (whole, lambda x: _WholeBatchNormFunction.apply(x, whole.weight, whole.bias, whole))):
+        x = x0.clone().requires_grad_(True)
+        y = forward(x)
+        (y.float() * grad).sum().backward()
+        results.append([y.detach().float(), x.grad.float(), module.weight.grad, module.bias.grad,
+                        module.running_mean, module.running_var])
+    tolerance = {"rtol": 0, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, **tolerance)
