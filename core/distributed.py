@@ -2,11 +2,12 @@
 
 `torchrun` starts one process per device and tells each its place through RANK, WORLD_SIZE and LOCAL_RANK. Every
 process prepares the same data (rank 0 decodes it first; the others read it from the cache), builds the same model
-from the same seed and trains on its share of each batch; DDP averages the gradients. Evaluation is shared too: each
-rank computes the logits of its `share` of the validation images every epoch (all ranks get them all back, in
-order, through `gather_rows`), and at the end its share of the val, test and training features and logits, which
-rank 0 alone receives. Rank 0 alone writes the run folder. Without torchrun (WORLD_SIZE unset or 1) nothing here
-does anything.
+from the same seed and trains on its share of each batch; DDP averages the gradients, and the loss (`WholeBatchLoss`)
+and, on CPUs, batch norm (`WholeBatchNorm2d`) are the whole batch's, so that the ranks together train the steps one
+process would. Evaluation is shared too: each rank computes the logits of its `share` of the validation images
+every epoch (all ranks get them all back, in order, through `gather_rows`), and at the end its share of the val,
+test and training features and logits, which rank 0 alone receives. Rank 0 alone writes the run folder. Without
+torchrun (WORLD_SIZE unset or 1) nothing here does anything.
 """
 
 from __future__ import annotations
