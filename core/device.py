@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import platform
 
@@ -48,30 +46,6 @@ def optimizer_options(device: torch.device) -> dict:
     """Keyword arguments for Adam/AdamW: the fused kernel (one pass over all parameters) where PyTorch has it. On a
     2-core CPU it steps resnet18's 11 M parameters in 8 ms against 35 ms for the default per-tensor loop."""
     return {"fused": True} if device.type in ("cpu", "cuda") else {}
-
-
-# mallopt(3) parameters (malloc.h): freed memory above this many bytes is returned to the OS; mmap'd blocks at most.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep freed memory for the next allocation instead of returning it to the OS.
-
-    By default every block over the mmap threshold (128 KB, rising to 32 MB) is mapped for one tensor and unmapped
-    when it is freed, so each CPU training step page-faults its activations in anew: cloning one 51 MB bf16
-    activation of resnet18's stem took 18 ms instead of 4, and a bf16 training step ~5% longer. The process then
-    holds its peak memory until it exits, which a training process does anyway. Returns whether it took effect
-    (False where the C library is not glibc)."""
-    name = ctypes.util.find_library("c")
-    if platform.system() != "Linux" or not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
-            return False
-        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-    except OSError:
-        return False
 
 
 def available_devices() -> list[str]:

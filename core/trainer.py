@@ -39,7 +39,6 @@ from .device import (
     autocast,
     available_devices,
     device_names,
-    keep_freed_memory,
     maybe_compile,
     optimizer_options,
     select_device,
@@ -243,13 +242,11 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
     started = time.time()
     device = dist.device(select_device(config.device))
     bf16 = uses_bf16(device, config.precision)
-    kept_freed_memory = device.type == "cpu" and keep_freed_memory()
     # Rank 0 alone writes the run folder; the other ranks of a distributed run train and stay silent.
     log = runs.log if dist.is_main else _silent
     status = runs.write_status if dist.is_main else _silent
     if dist.is_main:
-        record_command(run_dir, config, launched, {**environment_info(device, bf16), "world_size": dist.world,
-                                                      "malloc_keeps_freed_memory": kept_freed_memory})
+        record_command(run_dir, config, launched, {**environment_info(device, bf16), "world_size": dist.world})
     status(run_dir, state="running", pid=os.getpid(), started=started, phase="preparing data", device=str(device),
            world_size=dist.world)
     resuming = resume and (run_dir / "last.pt").exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from bad_inputs import as_read
-from conftest import rank_at_chance
+from conftest import rank_at_chance, rank_well
 from streamlit.testing.v1 import AppTest
 
 from core import runs
@@ -186,6 +186,8 @@ def test_metadata_subgroups_with_intervals_at_the_pages_threshold(run_copy):  # 
 
 
 def test_save_updates_the_operating_point(page, run_copy):  # noqa: F811
+    rank_well(run_copy, "val")  # a threshold is only saved from a set the model ranks better than chance
+    page.run()
     page.radio(key="thr_mode").set_value("specificity").run()
     chosen = page.slider(key="thr_slider").value
     page.button[0].click().run()
@@ -266,6 +268,7 @@ def test_a_groups_csv_with_conflicting_rows_is_refused_and_identical_ones_are_no
 
 
 def test_a_set_ranked_no_better_than_chance_says_so_first_and_cannot_give_the_threshold(page, run_copy):  # noqa: F811
+    rank_well(run_copy, "val")
     rank_at_chance(run_copy)
     auc = run_summary(run_copy)["sets"]["test"]["metrics"]["auc"]
     assert auc["low"] <= 0.5 <= auc["high"]

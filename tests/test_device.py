@@ -1,21 +1,13 @@
 """Device and precision choices: compile only where asked (or measured faster), the device a spec names, the
-fused optimizer and the CPU allocator setting."""
+fused optimizer."""
 
 from __future__ import annotations
-
-import json
-import platform
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from core.config import TrainConfig
 from core.device import maybe_compile, optimizer_options, select_device
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_compile_is_applied_only_when_asked_for_on_a_cpu():
@@ -77,36 +69,3 @@ def test_the_fused_optimizer_steps_as_the_default_one_does():
             opt.step()
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-FAULTS_SCRIPT = """
-import json, resource, sys, torch
-from core.device import keep_freed_memory
-kept = keep_freed_memory() if sys.argv[1] == "keep" else False
-def faults_of_one_step():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(16 * 2**20).fill_(1.0)  # 64 MB, as one activation of a training step, freed at once
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults_of_one_step()
-print(json.dumps({"kept": kept, "faults": min(faults_of_one_step() for _ in range(3))}))
-"""
-
-
-@pytest.mark.skipif(platform.system() != "Linux", reason="glibc's malloc")
-def test_cpu_training_memory_is_reused_not_mapped_again_at_every_step():
-    """Without the setting, each 64 MB tensor is mapped anew and page-faulted in (16k faults of 4 KB pages); with
-    it, the freed block of the step before is reused."""
-    def run(mode: str) -> dict:
-        out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], cwd=REPO, capture_output=True, text=True,
-                             timeout=120, check=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    default, kept = run("default"), run("keep")
-    assert kept["kept"] is True
-    assert kept["faults"] < 100
-    assert kept["faults"] * 4 < max(default["faults"], 400)
-
-
-def test_a_cpu_run_records_the_allocator_setting(finished_run):
-    env = json.loads((finished_run / "environment.json").read_text())
-    assert env["malloc_keeps_freed_memory"] is (platform.system() == "Linux")
