@@ -245,8 +245,14 @@ def start(dist: Distributed, device_spec: str) -> None:
     signal.signal(signal.SIGTERM, _terminate)
 
 
-def stop(dist: Distributed) -> None:
+def stop(dist: Distributed, finished: bool) -> None:
+    """Leave the process group. After a finished run every rank first waits for the others: rank 0 writes the
+    results alone after the last exchange, and a rank that tore its connections down and exited meanwhile could
+    end the job (torchrun ends every process when one exits abnormally) before rank 0 marked the run finished.
+    A failed rank leaves at once: the others may be in any collective, and torchrun ends them."""
     if dist.active and torch.distributed.is_initialized():
+        if finished:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
