@@ -53,11 +53,7 @@ class Distributed:
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of a tensor on this process's device (gloo: CPU tensors)."""
-        if not self.active:
-            return values
-        reduced = values.detach().clone()
-        torch.distributed.all_reduce(reduced)
-        return reduced
+        return summed_over_ranks(values.detach()) if self.active else values
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """Every rank's 1-d tensor, concatenated in rank order (sizes may differ), on the CPU."""
@@ -104,7 +100,8 @@ class Distributed:
 SINGLE = Distributed()  # one process: no torchrun
 
 
-def _summed_over_ranks(values: torch.Tensor) -> torch.Tensor:
+def summed_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The sum over the process group's ranks (a new tensor), or `values` itself without a group of several."""
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         values = values.clone()
         torch.distributed.all_reduce(values)
@@ -129,7 +126,7 @@ class _WholeBatchNormFunction(torch.autograd.Function):
                                                   x.new_ones(channels, dtype=torch.float32), 0.0)
         local = torch.cat([mean.double() * count, (var.double() + mean.double() ** 2) * count,
                            mean.new_tensor([count], dtype=torch.float64)])
-        total = _summed_over_ranks(local)
+        total = summed_over_ranks(local)
         n = float(total[-1])
         whole_mean = total[:channels] / n
         whole_var = (total[channels:2 * channels] / n - whole_mean ** 2).clamp_(min=0)
@@ -150,7 +147,7 @@ class _WholeBatchNormFunction(torch.autograd.Function):
         grad_local, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
             grad_out.contiguous(memory_format=_memory_format(x)), x, scale, mean, var, None, None, False, ctx.eps,
             [True, True, True])
-        sums = _summed_over_ranks(torch.cat([grad_bias, grad_weight]))
+        sums = summed_over_ranks(torch.cat([grad_bias, grad_weight]))
         channels = mean.numel()
         invstd = torch.rsqrt(var + ctx.eps)
         # d(input) = w * invstd * (g - sum(g) / n - x_hat * sum(g * x_hat) / n), sums over the whole batch

@@ -25,6 +25,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,7 @@ from .device import (
 from .distributed import SINGLE, Distributed, WholeBatchLoss, whole_batch_norm
 from .finalize import finalize_run, fit_temperature, positive_probs
 from .metrics import safe_auc
-from .model import apply_strategy, build_model, count_parameters, normalization, set_train_mode
+from .model import Classifier, apply_strategy, build_model, count_parameters, normalization, set_train_mode
 from .pipeline import PreparedData, TrainBatches, compute_logits, features_and_logits, prepare_data
 
 # Callers import these from here (the trainer's public names before its collaborators had their own modules).
@@ -258,42 +259,13 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
     if not dist.is_main:
         data = prepare_data(config)
 
-    torch.manual_seed(config.seed)
-    model = build_model(config.arch, config.pretrained, config.weights_file, config.dropout)
-    params = apply_strategy(model, config.strategy)
-    model.to(device).to(memory_format=torch.channels_last)
-    trainable, total = count_parameters(model)
-    log(run_dir, f"{config.arch} ({'ImageNet' if config.pretrained and config.arch != 'smallcnn' else 'random'}"
-                      f" init), strategy {config.strategy}: {trainable:,} of {total:,} parameters train")
-    mean, std = normalization(config.arch)
-    classes = data.index.classes
-
-    train_labels = data.splits["train"].labels
+    classes, train_labels = data.index.classes, data.splits["train"].labels
     weights = _class_weights(train_labels, classes, config.class_weights)
     # Distributed: the loss and (on CPUs) the batch norm statistics are the whole batch's, as in one process.
     on_device = weights.to(device)  # evaluate() takes the CPU copy: it scores logits gathered on the CPU
     loss_fn = WholeBatchLoss(on_device, dist) if dist.active else torch.nn.CrossEntropyLoss(weight=on_device)
-
-    frozen = config.strategy == "frozen"
-    if frozen:
-        # The backbone cannot change: compute its features once and train the head on them.
-        status(run_dir, phase="computing backbone features")
-        t0 = time.time()
-        inputs = {s: compute_logits(model, data.splits[s].images, device, mean, std, bf16,
-                                    features_only=True) for s in ("train", "val")}
-        log(run_dir, f"Backbone features for {sum(len(v) for v in inputs.values())} images in "
-                          f"{time.time() - t0:.1f}s")
-        net: torch.nn.Module = model.head
-    else:
-        inputs = {s: data.splits[s].images for s in ("train", "val")}
-        net = model
-    if dist.active and device.type == "cpu" and not frozen:
-        log(run_dir, f"Batch norm over the whole batch of all {dist.world} processes: "
-                     f"{whole_batch_norm(model)} layers")
-    if dist.active:  # gradients averaged over the ranks at every step
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
-                                                        else None)
-    net = maybe_compile(net, config.compile, device)
+    model, net, params, inputs, frozen = _trainable(config, data, device, bf16, dist, run_dir, log, status)
+    mean, std = normalization(config.arch)
 
     steps_per_epoch = math.ceil(len(train_labels) / config.batch_size)
     if config.max_steps_per_epoch:
@@ -383,6 +355,49 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
     log(run_dir, f"Finished. Threshold {report['threshold']:.3f} chosen on validation (Youden). "
                       f"Test AUC {test.get('auc', nan):.4f}, sensitivity {test.get('sensitivity', nan):.3f}, "
                       f"specificity {test.get('specificity', nan):.3f}")
+
+
+class Trainable(NamedTuple):
+    """What the loop trains, and on what."""
+
+    model: Classifier  # the whole model: evaluated, checkpointed
+    net: torch.nn.Module  # what a step runs: the model or, frozen, its head; in DDP when distributed; compiled
+    params: list  # the parameters the optimizer updates
+    inputs: dict  # train and val inputs of `net`: uint8 images, or (frozen) backbone features
+    frozen: bool
+
+
+def _trainable(config: TrainConfig, data: PreparedData, device: torch.device, bf16: bool, dist: Distributed,
+               run_dir: Path, log, status) -> Trainable:
+    """The model from the config's seed, its strategy applied, on the device; frozen, the backbone's features
+    computed once (the backbone cannot change) and the head trained on them."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.arch, config.pretrained, config.weights_file, config.dropout)
+    params = apply_strategy(model, config.strategy)
+    model.to(device).to(memory_format=torch.channels_last)
+    trainable, total = count_parameters(model)
+    log(run_dir, f"{config.arch} ({'ImageNet' if config.pretrained and config.arch != 'smallcnn' else 'random'}"
+                 f" init), strategy {config.strategy}: {trainable:,} of {total:,} parameters train")
+    frozen = config.strategy == "frozen"
+    if frozen:
+        status(run_dir, phase="computing backbone features")
+        t0 = time.time()
+        mean, std = normalization(config.arch)
+        inputs = {s: compute_logits(model, data.splits[s].images, device, mean, std, bf16, features_only=True)
+                  for s in ("train", "val")}
+        log(run_dir, f"Backbone features for {sum(len(v) for v in inputs.values())} images in "
+                     f"{time.time() - t0:.1f}s")
+        net: torch.nn.Module = model.head
+    else:
+        inputs = {s: data.splits[s].images for s in ("train", "val")}
+        net = model
+    if dist.active and device.type == "cpu" and not frozen:
+        log(run_dir, f"Batch norm over the whole batch of all {dist.world} processes: "
+                     f"{whole_batch_norm(model)} layers")
+    if dist.active:  # gradients averaged over the ranks at every step
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+    return Trainable(model, maybe_compile(net, config.compile, device), params, inputs, frozen)
 
 
 def _class_weights(train_labels: torch.Tensor, classes: list[str], rule: str) -> torch.Tensor:
