@@ -56,9 +56,11 @@ def main() -> int:
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument("--matmul-seconds", type=float, default=2.0, help="length of each timed matmul window")
     args = parser.parse_args()
-    if args.steps < 1 or args.batch < 1 or args.image_size < 32:
-        parser.error("--steps and --batch must be at least 1, --image-size at least 32")
+    if args.steps < 1 or args.batch < 1 or args.image_size < 32 or args.matmul_size < 1 or args.matmul_seconds <= 0:
+        parser.error("--steps, --batch and --matmul-size must be at least 1, --image-size at least 32, "
+                     "--matmul-seconds above 0")
     bf16 = bf16_native("cpu") if args.precision == "auto" else args.precision == "bf16"
     device = torch.device("cpu")
     print(f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; torch {torch.__version__}; "
@@ -91,7 +93,7 @@ def main() -> int:
         for _ in range(args.steps):
             step()
     step_s = (time.perf_counter() - t0) / args.steps
-    gflops = matmul_gflops("cpu", torch.bfloat16 if bf16 else torch.float32, args.matmul_size, 2.0)
+    gflops = matmul_gflops("cpu", torch.bfloat16 if bf16 else torch.float32, args.matmul_size, args.matmul_seconds)
 
     seconds: dict[str, float] = {}
     for event in prof.key_averages():
