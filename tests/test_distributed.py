@@ -21,7 +21,7 @@ import torch
 from conftest import write_dataset
 
 from core import runs
-from core.distributed import Distributed, torchrun_commands
+from core.distributed import Distributed, stop, torchrun_commands
 from core.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +179,8 @@ def _rank_main(rank: int, worker, folder: str, args: tuple) -> None:
     try:
         torch.save(worker(Distributed(rank, 2), *args), Path(folder) / f"rank{rank}.pt")
     finally:
-        torch.distributed.destroy_process_group()
+        if torch.distributed.is_initialized():  # a worker may have left the group itself
+            torch.distributed.destroy_process_group()
 
 
 def _gather_uneven(dist: Distributed, sizes: list[int]) -> dict:
@@ -202,6 +203,25 @@ def test_gathered_rows_come_back_whole_and_in_order_from_uneven_shares(tmp_path)
             assert torch.equal(ranks[r][n][1], whole)  # on every rank
         start, stop = ranks[1][n][0]
         assert torch.equal(ranks[0][n][2], whole) and torch.equal(ranks[1][n][2], whole[start:stop])
+
+
+def _leave_after_rank_0_writes(dist: Distributed, finished: bool) -> dict:
+    if dist.is_main:
+        time.sleep(1.0)  # rank 0 writing the run's results alone after the last exchange
+    written = time.time()
+    stop(dist, finished)
+    return {"written": written, "left": time.time(), "in_group": torch.distributed.is_initialized()}
+
+
+def test_after_a_finished_run_no_rank_leaves_before_rank_0_has_written_the_results(tmp_path):
+    rank0, rank1 = _on_two_ranks(_leave_after_rank_0_writes, tmp_path, True)
+    assert rank1["left"] >= rank0["written"]
+    assert not rank0["in_group"] and not rank1["in_group"]
+
+
+def test_a_failed_rank_leaves_the_group_at_once(tmp_path):
+    rank0, rank1 = _on_two_ranks(_leave_after_rank_0_writes, tmp_path, False)
+    assert rank1["left"] < rank0["written"]  # the others may be anywhere: nobody is waited for
 
 
 def _shared_evaluation(dist: Distributed, n_val: int, test_sizes: list[int]) -> dict:
