@@ -167,11 +167,11 @@ class StepRecorder:
         if not self.pending:
             return []
         values = torch.stack([torch.stack([loss.float(), hits.float()]) for _, loss, hits, _, _ in self.pending])
-        if self.dist.active:  # every rank's share of each step: loss weighted by its images, hits and images summed
+        if self.dist.active:  # every rank's share of each step: hits and images summed; each rank's loss is its
+            # part of the whole batch's x world (WholeBatchLoss), so the whole batch's loss is the ranks' mean
             sizes = torch.tensor([n for *_, n, _ in self.pending], dtype=torch.float32, device=values.device)
-            summed = self.dist.sum(torch.cat([values * torch.stack([sizes, torch.ones_like(sizes)], 1),
-                                              sizes[:, None]], 1))
-            values = torch.stack([summed[:, 0] / summed[:, 2], summed[:, 1]], 1)
+            summed = self.dist.sum(torch.cat([values, sizes[:, None]], 1))
+            values = torch.stack([summed[:, 0] / self.dist.world, summed[:, 1]], 1)
             self.pending = [(s, loss, hits, int(n), lr) for (s, loss, hits, _, lr), n in
                             zip(self.pending, summed[:, 2].tolist())]
         values = values.cpu().tolist()  # the one synchronisation

@@ -53,6 +53,9 @@ def load_resume_state(path: Path) -> dict:
     return state
 
 
+IMPLEMENTATION_CHOICES = ("fused", "foreach")  # an optimizer's param-group options that choose its kernels
+
+
 @dataclass
 class TrainingState:
     """What a run resumes from, and the one place that knows last.pt's layout: the model, the optimizer and its
@@ -78,9 +81,14 @@ class TrainingState:
         """Load `path` into the model, optimizer, schedule and generators, and take the counters it saved that this
         run also counts (of the same type). ValueError, naming the file, when it is damaged or does not fit."""
         saved = load_resume_state(path)
+        # How the optimizer computes its step (fused kernel, per-tensor loop) is this process's choice for this
+        # device, not state: a last.pt written before fused kernels were used would switch them off.
+        implementation = [{k: g[k] for k in IMPLEMENTATION_CHOICES if k in g} for g in self.optimizer.param_groups]
         try:
             self.model.load_state_dict(saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
+            for group, chosen in zip(self.optimizer.param_groups, implementation):
+                group.update(chosen)
             if self.scheduler is not None and saved.get("scheduler"):
                 self.scheduler.load_state_dict(saved["scheduler"])
             self.aug_gen.set_state(saved["aug_rng"])

@@ -105,16 +105,14 @@ def _train_distributed(existing, config, args: argparse.Namespace, resume: bool)
 
     dist = from_environment()
     start(dist, config.device if config is not None else "auto")
-    finished = False
     try:
         run_dir = existing(dist)
         if run_dir is None:
             run_dir = dist.broadcast_object(str(create_run(config)) if dist.is_main else None)
         run_dir = train(run_dir=Path(run_dir), resume=resume, show_progress=dist.is_main and sys.stderr.isatty()
                         and not args.quiet, launched=getattr(args, "launched", False), dist=dist)
-        finished = True
     finally:
-        stop(dist, finished)
+        stop(dist)
     return _report_finished(run_dir) if dist.is_main else 0
 
 

@@ -101,7 +101,8 @@ SINGLE = Distributed()  # one process: no torchrun
 
 
 def summed_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """The sum over the process group's ranks (a new tensor), or `values` itself without a group of several."""
+    """The sum over the process group's ranks (a new tensor; every rank must call it), or `values` itself outside
+    a group of several processes."""
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         values = values.clone()
         torch.distributed.all_reduce(values)
@@ -122,10 +123,13 @@ class _WholeBatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, module):  # noqa: ANN001, ANN205 - autograd.Function's signature
         channels = x.shape[1]
         count = x.numel() // channels
-        mean, var = torch.batch_norm_update_stats(x, x.new_zeros(channels, dtype=torch.float32),
-                                                  x.new_ones(channels, dtype=torch.float32), 0.0)
-        local = torch.cat([mean.double() * count, (var.double() + mean.double() ** 2) * count,
-                           mean.new_tensor([count], dtype=torch.float64)])
+        if count:
+            mean, var = torch.batch_norm_update_stats(x, x.new_zeros(channels, dtype=torch.float32),
+                                                      x.new_ones(channels, dtype=torch.float32), 0.0)
+            local = torch.cat([mean.double() * count, (var.double() + mean.double() ** 2) * count,
+                               mean.new_tensor([count], dtype=torch.float64)])
+        else:  # no images on this rank (a last batch smaller than the world): it still joins the sums, with zeros
+            local = x.new_zeros(2 * channels + 1, dtype=torch.float64)
         total = summed_over_ranks(local)
         n = float(total[-1])
         whole_mean = total[:channels] / n
@@ -144,9 +148,12 @@ class _WholeBatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
         x, weight, mean, var = ctx.saved_tensors
         scale = weight if weight is not None else torch.ones_like(mean)
-        grad_local, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_out.contiguous(memory_format=_memory_format(x)), x, scale, mean, var, None, None, False, ctx.eps,
-            [True, True, True])
+        if x.numel():
+            grad_local, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+                grad_out.contiguous(memory_format=_memory_format(x)), x, scale, mean, var, None, None, False,
+                ctx.eps, [True, True, True])
+        else:  # the native kernel divides by the image count (SIGFPE on none); an empty share's sums are zeros
+            grad_local, grad_weight, grad_bias = torch.zeros_like(x), torch.zeros_like(mean), torch.zeros_like(mean)
         sums = summed_over_ranks(torch.cat([grad_bias, grad_weight]))
         channels = mean.numel()
         invstd = torch.rsqrt(var + ctx.eps)
@@ -242,14 +249,10 @@ def start(dist: Distributed, device_spec: str) -> None:
     signal.signal(signal.SIGTERM, _terminate)
 
 
-def stop(dist: Distributed, finished: bool) -> None:
-    """Leave the process group. After a finished run every rank first waits for the others: rank 0 writes the
-    results alone after the last exchange, and a rank that tore its connections down and exited meanwhile could
-    end the job (torchrun ends every process when one exits abnormally) before rank 0 marked the run finished.
-    A failed rank leaves at once: the others may be in any collective, and torchrun ends them."""
+def stop(dist: Distributed) -> None:
+    """Leave the process group. The trainer has the ranks of a finished or stopped run wait for each other first;
+    a failed rank leaves at once (the others may be in any collective, and torchrun ends them)."""
     if dist.active and torch.distributed.is_initialized():
-        if finished:
-            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

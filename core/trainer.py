@@ -339,6 +339,9 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
             if config.patience and progress["stale_epochs"] >= config.patience:
                 log(run_dir, f"Early stopping: no better validation AUC for {config.patience} epochs")
                 break
+    except StopRequested:
+        dist.barrier()  # every rank stopped at this step; none leaves before rank 0 has saved it (see below)
+        raise
     finally:
         bar.close()
 
@@ -346,15 +349,16 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
     # read for early stopping, are the same on all of them; a stop request raised StopRequested on all of them).
     status(run_dir, phase="final evaluation")
     report = finalize_run(run_dir, config, model, data, device, bf16, dist)
-    if not dist.is_main:
-        return  # each rank computed its share of the final logits and features; rank 0 writes the results
-    status(run_dir, state="finished", phase="done", finished=time.time(),
-                      elapsed=progress["elapsed_now"]())
-    test = report.get("test") or {}
-    nan = float("nan")
-    log(run_dir, f"Finished. Threshold {report['threshold']:.3f} chosen on validation (Youden). "
-                      f"Test AUC {test.get('auc', nan):.4f}, sensitivity {test.get('sensitivity', nan):.3f}, "
-                      f"specificity {test.get('specificity', nan):.3f}")
+    if dist.is_main:  # each rank computed its share of the final logits and features; rank 0 writes the results
+        status(run_dir, state="finished", phase="done", finished=time.time(), elapsed=progress["elapsed_now"]())
+        test = report.get("test") or {}
+        nan = float("nan")
+        log(run_dir, f"Finished. Threshold {report['threshold']:.3f} chosen on validation (Youden). "
+                     f"Test AUC {test.get('auc', nan):.4f}, sensitivity {test.get('sensitivity', nan):.3f}, "
+                     f"specificity {test.get('specificity', nan):.3f}")
+    # No rank leaves before rank 0 has written: one that exits early and fails on its way out (torchrun then ends
+    # every process) would end rank 0 mid-write, and a finished run would be marked failed.
+    dist.barrier()
 
 
 class Trainable(NamedTuple):

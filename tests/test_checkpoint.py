@@ -60,3 +60,17 @@ def test_counters_of_a_different_type_or_unknown_to_this_run_are_not_taken(tmp_p
     restored = _state(0)
     restored.restore(tmp_path / "last.pt")
     assert restored.progress == {"epoch": 0, "step_in_epoch": 0, "best_auc": -1.0, "elapsed": 1.0}
+
+
+def test_a_state_saved_without_the_fused_kernel_resumes_with_it(tmp_path):
+    """How the step is computed is the resuming process's choice: a last.pt from before fused kernels were used
+    does not switch them off."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    plain = TrainingState(model, torch.optim.AdamW(model.parameters(), lr=0.01), None, torch.Generator(), {})
+    plain.save(tmp_path / "last.pt", elapsed=0.0)
+    fused = TrainingState(model, torch.optim.AdamW(model.parameters(), lr=0.05, fused=True), None,
+                          torch.Generator(), {})
+    fused.restore(tmp_path / "last.pt")
+    assert fused.optimizer.param_groups[0]["fused"] is True
+    assert fused.optimizer.param_groups[0]["lr"] == 0.01  # the state itself comes from the file

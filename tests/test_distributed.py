@@ -21,7 +21,7 @@ import torch
 from conftest import write_dataset
 
 from core import runs
-from core.distributed import Distributed, stop, torchrun_commands
+from core.distributed import Distributed, torchrun_commands
 from core.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,23 +205,43 @@ def test_gathered_rows_come_back_whole_and_in_order_from_uneven_shares(tmp_path)
         assert torch.equal(ranks[0][n][2], whole) and torch.equal(ranks[1][n][2], whole[start:stop])
 
 
-def _leave_after_rank_0_writes(dist: Distributed, finished: bool) -> dict:
-    if dist.is_main:
-        time.sleep(1.0)  # rank 0 writing the run's results alone after the last exchange
-    written = time.time()
-    stop(dist, finished)
-    return {"written": written, "left": time.time(), "in_group": torch.distributed.is_initialized()}
+def _train_as_a_rank(dist: Distributed, data: str, folder: str, stop_first: bool) -> dict:
+    """One rank of `python -m core train` under torchrun: the CLI's own path, from the run folder to leaving the
+    process group."""
+    import argparse
+
+    from core.cli import _train_distributed
+    from core.trainer import create_run
+
+    os.environ.update(RANK=str(dist.rank), WORLD_SIZE=str(dist.world), LOCAL_RANK=str(dist.rank))
+    config = runs_config(Path(data), Path(folder) / "runs", Path(folder) / "cache", epochs=1)
+    run_dir = dist.broadcast_object(str(create_run(config)) if dist.is_main else None)
+    if stop_first and dist.is_main:
+        runs.request_stop(Path(run_dir))  # asked while the run waits in the queue
+    try:
+        _train_distributed(lambda _: run_dir, config, argparse.Namespace(quiet=True, launched=False), resume=False)
+        outcome = "returned"
+    except Exception as e:  # noqa: BLE001 - what the rank met is the result
+        outcome = type(e).__name__
+    return {"left": time.time(), "outcome": outcome, "run": run_dir}
 
 
-def test_after_a_finished_run_no_rank_leaves_before_rank_0_has_written_the_results(tmp_path):
-    rank0, rank1 = _on_two_ranks(_leave_after_rank_0_writes, tmp_path, True)
-    assert rank1["left"] >= rank0["written"]
-    assert not rank0["in_group"] and not rank1["in_group"]
+def test_no_rank_of_a_finished_run_leaves_before_rank_0_has_written_the_results(data, tmp_path):
+    ranks = _on_two_ranks(_train_as_a_rank, tmp_path, str(data), str(tmp_path), False)
+    assert [r["outcome"] for r in ranks] == ["returned", "returned"]
+    run = Path(ranks[0]["run"])
+    assert runs.read_status(run)["state"] == "finished"
+    last_write = max(p.stat().st_mtime for p in run.iterdir() if p.is_file())
+    assert ranks[1]["left"] >= last_write  # rank 1 waited for rank 0's report, predictions, status and log
 
 
-def test_a_failed_rank_leaves_the_group_at_once(tmp_path):
-    rank0, rank1 = _on_two_ranks(_leave_after_rank_0_writes, tmp_path, False)
-    assert rank1["left"] < rank0["written"]  # the others may be anywhere: nobody is waited for
+def test_a_stop_asked_while_queued_ends_the_other_ranks_before_they_touch_the_data(data, tmp_path):
+    ranks = _on_two_ranks(_train_as_a_rank, tmp_path, str(data), str(tmp_path), True)
+    run = Path(ranks[0]["run"])
+    assert ranks[0]["outcome"] == "returned" and runs.read_status(run)["state"] == "stopped"
+    assert ranks[1]["outcome"] != "returned"  # its rank 0 left: it fails at the data barrier
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not any(cache.rglob("*.npy"))  # nobody decoded the images
 
 
 def _shared_evaluation(dist: Distributed, n_val: int, test_sizes: list[int]) -> dict:
@@ -355,3 +375,62 @@ def test_whole_batch_norm_on_one_process_is_batch_norm_forward_and_backward(dtyp
     tolerance = {"rtol": 0, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, **tolerance)
+
+
+def _whole_batch_norm_of_shares(dist: Distributed, n: int) -> dict:
+    from core.distributed import WholeBatchNorm2d
+
+    torch.manual_seed(0)
+    x_all = (torch.randn(n, 5, 7, 9) * 3 + 2).contiguous(memory_format=torch.channels_last)
+    grad_all = torch.randn(x_all.shape)
+    module = WholeBatchNorm2d(5)
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.uniform_(-1, 1)
+    start, stop = dist.share(n)
+    x = x_all[start:stop].clone().requires_grad_(True)
+    y = module(x)
+    (y * grad_all[start:stop]).sum().backward()
+    return {"y": y.detach(), "x_grad": x.grad, "weight_grad": module.weight.grad, "bias_grad": module.bias.grad,
+            "running_mean": module.running_mean, "running_var": module.running_var}
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_whole_batch_norm_across_ranks_is_one_process_batch_norm_even_with_an_empty_share(tmp_path, n):
+    """One image on two ranks (rank 0's share is empty: a last batch smaller than the world) and 3 images (2 + 1):
+    the ranks' outputs and input gradients put together, their summed weight and bias gradients (what DDP averages
+    over ranks whose loss is their part of the whole batch's x world) and the running statistics are those of
+    BatchNorm2d on the whole batch in one process."""
+    ranks = _on_two_ranks(_whole_batch_norm_of_shares, tmp_path, n)
+    torch.manual_seed(0)
+    x_all = (torch.randn(n, 5, 7, 9) * 3 + 2).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    grad_all = torch.randn(x_all.shape)
+    reference = torch.nn.BatchNorm2d(5)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-1, 1)
+    y = reference(x_all)
+    (y * grad_all).sum().backward()
+    close = {"rtol": 0, "atol": 1e-5}
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), **close)
+    torch.testing.assert_close(torch.cat([r["x_grad"] for r in ranks]), x_all.grad, **close)
+    torch.testing.assert_close(ranks[0]["weight_grad"] + ranks[1]["weight_grad"], reference.weight.grad, **close)
+    torch.testing.assert_close(ranks[0]["bias_grad"] + ranks[1]["bias_grad"], reference.bias.grad, **close)
+    for r in ranks:
+        torch.testing.assert_close(r["running_mean"], reference.running_mean, **close)
+        torch.testing.assert_close(r["running_var"], reference.running_var, **close)
+
+
+def test_a_last_batch_of_one_image_for_two_processes_trains(tmp_path):
+    """The epoch's last batch holds one image, so one rank's share is empty: the run trains through it (a rank
+    with no images still takes part in the batch norm's and the loss's sums) and writes that step's loss."""
+    from core.pipeline import prepare_data
+
+    data = write_dataset(tmp_path / "xrays", {"NORMAL": 24, "PNEUMONIA": 24}, splits=None)
+    n_train = len(prepare_data(runs_config(data, tmp_path / "runs", tmp_path / "cache", test_fraction=0))
+                  .splits["train"].labels)
+    run = _finished_run(["--data", str(data), "--test-fraction", "0", "--epochs", "1",
+                         "--batch-size", str(n_train - 1)], tmp_path)
+    steps = runs.step_metrics(run)
+    assert len(steps) == 2 and steps["loss"].notna().all() and math.isfinite(steps["loss"].iloc[-1])
+    assert runs.read_status(run)["state"] == "finished"

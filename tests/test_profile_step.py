@@ -19,7 +19,8 @@ from profile_step import group_of  # noqa: E402
     ("aten::mkldnn_convolution", "convolution"), ("aten::convolution_backward", "convolution"),
     ("aten::native_batch_norm_backward", "batch norm"), ("aten::threshold_backward", "ReLU"),
     ("aten::max_pool2d_with_indices", "pooling"), ("aten::_to_copy", "copies, casts, fills"),
-    ("aten::_fused_adamw_", "optimizer"), ("aten::add_", "other"),
+    ("aten::_fused_adamw_", "optimizer"), ("Optimizer.zero_grad#AdamW.zero_grad", "optimizer"),
+    ("autograd::engine::evaluate_function: NativeBatchNormBackward0", "batch norm"), ("aten::add_", "other"),
 ])
 def test_operators_fall_in_their_group(name, group):
     assert group_of(name) == group
