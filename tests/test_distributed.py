@@ -434,3 +434,13 @@ def test_a_last_batch_of_one_image_for_two_processes_trains(tmp_path):
     steps = runs.step_metrics(run)
     assert len(steps) == 2 and steps["loss"].notna().all() and math.isfinite(steps["loss"].iloc[-1])
     assert runs.read_status(run)["state"] == "finished"
+
+
+def test_two_processes_streaming_from_the_cache_train_the_steps_they_train_in_memory(data, two_process_run, tmp_path):
+    """A dataset larger than the memory budget is streamed from the cache's memory maps on every rank: each rank
+    reads its share of each batch, and the steps are the in-memory run's (same batches, same augmentation)."""
+    run = _finished_run(["--data", str(data), "--precision", "fp32", "--memory-budget-gb", "0.000001"], tmp_path)
+    assert runs.read_json(run / "data_report.json")["images_in_memory"] is False
+    assert runs.read_json(two_process_run / "data_report.json")["images_in_memory"] is True
+    assert _step_losses(run) == pytest.approx(_step_losses(two_process_run), abs=1e-6)
+    assert runs.read_status(run)["state"] == "finished"
