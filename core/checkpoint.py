@@ -83,12 +83,16 @@ class TrainingState:
         saved = load_resume_state(path)
         # How the optimizer computes its step (fused kernel, per-tensor loop) is this process's choice for this
         # device, not state: a last.pt written before fused kernels were used would switch them off.
+        # Put into the saved groups before loading, since loading places the state by them (a fused kernel on a GPU
+        # needs its step count on the GPU).
         implementation = [{k: g[k] for k in IMPLEMENTATION_CHOICES if k in g} for g in self.optimizer.param_groups]
         try:
             self.model.load_state_dict(saved["model"])
-            self.optimizer.load_state_dict(saved["optimizer"])
-            for group, chosen in zip(self.optimizer.param_groups, implementation):
-                group.update(chosen)
+            optimizer_state = dict(saved["optimizer"])
+            groups = list(optimizer_state["param_groups"])
+            optimizer_state["param_groups"] = [{**group, **chosen} for group, chosen in zip(groups, implementation)] \
+                + groups[len(implementation):]
+            self.optimizer.load_state_dict(optimizer_state)
             if self.scheduler is not None and saved.get("scheduler"):
                 self.scheduler.load_state_dict(saved["scheduler"])
             self.aug_gen.set_state(saved["aug_rng"])

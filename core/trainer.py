@@ -152,9 +152,11 @@ def train(config: TrainConfig | None = None, run_dir: Path | None = None, resume
     if not dist.is_main:  # the other ranks of a distributed run: rank 0 keeps the queue, status and log
         config = TrainConfig.load(Path(run_dir) / "config.json")
         try:
+            if dist.agree(False):  # rank 0's answer: stopped while the run waited in the queue
+                raise StopRequested()
             _train(config, Path(run_dir), resume, False, launched, dist)
         except StopRequested:
-            pass
+            dist.barrier()  # until rank 0 has recorded the stop (see below)
         return Path(run_dir)
     if run_dir is None:
         assert config is not None, "train() needs a config or an existing run directory"
@@ -175,12 +177,15 @@ def train(config: TrainConfig | None = None, run_dir: Path | None = None, resume
     runs.write_status(run_dir, state="queued", pid=os.getpid(), error=None, queued_at=queued_at or time.time())
     try:
         with training_slot(run_dir):
-            if runs.stop_requested(run_dir):
+            if dist.agree(runs.stop_requested(run_dir)):  # every rank of a distributed run learns it here
                 raise StopRequested()
             _train(config, run_dir, resume, show_progress, launched, dist)
     except StopRequested:
         runs.log(run_dir, "Stopped on request; resume continues from the saved checkpoint.")
         runs.write_status(run_dir, state="stopped")
+        # Stopped in the queue or at a step, on every rank alike: none leaves the process group before this is
+        # written (one failing on its way out would have torchrun end this process first).
+        dist.barrier()
     except KeyboardInterrupt:
         runs.log(run_dir, "Interrupted; resume continues from the last epoch checkpoint.")
         runs.write_status(run_dir, state="stopped")
@@ -339,9 +344,6 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
             if config.patience and progress["stale_epochs"] >= config.patience:
                 log(run_dir, f"Early stopping: no better validation AUC for {config.patience} epochs")
                 break
-    except StopRequested:
-        dist.barrier()  # every rank stopped at this step; none leaves before rank 0 has saved it (see below)
-        raise
     finally:
         bar.close()
 

@@ -205,19 +205,29 @@ def test_gathered_rows_come_back_whole_and_in_order_from_uneven_shares(tmp_path)
         assert torch.equal(ranks[0][n][2], whole) and torch.equal(ranks[1][n][2], whole[start:stop])
 
 
-def _train_as_a_rank(dist: Distributed, data: str, folder: str, stop_first: bool) -> dict:
+def _stop_after_the_first_step(run_dir: Path) -> None:
+    while not (run_dir / "metrics.jsonl").exists():
+        time.sleep(0.01)
+    runs.request_stop(run_dir)
+
+
+def _train_as_a_rank(dist: Distributed, data: str, folder: str, stop: str = "") -> dict:
     """One rank of `python -m core train` under torchrun: the CLI's own path, from the run folder to leaving the
-    process group."""
+    process group. `stop`: "queued" asks for a stop before the run leaves the queue, "training" once it trains."""
     import argparse
+    import threading
 
     from core.cli import _train_distributed
     from core.trainer import create_run
 
     os.environ.update(RANK=str(dist.rank), WORLD_SIZE=str(dist.world), LOCAL_RANK=str(dist.rank))
-    config = runs_config(Path(data), Path(folder) / "runs", Path(folder) / "cache", epochs=1)
+    config = runs_config(Path(data), Path(folder) / "runs", Path(folder) / "cache",
+                         epochs=40 if stop == "training" else 1)
     run_dir = dist.broadcast_object(str(create_run(config)) if dist.is_main else None)
-    if stop_first and dist.is_main:
-        runs.request_stop(Path(run_dir))  # asked while the run waits in the queue
+    if stop == "queued" and dist.is_main:
+        runs.request_stop(Path(run_dir))
+    if stop == "training" and dist.is_main:
+        threading.Thread(target=_stop_after_the_first_step, args=(Path(run_dir),), daemon=True).start()
     try:
         _train_distributed(lambda _: run_dir, config, argparse.Namespace(quiet=True, launched=False), resume=False)
         outcome = "returned"
@@ -227,7 +237,7 @@ def _train_as_a_rank(dist: Distributed, data: str, folder: str, stop_first: bool
 
 
 def test_no_rank_of_a_finished_run_leaves_before_rank_0_has_written_the_results(data, tmp_path):
-    ranks = _on_two_ranks(_train_as_a_rank, tmp_path, str(data), str(tmp_path), False)
+    ranks = _on_two_ranks(_train_as_a_rank, tmp_path, str(data), str(tmp_path))
     assert [r["outcome"] for r in ranks] == ["returned", "returned"]
     run = Path(ranks[0]["run"])
     assert runs.read_status(run)["state"] == "finished"
@@ -235,13 +245,22 @@ def test_no_rank_of_a_finished_run_leaves_before_rank_0_has_written_the_results(
     assert ranks[1]["left"] >= last_write  # rank 1 waited for rank 0's report, predictions, status and log
 
 
-def test_a_stop_asked_while_queued_ends_the_other_ranks_before_they_touch_the_data(data, tmp_path):
-    ranks = _on_two_ranks(_train_as_a_rank, tmp_path, str(data), str(tmp_path), True)
+def test_a_stop_asked_while_queued_ends_every_rank_before_it_touches_the_data(data, tmp_path):
+    ranks = _on_two_ranks(_train_as_a_rank, tmp_path, str(data), str(tmp_path), "queued")
     run = Path(ranks[0]["run"])
-    assert ranks[0]["outcome"] == "returned" and runs.read_status(run)["state"] == "stopped"
-    assert ranks[1]["outcome"] != "returned"  # its rank 0 left: it fails at the data barrier
+    assert [r["outcome"] for r in ranks] == ["returned", "returned"]  # stopped, not failed, on every rank
+    assert runs.read_status(run)["state"] == "stopped"
     cache = tmp_path / "cache"
     assert not cache.exists() or not any(cache.rglob("*.npy"))  # nobody decoded the images
+
+
+def test_a_stop_during_training_ends_every_rank_after_rank_0_saved_and_recorded_it(data, tmp_path):
+    ranks = _on_two_ranks(_train_as_a_rank, tmp_path, str(data), str(tmp_path), "training")
+    run = Path(ranks[0]["run"])
+    assert [r["outcome"] for r in ranks] == ["returned", "returned"]
+    status = runs.read_status(run)
+    assert status["state"] == "stopped" and status["epoch"] < 40
+    assert ranks[1]["left"] >= max((run / name).stat().st_mtime for name in ("last.pt", "status.json", "log.txt"))
 
 
 def _shared_evaluation(dist: Distributed, n_val: int, test_sizes: list[int]) -> dict:
