@@ -81,10 +81,9 @@ class TrainingState:
         """Load `path` into the model, optimizer, schedule and generators, and take the counters it saved that this
         run also counts (of the same type). ValueError, naming the file, when it is damaged or does not fit."""
         saved = load_resume_state(path)
-        # How the optimizer computes its step (fused kernel, per-tensor loop) is this process's choice for this
-        # device, not state: a last.pt written before fused kernels were used would switch them off.
-        # Put into the saved groups before loading, since loading places the state by them (a fused kernel on a GPU
-        # needs its step count on the GPU).
+        # How the optimizer computes its step (fused kernel or not) is this process's choice, not state: it goes
+        # into the saved groups before loading, which places the state by them (a GPU's fused kernel needs its step
+        # count on the GPU); a last.pt written before fused kernels would otherwise switch them off.
         implementation = [{k: g[k] for k in IMPLEMENTATION_CHOICES if k in g} for g in self.optimizer.param_groups]
         try:
             self.model.load_state_dict(saved["model"])
