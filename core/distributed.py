@@ -12,9 +12,12 @@ torchrun (WORLD_SIZE unset or 1) nothing here does anything.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import signal
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +27,8 @@ class Distributed:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    # Numbers this process's waits for rank 0 (wait_for_main); every rank waits at the same points in the same order.
+    waits: itertools.count = field(default_factory=itertools.count, compare=False, repr=False)
 
     @property
     def active(self) -> bool:
@@ -50,6 +55,33 @@ class Distributed:
         value = torch.tensor([1 if flag else 0])
         torch.distributed.broadcast(value, src=0)
         return bool(value.item())
+
+    def wait_for_main(self, name: str, flag: bool = False, poll: float = 0.2) -> bool:
+        """Rank 0's `flag`, on every rank, once rank 0 has got here, however long it took: the queue, decoding the
+        data, writing the results. A collective would fail after the process group's timeout (NCCL 10 min, gloo
+        30 min); the other ranks poll the group's key-value store instead (`poll` seconds apart), then all meet at
+        a barrier, so rank 0 also knows they have read it. A failure rank 0 announced (`announce_failure`) ends the
+        wait with it. Every rank must call it, at the same points in the same order."""
+        if not self.active:
+            return flag
+        store, key = _store(), f"core/wait/{next(self.waits)}/{name}"
+        if self.is_main:
+            store.set(key, "1" if flag else "0")
+        else:
+            while not store.check([key]):
+                if store.check([_FAILED_KEY]):
+                    raise RuntimeError(f"rank 0 failed: {store.get(_FAILED_KEY).decode(errors='replace')}")
+                time.sleep(poll)
+            flag = store.get(key) == b"1"
+        torch.distributed.barrier()
+        return flag
+
+    def announce_failure(self, reason: str) -> None:
+        """Rank 0 failed: the ranks waiting for it (`wait_for_main`) fail with `reason` instead of waiting until
+        torchrun ends them (or forever, without torchrun)."""
+        if self.active and self.is_main and torch.distributed.is_initialized():
+            with contextlib.suppress(RuntimeError):  # the failure itself is what the caller reports
+                _store().set(_FAILED_KEY, reason)
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of a tensor on this process's device (gloo: CPU tensors)."""
@@ -98,6 +130,13 @@ class Distributed:
 
 
 SINGLE = Distributed()  # one process: no torchrun
+_FAILED_KEY = "core/rank0_failed"
+
+
+def _store() -> torch.distributed.Store:
+    # The store every process of the group joined (torchrun's agent store, a TCP store or a file): it has no timeout
+    # for a key that is not there yet when polled with check(). PyTorch has no public accessor for it.
+    return torch.distributed.distributed_c10d._get_default_store()
 
 
 def summed_over_ranks(values: torch.Tensor) -> torch.Tensor:

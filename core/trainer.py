@@ -152,11 +152,11 @@ def train(config: TrainConfig | None = None, run_dir: Path | None = None, resume
     if not dist.is_main:  # the other ranks of a distributed run: rank 0 keeps the queue, status and log
         config = TrainConfig.load(Path(run_dir) / "config.json")
         try:
-            if dist.agree(False):  # rank 0's answer: stopped while the run waited in the queue
+            if dist.wait_for_main("queue"):  # rank 0's answer once it leaves the queue: stopped while it waited
                 raise StopRequested()
             _train(config, Path(run_dir), resume, False, launched, dist)
         except StopRequested:
-            dist.barrier()  # until rank 0 has recorded the stop (see below)
+            dist.wait_for_main("stop recorded")  # until rank 0 has recorded the stop (see below)
         return Path(run_dir)
     if run_dir is None:
         assert config is not None, "train() needs a config or an existing run directory"
@@ -168,6 +168,7 @@ def train(config: TrainConfig | None = None, run_dir: Path | None = None, resume
     except (OSError, ValueError, TypeError) as e:
         message = f"{run_dir / 'config.json'} is damaged: {e}"
         runs.write_status(run_dir, state="failed", error=message)
+        dist.announce_failure(message)
         raise ValueError(message) from None
     if resume and runs.read_status(run_dir).get("state") not in runs.ACTIVE_STATES:
         runs.clear_stop(run_dir)  # resuming overrides an earlier stop; a just-launched, queued run keeps it
@@ -177,7 +178,8 @@ def train(config: TrainConfig | None = None, run_dir: Path | None = None, resume
     runs.write_status(run_dir, state="queued", pid=os.getpid(), error=None, queued_at=queued_at or time.time())
     try:
         with training_slot(run_dir):
-            if dist.agree(runs.stop_requested(run_dir)):  # every rank of a distributed run learns it here
+            # The other ranks of a distributed run wait here for as long as the queue takes, and learn of a stop.
+            if dist.wait_for_main("queue", runs.stop_requested(run_dir)):
                 raise StopRequested()
             _train(config, run_dir, resume, show_progress, launched, dist)
     except StopRequested:
@@ -185,7 +187,7 @@ def train(config: TrainConfig | None = None, run_dir: Path | None = None, resume
         runs.write_status(run_dir, state="stopped")
         # Stopped in the queue or at a step, on every rank alike: none leaves the process group before this is
         # written (one failing on its way out would have torchrun end this process first).
-        dist.barrier()
+        dist.wait_for_main("stop recorded")
     except KeyboardInterrupt:
         runs.log(run_dir, "Interrupted; resume continues from the last epoch checkpoint.")
         runs.write_status(run_dir, state="stopped")
@@ -195,6 +197,7 @@ def train(config: TrainConfig | None = None, run_dir: Path | None = None, resume
         with contextlib.suppress(OSError):
             runs.log(run_dir, "FAILED\n" + traceback.format_exc())
         runs.mark_failed(run_dir, failure_reason(e))
+        dist.announce_failure(failure_reason(e))
         removed = runs.remove_temporary_files(run_dir)
         if removed:
             with contextlib.suppress(OSError):
@@ -260,7 +263,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
                  + (f" x {dist.world} processes" if dist.active else "") + f"; data {config.data}")
     if dist.is_main:
         data = _prepare(config, run_dir, show_progress)
-    dist.barrier()  # the others read rank 0's decoded images from the cache
+    dist.wait_for_main("data decoded")  # however long decoding takes; the others then read it from the cache
     if not dist.is_main:
         data = prepare_data(config)
 
@@ -359,8 +362,9 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
                      f"Test AUC {test.get('auc', nan):.4f}, sensitivity {test.get('sensitivity', nan):.3f}, "
                      f"specificity {test.get('specificity', nan):.3f}")
     # No rank leaves before rank 0 has written: one that exits early and fails on its way out (torchrun then ends
-    # every process) would end rank 0 mid-write, and a finished run would be marked failed.
-    dist.barrier()
+    # every process) would end rank 0 mid-write, and a finished run would be marked failed. Rank 0 alone fits the
+    # calibration and the out-of-distribution score and writes the predictions: the others wait without a timeout.
+    dist.wait_for_main("results written")
 
 
 class Trainable(NamedTuple):
