@@ -40,27 +40,35 @@ def augment_batch(x: torch.Tensor, params: AugmentParams, generator: torch.Gener
     reproducible across devices and resumable from a saved generator state. In distributed training `x` is this
     rank's share (every world-th image from rank on) of a batch of `batch_total` images: the numbers are drawn for
     the whole batch, so that each image is augmented as one process would augment it."""
-    n, device = x.shape[0], x.device
+    n = x.shape[0]
     rank, world = shard
     total = batch_total if batch_total is not None else n
-
-    def rand() -> torch.Tensor:
-        return torch.rand(total, generator=generator)[rank::world][:n]
-
-    def uniform(bound: float) -> torch.Tensor:
-        return (rand() * 2 - 1).mul_(bound).to(device)
-
-    angle = uniform(math.radians(params.rotation))
-    scale = 1 + uniform(params.scale)
-    flip = torch.where(rand() < params.flip, -1.0, 1.0).to(device)
-    tx = uniform(2 * params.shift)
-    ty = uniform(2 * params.shift)
+    # The batch's random numbers in one draw (the same numbers as one draw per quantity, in the same order), made
+    # into each image's parameters on the CPU and sent to the device in one copy that does not block the host: a
+    # plain .to(device) of a CPU tensor waits until the GPU has finished every step queued before it.
+    draws = torch.rand(7, total, generator=generator)[:, rank::world][:, :n]
+    signed = draws * 2 - 1
+    angle = signed[0] * math.radians(params.rotation)
+    scale = 1 + signed[1] * params.scale
+    flip = torch.where(draws[2] < params.flip, -1.0, 1.0)
+    tx, ty = signed[3] * (2 * params.shift), signed[4] * (2 * params.shift)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1),
-                         torch.stack([sin * flip, cos, ty], 1)], 1).to(x.dtype)
-    grid = affine_grid(theta, x.shape[2], x.shape[3])
+                         torch.stack([sin * flip, cos, ty], 1)], 1)
+    photometric = torch.stack([signed[5] * params.brightness, 1 + signed[6] * params.contrast], 1)
+    on_device = to_device_without_waiting(torch.cat([theta.view(n, 6), photometric], 1), x.device).to(x.dtype)
+    grid = affine_grid(on_device[:, :6].reshape(n, 2, 3), x.shape[2], x.shape[3])
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    brightness = uniform(params.brightness).view(n, 1, 1, 1).to(x.dtype)
-    contrast = (1 + uniform(params.contrast)).view(n, 1, 1, 1).to(x.dtype)
+    brightness, contrast = on_device[:, 6].view(n, 1, 1, 1), on_device[:, 7].view(n, 1, 1, 1)
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     return ((out - mean) * contrast + mean + brightness).clamp_(0, 1)
+
+
+def to_device_without_waiting(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor on `device`, copied without the host waiting for the device's queued work (a GPU copies
+    from pinned memory; the caching host allocator keeps the pinned block until the copy is done)."""
+    if device.type == "cpu":
+        return values
+    if device.type == "cuda":
+        values = values.pin_memory()
+    return values.to(device, non_blocking=True)

@@ -275,14 +275,21 @@ def _terminate(signum, frame) -> None:
     raise Terminated("terminated (SIGTERM): another process of this distributed run failed or the job was stopped")
 
 
+def process_group_backend(device_spec: str, cuda_available: bool) -> str:
+    """The process group's backends for a run on `device_spec`: gloo for CPU tensors always, NCCL for CUDA tensors
+    on GPUs. A group of NCCL alone refuses CPU tensors ("No backend type associated with device type cpu"), and the
+    stop flag every rank agrees on, the barriers and the gathered predictions travel on the CPU."""
+    on_gpus = device_spec.startswith("cuda") or (device_spec == "auto" and cuda_available)
+    return "cpu:gloo,cuda:nccl" if on_gpus else "gloo"
+
+
 def start(dist: Distributed, device_spec: str) -> None:
-    """Join the process group (NCCL for GPUs, gloo for CPUs) and turn SIGTERM into an error, so that the run is
+    """Join the process group (see process_group_backend) and turn SIGTERM into an error, so that the run is
     marked failed with the reason when torchrun ends it."""
     if not dist.active or torch.distributed.is_initialized():
         return
-    backend = "nccl" if device_spec.startswith("cuda") or (device_spec == "auto" and torch.cuda.is_available()) \
-        else "gloo"
-    if backend == "nccl":
+    backend = process_group_backend(device_spec, torch.cuda.is_available())
+    if "nccl" in backend:
         torch.cuda.set_device(dist.local_rank)
     torch.distributed.init_process_group(backend)
     signal.signal(signal.SIGTERM, _terminate)

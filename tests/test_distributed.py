@@ -21,7 +21,7 @@ import torch
 from conftest import write_dataset
 
 from core import runs
-from core.distributed import Distributed, torchrun_commands
+from core.distributed import Distributed, process_group_backend, torchrun_commands
 from core.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -405,6 +405,20 @@ def test_a_killed_rank_fails_the_run_with_the_reason_and_resume_continues(data, 
     assert runs.read_status(run)["state"] == "finished"
     assert "Resumed with " in runs.log_tail(run, 200)
     assert int(runs.epoch_metrics(run)["epoch"].max()) == 40
+
+
+@pytest.mark.parametrize("device_spec,cuda_available", [("cuda", True), ("cuda:1", True), ("auto", True)])
+def test_a_gpu_run_joins_a_group_that_carries_cpu_tensors_too(device_spec, cuda_available):
+    # The stop flag every rank agrees on is a CPU tensor; NCCL alone has no backend for it and the first step of
+    # every multi-GPU run would fail ("No backend type associated with device type cpu").
+    from torch.distributed.distributed_c10d import BackendConfig
+
+    backends = BackendConfig(process_group_backend(device_spec, cuda_available)).get_device_backend_map()
+    assert backends == {"cpu": "gloo", "cuda": "nccl"}
+
+
+def test_a_cpu_run_joins_a_gloo_group():
+    assert process_group_backend("cpu", True) == process_group_backend("auto", False) == "gloo"
 
 
 def test_the_commands_for_several_machines_name_each_node():
