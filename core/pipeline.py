@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .augment import AugmentParams, augment_batch
+from .augment import AugmentParams, augment_batch, to_device_without_waiting
 from .cache import decode_images
 from .config import TrainConfig
 from .dataset import (
@@ -233,7 +233,7 @@ class TrainBatches:
     def epoch(self, order: torch.Tensor, start: int, stop: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """(step, x, y) for steps start..stop-1 of `order`."""
         if self.on_device:
-            order = order.to(self.device)
+            order = to_device_without_waiting(order, self.device)
             rank, world = self.shard
             for step in range(start, stop):
                 idx = order[step * self.batch_size:(step + 1) * self.batch_size][rank::world]

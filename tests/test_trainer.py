@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import write_dataset
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from core import runs
 from core.config import TrainConfig, config_from_preset
@@ -239,3 +240,52 @@ def test_a_killed_run_says_why_it_is_believed_killed(tmp_path):
     assert "probably killed" in status["error"] and "(training)" in status["error"]
     (tmp_path / "process.log").write_text("Starting\nerror: No space left on device: /runs/x/metrics.jsonl\n")
     assert "its output ends with: error: No space left on device" in runs.read_status(tmp_path)["error"]
+
+
+class _DeviceCopies(TorchDispatchMode):
+    """Whether each operator that took a CPU tensor and returned one on the 'meta' device (standing in for a GPU)
+    was asked not to block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.non_blocking: list[object] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.device.type == "meta" and any(
+                isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args):
+            self.non_blocking.append((kwargs or {}).get("non_blocking"))
+        return out
+
+
+@pytest.mark.parametrize("arch", ["smallcnn", "resnet18"])
+def test_training_steps_between_recordings_never_wait_for_the_device(arch, tmp_path, monkeypatch):
+    # On 'meta' nothing can be read back: any host synchronisation in a step (a loss or count read, a .cpu()) raises
+    # at once. The first read must be the recorder's, after its cadence of steps; every copy to the device in
+    # between must not block (a blocking one waits for all the GPU's queued work).
+    from core import pipeline
+    from core.augment import AugmentParams
+    from core.bookkeeping import ProgressBar, StepRecorder
+    from core.device import optimizer_options
+    from core.model import apply_strategy, build_model
+    from core.trainer import train_one_epoch
+
+    monkeypatch.setattr(pipeline, "fits_on_device", lambda images, device: True)  # the split lives on the device
+    device = torch.device("meta")
+    model = build_model(arch, pretrained=False)
+    optimizer = torch.optim.AdamW(apply_strategy(model, "full"), lr=1e-3, **optimizer_options(device))
+    model.to(device).to(memory_format=torch.channels_last).train()
+    images, labels = torch.randint(0, 256, (40, 1, 32, 32), dtype=torch.uint8), torch.randint(0, 2, (40,))
+    batches = pipeline.TrainBatches(images, labels, device, 8, 0.5, 0.25, AugmentParams(),
+                                    torch.Generator().manual_seed(0))
+    assert batches.on_device
+    recorder = StepRecorder(tmp_path, 3, ProgressBar(False, 5, 0, ""), 5, 5)
+    progress = {"global_step": 0, "step_in_epoch": 0, "elapsed_now": lambda: 0.0, "loss_sum": 0.0, "correct": 0,
+                "seen": 0}
+    loss_fn = torch.nn.CrossEntropyLoss(weight=torch.ones(2, device=device))
+    with _DeviceCopies() as copies, pytest.raises(NotImplementedError, match="meta") as read:
+        train_one_epoch(model, batches, torch.randperm(40), 0, 5, optimizer, None, loss_fn, device, False,
+                        recorder, 0, progress)
+    reader = [(Path(e.path).name, e.name) for e in read.traceback if Path(e.path).parent.name == "core"][-1]
+    assert reader == ("bookkeeping.py", "flush") and progress["global_step"] == 3  # the recorder's read, 3 steps in
+    assert copies.non_blocking and all(flag is True for flag in copies.non_blocking)
