@@ -39,6 +39,7 @@ from .config import TrainConfig
 from .device import (
     autocast,
     available_devices,
+    choose_fast_kernels,
     device_names,
     maybe_compile,
     optimizer_options,
@@ -251,6 +252,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
     started = time.time()
     device = dist.device(select_device(config.device))
     bf16 = uses_bf16(device, config.precision)
+    choose_fast_kernels(device)
     # Rank 0 alone writes the run folder; the other ranks of a distributed run train and stay silent.
     log = runs.log if dist.is_main else _silent
     status = runs.write_status if dist.is_main else _silent

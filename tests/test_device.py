@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from core.config import TrainConfig
-from core.device import maybe_compile, optimizer_options, select_device
+from core.device import choose_fast_kernels, maybe_compile, optimizer_options, select_device
 
 
 def test_compile_is_applied_only_when_asked_for_on_a_cpu():
@@ -69,3 +69,11 @@ def test_the_fused_optimizer_steps_as_the_default_one_does():
             opt.step()
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cudnn_picks_the_fastest_convolutions_for_a_gpu_run_and_a_cpu_run_changes_nothing(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    choose_fast_kernels(torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    choose_fast_kernels(torch.device("cuda", 0))
+    assert torch.backends.cudnn.benchmark is True
