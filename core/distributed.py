@@ -152,10 +152,11 @@ class _WholeBatchNormFunction(torch.autograd.Function):
     """Batch norm with the whole distributed batch's statistics, forward and backward on PyTorch's own CPU kernels.
 
     Forward: each rank's mean and variance (native, float32), combined over ranks in float64 (one all-reduce), then
-    the native normalisation with them. Backward: the native kernel, given those statistics as if they were running
-    statistics, returns each rank's sum of the output gradient and of it times the normalised input (the bias's and
-    weight's gradients); summed over ranks (one all-reduce), they give the input's gradient through the shared
-    statistics, as one process's batch norm would. Written out rather than left to autograd through plain ops, which
+    the native normalisation with them. Backward: the native kernel, given those statistics as the saved ones,
+    returns the input's gradient as if this rank's images were the whole batch, and their sums of the output
+    gradient and of it times the normalised input (the bias's and weight's gradients); summed over ranks (one
+    all-reduce), those sums correct the input's gradient to the whole batch's, as one process's batch norm would
+    compute it. Written out rather than left to autograd through plain ops, which
     kept float copies of every activation and halved a 2-process CPU run's speed."""
 
     @staticmethod
@@ -187,23 +188,31 @@ class _WholeBatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
         x, weight, mean, var = ctx.saved_tensors
         scale = weight if weight is not None else torch.ones_like(mean)
-        if x.numel():
+        invstd = torch.rsqrt(var + ctx.eps)
+        channels = mean.numel()
+        count = x.numel() // channels
+        if count:  # this rank's batch norm gradient with the whole batch's statistics but its own sums
             grad_local, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-                grad_out.contiguous(memory_format=_memory_format(x)), x, scale, mean, var, None, None, False,
+                grad_out.contiguous(memory_format=_memory_format(x)), x, scale, None, None, mean, invstd, True,
                 ctx.eps, [True, True, True])
+            local_means = torch.cat([grad_bias, grad_weight]) / count
         else:  # the native kernel divides by the image count (SIGFPE on none); an empty share's sums are zeros
             grad_local, grad_weight, grad_bias = torch.zeros_like(x), torch.zeros_like(mean), torch.zeros_like(mean)
-        sums = summed_over_ranks(torch.cat([grad_bias, grad_weight]))
-        channels = mean.numel()
-        invstd = torch.rsqrt(var + ctx.eps)
-        # d(input) = w * invstd * (g - sum(g) / n - x_hat * sum(g * x_hat) / n), sums over the whole batch
-        slope = scale * invstd * invstd * sums[channels:] / ctx.n
-        offset = scale * invstd * sums[:channels] / ctx.n - slope * mean
-        # x * slope + offset per channel: the native (eval) normalisation kernel with mean 0 and variance 1 computes
-        # it in one pass, in float32 inside, in x's dtype and memory format (bf16 channels-last: no float copies).
+            local_means = torch.zeros(2 * channels, dtype=mean.dtype)
+        whole_means = summed_over_ranks(torch.cat([grad_bias, grad_weight])) / ctx.n
+        # d(input) = w * invstd * (g - mean(g) - x_hat * mean(g * x_hat)), means over the whole batch; the native
+        # kernel took them over this rank's images: what is added is w * invstd * (the difference of the means),
+        # x * slope + offset per channel. The kernel subtracts the large parts in float32 inside, so only this small
+        # difference is rounded to x's dtype (bf16 kept the gradient of a nearly constant output gradient to 1e-4
+        # where subtracting whole terms in bf16 lost half of it).
+        shift = local_means - whole_means
+        slope = scale * invstd * invstd * shift[channels:]
+        offset = scale * invstd * shift[:channels] - slope * mean
+        # The native (eval) normalisation kernel with mean 0 and variance 1 computes x * slope + offset in one pass,
+        # in float32 inside, in x's dtype and memory format (bf16 channels-last: no float copies).
         correction = torch.batch_norm(x, slope, offset, torch.zeros_like(mean), torch.ones_like(var), False, 0.0, 0.0,
                                       False)
-        grad_input = grad_local.sub_(correction)
+        grad_input = grad_local.add_(correction)
         return (grad_input, grad_weight if weight is not None else None,
                 grad_bias if ctx.needs_input_grad[2] else None, None)
 

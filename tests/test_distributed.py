@@ -454,20 +454,27 @@ def test_whole_batch_norm_on_one_process_is_batch_norm_forward_and_backward(dtyp
         torch.testing.assert_close(b, a, **tolerance)
 
 
-def _whole_batch_norm_of_shares(dist: Distributed, n: int) -> dict:
+def _batch_norm_case(n: int, grad_offset: float = 0.0, grad_scale: float = 1.0, dtype=torch.float32):
+    """A batch norm's input, output gradient, weight and bias, the same in every process (seed 0)."""
+    torch.manual_seed(0)
+    x_all = (torch.randn(n, 5, 7, 9) * 3 + 2).to(dtype).contiguous(memory_format=torch.channels_last)
+    grad_all = (grad_offset + grad_scale * torch.randn(x_all.shape)).to(dtype)
+    return x_all, grad_all, torch.empty(5).uniform_(0.5, 1.5), torch.empty(5).uniform_(-1, 1)
+
+
+def _whole_batch_norm_of_shares(dist: Distributed, n: int, grad_offset: float = 0.0, grad_scale: float = 1.0,
+                                dtype=torch.float32) -> dict:
     from core.distributed import WholeBatchNorm2d
 
-    torch.manual_seed(0)
-    x_all = (torch.randn(n, 5, 7, 9) * 3 + 2).contiguous(memory_format=torch.channels_last)
-    grad_all = torch.randn(x_all.shape)
+    x_all, grad_all, weight, bias = _batch_norm_case(n, grad_offset, grad_scale, dtype)
     module = WholeBatchNorm2d(5)
     with torch.no_grad():
-        module.weight.uniform_(0.5, 1.5)
-        module.bias.uniform_(-1, 1)
+        module.weight.copy_(weight)
+        module.bias.copy_(bias)
     start, stop = dist.share(n)
     x = x_all[start:stop].clone().requires_grad_(True)
     y = module(x)
-    (y * grad_all[start:stop]).sum().backward()
+    y.backward(grad_all[start:stop])
     return {"y": y.detach(), "x_grad": x.grad, "weight_grad": module.weight.grad, "bias_grad": module.bias.grad,
             "running_mean": module.running_mean, "running_var": module.running_var}
 
@@ -479,15 +486,14 @@ def test_whole_batch_norm_across_ranks_is_one_process_batch_norm_even_with_an_em
     over ranks whose loss is their part of the whole batch's x world) and the running statistics are those of
     BatchNorm2d on the whole batch in one process."""
     ranks = _on_two_ranks(_whole_batch_norm_of_shares, tmp_path, n)
-    torch.manual_seed(0)
-    x_all = (torch.randn(n, 5, 7, 9) * 3 + 2).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    grad_all = torch.randn(x_all.shape)
+    x_all, grad_all, weight, bias = _batch_norm_case(n)
+    x_all.requires_grad_(True)
     reference = torch.nn.BatchNorm2d(5)
     with torch.no_grad():
-        reference.weight.uniform_(0.5, 1.5)
-        reference.bias.uniform_(-1, 1)
+        reference.weight.copy_(weight)
+        reference.bias.copy_(bias)
     y = reference(x_all)
-    (y * grad_all).sum().backward()
+    y.backward(grad_all)
     close = {"rtol": 0, "atol": 1e-5}
     torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), **close)
     torch.testing.assert_close(torch.cat([r["x_grad"] for r in ranks]), x_all.grad, **close)
@@ -496,6 +502,35 @@ def test_whole_batch_norm_across_ranks_is_one_process_batch_norm_even_with_an_em
     for r in ranks:
         torch.testing.assert_close(r["running_mean"], reference.running_mean, **close)
         torch.testing.assert_close(r["running_var"], reference.running_var, **close)
+
+
+def _input_gradient_error(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                          x_grad: torch.Tensor) -> float:
+    """Largest error of `x_grad` against one process's batch norm input gradient in float64 (same inputs)."""
+    x64 = x.double().requires_grad_(True)
+    module = torch.nn.BatchNorm2d(5).double()
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        module.bias.copy_(bias)
+    module(x64).backward(grad.double())
+    return float((x_grad.double() - x64.grad).abs().max())
+
+
+def test_in_bf16_the_input_gradient_across_ranks_is_as_precise_as_one_process_batch_norm(tmp_path):
+    # A nearly constant output gradient per channel: most of it cancels in the input's gradient, so a subtraction
+    # rounded to bf16 before it cancels would lose the rest (it lost half of it before this was fixed).
+    case = (8, 0.5, 0.02, torch.bfloat16)
+    ranks = _on_two_ranks(_whole_batch_norm_of_shares, tmp_path, *case)
+    x_all, grad_all, weight, bias = _batch_norm_case(*case)
+    native_x = x_all.clone().requires_grad_(True)
+    native = torch.nn.BatchNorm2d(5)
+    with torch.no_grad():
+        native.weight.copy_(weight)
+        native.bias.copy_(bias)
+    native(native_x).backward(grad_all)
+    native_error = _input_gradient_error(x_all, grad_all, weight, bias, native_x.grad)
+    whole_error = _input_gradient_error(x_all, grad_all, weight, bias, torch.cat([r["x_grad"] for r in ranks]))
+    assert whole_error <= 2 * native_error + 1e-6, (whole_error, native_error)
 
 
 def test_a_last_batch_of_one_image_for_two_processes_trains(tmp_path):
