@@ -58,19 +58,20 @@ class Distributed:
 
     def wait_for_main(self, name: str, flag: bool = False, poll: float = 0.2) -> bool:
         """Rank 0's `flag`, on every rank, once rank 0 has got here, however long it took: the queue, decoding the
-        data, writing the results. A collective would fail after the process group's timeout (NCCL 10 min, gloo
-        30 min); the other ranks poll the group's key-value store instead (`poll` seconds apart), then all meet at
+        data, writing the results. A collective would fail after the process group's timeout (30 min by
+        default); the other ranks poll the group's key-value store instead (`poll` seconds apart), then all meet at
         a barrier, so rank 0 also knows they have read it. A failure rank 0 announced (`announce_failure`) ends the
         wait with it. Every rank must call it, at the same points in the same order."""
         if not self.active:
             return flag
-        store, key = _store(), f"core/wait/{next(self.waits)}/{name}"
+        store, key = _store(), f"{_key_prefix()}/wait/{next(self.waits)}/{name}"
         if self.is_main:
             store.set(key, "1" if flag else "0")
         else:
+            failed = f"{_key_prefix()}/rank0_failed"
             while not store.check([key]):
-                if store.check([_FAILED_KEY]):
-                    raise RuntimeError(f"rank 0 failed: {store.get(_FAILED_KEY).decode(errors='replace')}")
+                if store.check([failed]):
+                    raise RuntimeError(f"rank 0 failed: {store.get(failed).decode(errors='replace')}")
                 time.sleep(poll)
             flag = store.get(key) == b"1"
         torch.distributed.barrier()
@@ -81,7 +82,7 @@ class Distributed:
         torchrun ends them (or forever, without torchrun)."""
         if self.active and self.is_main and torch.distributed.is_initialized():
             with contextlib.suppress(RuntimeError):  # the failure itself is what the caller reports
-                _store().set(_FAILED_KEY, reason)
+                _store().set(f"{_key_prefix()}/rank0_failed", reason)
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of a tensor on this process's device (gloo: CPU tensors)."""
@@ -130,7 +131,11 @@ class Distributed:
 
 
 SINGLE = Distributed()  # one process: no torchrun
-_FAILED_KEY = "core/rank0_failed"
+
+
+def _key_prefix() -> str:
+    # torchrun --max-restarts starts the processes again with the same store: an earlier attempt's keys are there.
+    return f"core/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 def _store() -> torch.distributed.Store:

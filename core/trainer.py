@@ -159,6 +159,16 @@ def train(config: TrainConfig | None = None, run_dir: Path | None = None, resume
         except StopRequested:
             dist.wait_for_main("stop recorded")  # until rank 0 has recorded the stop (see below)
         return Path(run_dir)
+    try:
+        return _train_as_main(config, run_dir, resume, show_progress, launched, dist)
+    except BaseException as e:  # wherever rank 0 fails, the other ranks stop waiting for it, with the reason
+        dist.announce_failure(failure_reason(e))
+        raise
+
+
+def _train_as_main(config: TrainConfig | None, run_dir: Path | None, resume: bool, show_progress: bool,
+                   launched: bool, dist: Distributed) -> Path:
+    """train() on rank 0 (or the only process): the run folder, the queue, and the run's end as it happened."""
     if run_dir is None:
         assert config is not None, "train() needs a config or an existing run directory"
         run_dir = create_run(config)
@@ -169,7 +179,6 @@ def train(config: TrainConfig | None = None, run_dir: Path | None = None, resume
     except (OSError, ValueError, TypeError) as e:
         message = f"{run_dir / 'config.json'} is damaged: {e}"
         runs.write_status(run_dir, state="failed", error=message)
-        dist.announce_failure(message)
         raise ValueError(message) from None
     if resume and runs.read_status(run_dir).get("state") not in runs.ACTIVE_STATES:
         runs.clear_stop(run_dir)  # resuming overrides an earlier stop; a just-launched, queued run keeps it
@@ -198,7 +207,6 @@ def train(config: TrainConfig | None = None, run_dir: Path | None = None, resume
         with contextlib.suppress(OSError):
             runs.log(run_dir, "FAILED\n" + traceback.format_exc())
         runs.mark_failed(run_dir, failure_reason(e))
-        dist.announce_failure(failure_reason(e))
         removed = runs.remove_temporary_files(run_dir)
         if removed:
             with contextlib.suppress(OSError):

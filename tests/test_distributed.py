@@ -158,22 +158,24 @@ def test_early_stopping_and_an_empty_test_split_end_every_rank(tmp_path):
     assert (run / "predictions_val.csv").exists() and not (run / "predictions_test.csv").exists()
 
 
-def _on_two_ranks(worker, tmp_path: Path, *args, group_timeout: float = 60) -> list[dict]:
+def _on_two_ranks(worker, tmp_path: Path, *args, group_timeout: float = 60, deadline: int = 300) -> list[dict]:
     """worker(dist, *args) -> dict on 2 spawned gloo processes; each rank's dict. A rank left waiting in a
-    collective fails the test after the group's timeout (seconds) instead of hanging it."""
+    collective fails the test after the group's timeout (seconds), and one still running after `deadline` seconds
+    (polling a store, which has no timeout) is ended by SIGALRM, so the test fails instead of hanging."""
     # A spawned child re-runs the parent's __main__ script; in a full test run an AppTest leaves a dashboard page
     # there (views/1_Train.py), which fails outside Streamlit. The workers live in this module, not in __main__.
     real_main = sys.modules["__main__"]
     sys.modules["__main__"] = types.ModuleType("__main__")
     try:
-        torch.multiprocessing.spawn(_rank_main, args=(worker, str(tmp_path), args, group_timeout), nprocs=2,
-                                    join=True)
+        torch.multiprocessing.spawn(_rank_main, args=(worker, str(tmp_path), args, group_timeout, deadline),
+                                    nprocs=2, join=True)
     finally:
         sys.modules["__main__"] = real_main
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def _rank_main(rank: int, worker, folder: str, args: tuple, group_timeout: float) -> None:
+def _rank_main(rank: int, worker, folder: str, args: tuple, group_timeout: float, deadline: int) -> None:
+    signal.alarm(deadline)
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
                                          world_size=2, timeout=datetime.timedelta(seconds=group_timeout))
@@ -213,11 +215,12 @@ def _stop_after_the_first_step(run_dir: Path) -> None:
 
 
 def _train_as_a_rank(dist: Distributed, data: str, folder: str, stop: str = "", rank0_slow: float = 0,
-                     rank0_fails: str = "") -> dict:
+                     rank0_fails: str = "", rank0_fails_at: str = "decoding") -> dict:
     """One rank of `python -m core train` under torchrun: the CLI's own path, from the run folder to leaving the
     process group. `stop`: "queued" asks for a stop before the run leaves the queue, "training" once it trains.
     `rank0_slow`: rank 0 waits that many seconds in the queue (another run holds it), decoding and writing the
-    results. `rank0_fails`: rank 0's data preparation raises that message."""
+    results. `rank0_fails`: rank 0 raises OSError with that message `rank0_fails_at` "decoding" the data or
+    "queueing" the run (its status write, before anything else could record the failure)."""
     import argparse
     import fcntl
     import threading
@@ -236,6 +239,11 @@ def _train_as_a_rank(dist: Distributed, data: str, folder: str, stop: str = "", 
     def failing(*args, **kwargs):
         raise OSError(rank0_fails)
 
+    def status_failing_when_queued(run_dir, **fields):
+        if fields.get("state") == "queued":
+            raise OSError(rank0_fails)
+        return write_status(run_dir, **fields)
+
     if dist.is_main and rank0_slow:
         trainer._prepare, trainer.finalize_run = slowed(trainer._prepare), slowed(trainer.finalize_run)
         runs_dir = Path(folder) / "runs"
@@ -243,13 +251,16 @@ def _train_as_a_rank(dist: Distributed, data: str, folder: str, stop: str = "", 
         other_run = open(runs_dir / ".training.lock", "w")  # noqa: SIM115 - held by another "run", released below
         fcntl.flock(other_run, fcntl.LOCK_EX)
         threading.Timer(rank0_slow, other_run.close).start()
-    if dist.is_main and rank0_fails:
+    write_status = runs.write_status
+    if dist.is_main and rank0_fails and rank0_fails_at == "decoding":
         trainer._prepare = failing
 
     os.environ.update(RANK=str(dist.rank), WORLD_SIZE=str(dist.world), LOCAL_RANK=str(dist.rank))
     config = runs_config(Path(data), Path(folder) / "runs", Path(folder) / "cache",
                          epochs=40 if stop == "training" else 1)
     run_dir = dist.broadcast_object(str(create_run(config)) if dist.is_main else None)
+    if dist.is_main and rank0_fails and rank0_fails_at == "queueing":  # create_run has queued it once
+        runs.write_status = status_failing_when_queued
     if stop == "queued" and dist.is_main:
         runs.request_stop(Path(run_dir))
     if stop == "training" and dist.is_main:
@@ -282,20 +293,23 @@ def test_a_stop_asked_while_queued_ends_every_rank_before_it_touches_the_data(da
 
 def test_ranks_wait_for_rank_0_in_the_queue_decoding_and_writing_results_longer_than_the_group_timeout(data,
                                                                                                        tmp_path):
-    # Each of rank 0's three solo waits lasts 6 s; the process group times out a collective after 3 s.
-    ranks = _on_two_ranks(_train_as_a_rank, tmp_path, str(data), str(tmp_path), "", 6.0, group_timeout=3)
+    # Each of rank 0's three solo waits lasts 10 s; the process group times out a collective after 8 s (less
+    # would time out DDP's first collectives on a CPU loaded by other work).
+    ranks = _on_two_ranks(_train_as_a_rank, tmp_path, str(data), str(tmp_path), "", 10.0, group_timeout=8)
     assert [r["outcome"] for r in ranks] == ["returned", "returned"]
     run = Path(ranks[0]["run"])
     assert runs.read_status(run)["state"] == "finished"
     assert ranks[1]["left"] >= max(p.stat().st_mtime for p in run.iterdir() if p.is_file())
 
 
-def test_a_failure_of_rank_0_ends_the_other_ranks_wait_with_its_reason(data, tmp_path):
-    ranks = _on_two_ranks(_train_as_a_rank, tmp_path, str(data), str(tmp_path), "", 0, "disk on fire",
-                          group_timeout=600)
+@pytest.mark.parametrize("where", ["queueing", "decoding"])
+def test_a_failure_of_rank_0_ends_the_other_ranks_wait_with_its_reason(data, tmp_path, where):
+    ranks = _on_two_ranks(_train_as_a_rank, tmp_path, str(data), str(tmp_path), "", 0, "disk on fire", where,
+                          group_timeout=600, deadline=120)
     assert ranks[0]["outcome"] == "OSError: disk on fire"
     assert ranks[1]["outcome"] == "RuntimeError: rank 0 failed: OSError: disk on fire"  # at once, not after 600 s
-    assert runs.read_status(Path(ranks[0]["run"]))["state"] == "failed"
+    if where == "decoding":
+        assert runs.read_status(Path(ranks[0]["run"]))["state"] == "failed"
 
 
 def test_a_stop_during_training_ends_every_rank_after_rank_0_saved_and_recorded_it(data, tmp_path):
