@@ -106,8 +106,8 @@ class TrainConfig:
                                     default=0)
     decode_workers: int = _opt("Processes decoding images (0 = one per CPU core).", default=0)
     memory_budget_gb: float = _opt("Decoded images held in memory at most (GB); a larger dataset is streamed from the "
-                                   "cache's memory maps batch by batch (0 = half of the memory available).",
-                                   default=0.0)
+                                   "cache's memory maps batch by batch (0 = half of the memory available). The "
+                                   "processes of a torchrun job on one machine share it.", default=0.0)
     cache_dir: str = _opt("Decoded-image cache (default ~/.cache/cxr-workbench or $CXR_CACHE_DIR).",
                           default="")
 

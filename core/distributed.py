@@ -27,6 +27,7 @@ class Distributed:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # processes of this run on this machine
     # Numbers this process's waits for rank 0 (wait_for_main); every rank waits at the same points in the same order.
     waits: itertools.count = field(default_factory=itertools.count, compare=False, repr=False)
 
@@ -269,16 +270,22 @@ def whole_batch_norm(model: torch.nn.Module) -> int:
 
 
 def from_environment() -> Distributed:
-    """The process's place as torchrun set it (RANK, WORLD_SIZE, LOCAL_RANK); one process without torchrun."""
+    """The process's place as torchrun set it (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE); one process
+    without torchrun. A launcher that does not set LOCAL_WORLD_SIZE is taken to run every process on this machine
+    (the memory budget is then shared by all of them: the safe side)."""
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     except ValueError:
-        raise ValueError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (torchrun sets them).") from None
+        raise ValueError("WORLD_SIZE, RANK, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (torchrun sets them).") \
+            from None
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"RANK {rank} does not fit WORLD_SIZE {world}.")
-    return Distributed(rank, world, local_rank)
+    if not 1 <= local_world <= world:
+        raise ValueError(f"LOCAL_WORLD_SIZE {local_world} does not fit WORLD_SIZE {world}.")
+    return Distributed(rank, world, local_rank, local_world)
 
 
 class Terminated(Exception):

@@ -42,9 +42,10 @@ class PreparedData:
     report: dict
 
 
-def prepare_data(config: TrainConfig, progress=None) -> PreparedData:
+def prepare_data(config: TrainConfig, progress=None, processes_sharing_memory: int = 1) -> PreparedData:
     """Scan (class folders or a label file), decode (cached), take patient ids and metadata from DICOM headers,
-    split by patient and report: counts, skipped files, leakage."""
+    split by patient and report: counts, skipped files, leakage. `processes_sharing_memory`: the processes of a
+    torchrun job on this machine, each holding its own copy of the images, share the memory budget."""
     index = load_index(config.data, spec_from(config), config.positive_class or None)
     paths = [r.path for r in index.records]
     decoded = decode_images(paths, config.image_size, config.cache_dir or None,
@@ -69,6 +70,7 @@ def prepare_data(config: TrainConfig, progress=None) -> PreparedData:
     # Images stay in memory when they fit the budget; a larger set is read batch by batch from the cache's
     # memory maps (a prefetching thread keeps the next batches ready).
     budget = int(config.memory_budget_gb * 2**30) if config.memory_budget_gb > 0 else default_memory_budget()
+    budget //= max(1, processes_sharing_memory)
     in_memory = fits_in_memory(len(decoded.ok_indices), config.image_size, budget)
     for name in ("train", "val", "test"):
         mask = (table["split"] == name).to_numpy()
@@ -91,6 +93,7 @@ def prepare_data(config: TrainConfig, progress=None) -> PreparedData:
         "unusable_entries": [{"path": p, "reason": r} for p, r in index.unusable.items()],
         "decoded_now": decoded.decoded_now, "from_cache": len(paths) - decoded.decoded_now,
         "images_in_memory": in_memory, "memory_budget_bytes": budget,
+        "processes_sharing_memory": max(1, processes_sharing_memory),
         "leakage": leakage_report([r for r, u in zip(index.records, used) if u],
                                   list(table.loc[used, "split"]),
                                   [h for h, u in zip(decoded.sha256, used) if u]),

@@ -236,7 +236,7 @@ def _optimizer_and_schedule(config: TrainConfig, params, total_steps: int, devic
     return optimizer, scheduler
 
 
-def _prepare(config: TrainConfig, run_dir: Path, show_progress: bool) -> PreparedData:
+def _prepare(config: TrainConfig, run_dir: Path, show_progress: bool, dist: Distributed) -> PreparedData:
     # The terminal's line (stderr) when shown; the status file gets the same words for the Train page.
     timing = DecodeProgress() if show_progress else DecodeProgress(stream=io.StringIO())
 
@@ -244,7 +244,7 @@ def _prepare(config: TrainConfig, run_dir: Path, show_progress: bool) -> Prepare
         timing(done, total)
         runs.write_status(run_dir, phase=timing.line(done, total))
 
-    data = prepare_data(config, progress=decode_progress)
+    data = prepare_data(config, progress=decode_progress, processes_sharing_memory=dist.local_world)
     data.split_table.to_csv(run_dir / "split.csv", index=False)
     (run_dir / "data_report.json").write_text(json.dumps(data.report, indent=2))
     runs.log(run_dir, f"Images per split and class: {data.report['counts']}; decoded now "
@@ -272,10 +272,10 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
     log(run_dir, f"{'Resuming' if resuming else 'Starting'} on {device} (bf16 autocast: {bf16})"
                  + (f" x {dist.world} processes" if dist.active else "") + f"; data {config.data}")
     if dist.is_main:
-        data = _prepare(config, run_dir, show_progress)
+        data = _prepare(config, run_dir, show_progress, dist)
     dist.wait_for_main("data decoded")  # however long decoding takes; the others then read it from the cache
     if not dist.is_main:
-        data = prepare_data(config)
+        data = prepare_data(config, processes_sharing_memory=dist.local_world)
 
     classes, train_labels = data.index.classes, data.splits["train"].labels
     weights = _class_weights(train_labels, classes, config.class_weights)

@@ -255,7 +255,8 @@ def _train_as_a_rank(dist: Distributed, data: str, folder: str, stop: str = "", 
     if dist.is_main and rank0_fails and rank0_fails_at == "decoding":
         trainer._prepare = failing
 
-    os.environ.update(RANK=str(dist.rank), WORLD_SIZE=str(dist.world), LOCAL_RANK=str(dist.rank))
+    os.environ.update(RANK=str(dist.rank), WORLD_SIZE=str(dist.world), LOCAL_RANK=str(dist.rank),
+                      LOCAL_WORLD_SIZE=str(dist.world))
     config = runs_config(Path(data), Path(folder) / "runs", Path(folder) / "cache",
                          epochs=40 if stop == "training" else 1)
     run_dir = dist.broadcast_object(str(create_run(config)) if dist.is_main else None)
@@ -280,6 +281,7 @@ def test_no_rank_of_a_finished_run_leaves_before_rank_0_has_written_the_results(
     assert runs.read_status(run)["state"] == "finished"
     last_write = max(p.stat().st_mtime for p in run.iterdir() if p.is_file())
     assert ranks[1]["left"] >= last_write  # rank 1 waited for rank 0's report, predictions, status and log
+    assert runs.read_json(run / "data_report.json")["processes_sharing_memory"] == 2  # one machine's 2 processes
 
 
 def test_a_stop_asked_while_queued_ends_every_rank_before_it_touches_the_data(data, tmp_path):
@@ -433,6 +435,21 @@ def test_a_gpu_run_joins_a_group_that_carries_cpu_tensors_too(device_spec, cuda_
 
 def test_a_cpu_run_joins_a_gloo_group():
     assert process_group_backend("cpu", True) == process_group_backend("auto", False) == "gloo"
+
+
+def test_each_process_knows_how_many_of_the_run_share_its_machine(monkeypatch):
+    from core.distributed import from_environment
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun on 2 machines of 2
+    assert from_environment() == Distributed(3, 4, 1, 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # a launcher that does not say: all on this machine, the safe side
+    assert from_environment().local_world == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "5")
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE 5 does not fit WORLD_SIZE 4"):
+        from_environment()
 
 
 def test_the_commands_for_several_machines_name_each_node():

@@ -55,3 +55,23 @@ def test_copies_off_a_gpu_are_the_tensors_themselves():
     staged = copies.start(x, y)
     assert copies.stream is None and staged[1] is None
     assert all(a is b for a, b in zip(copies.ready(staged), (x, y)))
+
+
+def test_the_processes_of_a_torchrun_job_on_one_machine_share_the_memory_budget(tmp_path):
+    # Each process holds its own copy of the images: 8 processes each taking the whole budget would hold 8 copies.
+    from conftest import write_dataset
+
+    from core.config import config_from_preset
+    from core.pipeline import prepare_data
+
+    data = write_dataset(tmp_path / "xrays", {"NORMAL": 24, "PNEUMONIA": 24}, splits=None)
+    images_bytes = 48 * 32 * 32
+    config = config_from_preset("tiny", data=str(data), image_size=32, decode_workers=1,
+                                cache_dir=str(tmp_path / "cache"), memory_budget_gb=1.5 * images_bytes / 2**30)
+    alone = prepare_data(config)
+    shared = prepare_data(config, processes_sharing_memory=2)
+    assert alone.report["images_in_memory"] and not shared.report["images_in_memory"]
+    assert shared.report["processes_sharing_memory"] == 2
+    assert shared.report["memory_budget_bytes"] == alone.report["memory_budget_bytes"] // 2
+    for split in ("train", "val"):  # streamed or not, the same images
+        assert torch.equal(shared.splits[split].images[:], alone.splits[split].images)
