@@ -104,7 +104,7 @@ def _train_distributed(existing, config, args: argparse.Namespace, resume: bool)
     from .trainer import create_run, train
 
     dist = from_environment()
-    start(dist, config.device if config is not None else "auto")
+    dist = start(dist, config.device if config is not None else "auto")
     try:
         run_dir = existing(dist)
         if run_dir is None:

@@ -13,10 +13,12 @@ torchrun (WORLD_SIZE unset or 1) nothing here does anything.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import signal
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +30,9 @@ class Distributed:
     world: int = 1
     local_rank: int = 0
     local_world: int = 1  # processes of this run on this machine
+    # Names this start of the job's processes in the store they share (start() draws it): torchrun's restarts keep
+    # the store, and an earlier attempt's keys would otherwise answer this one's waits.
+    attempt: str = ""
     # Numbers this process's waits for rank 0 (wait_for_main); every rank waits at the same points in the same order.
     waits: itertools.count = field(default_factory=itertools.count, compare=False, repr=False)
 
@@ -65,11 +70,11 @@ class Distributed:
         wait with it. Every rank must call it, at the same points in the same order."""
         if not self.active:
             return flag
-        store, key = _store(), f"{_key_prefix()}/wait/{next(self.waits)}/{name}"
+        store, key = _store(), f"{self._keys}/wait/{next(self.waits)}/{name}"
         if self.is_main:
             store.set(key, "1" if flag else "0")
         else:
-            failed = f"{_key_prefix()}/rank0_failed"
+            failed = f"{self._keys}/rank0_failed"
             while not store.check([key]):
                 if store.check([failed]):
                     raise RuntimeError(f"rank 0 failed: {store.get(failed).decode(errors='replace')}")
@@ -83,7 +88,11 @@ class Distributed:
         torchrun ends them (or forever, without torchrun)."""
         if self.active and self.is_main and torch.distributed.is_initialized():
             with contextlib.suppress(RuntimeError):  # the failure itself is what the caller reports
-                _store().set(f"{_key_prefix()}/rank0_failed", reason)
+                _store().set(f"{self._keys}/rank0_failed", reason)
+
+    @property
+    def _keys(self) -> str:
+        return f"core/{self.attempt}"
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of a tensor on this process's device (gloo: CPU tensors)."""
@@ -132,11 +141,6 @@ class Distributed:
 
 
 SINGLE = Distributed()  # one process: no torchrun
-
-
-def _key_prefix() -> str:
-    # torchrun --max-restarts starts the processes again with the same store: an earlier attempt's keys are there.
-    return f"core/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 def _store() -> torch.distributed.Store:
@@ -236,6 +240,7 @@ class WholeBatchNorm2d(torch.nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not torch.distributed.is_initialized():
             return super().forward(x)
+        self._check_input_dim(x)
         return _WholeBatchNormFunction.apply(x, self.weight, self.bias, self)
 
 
@@ -283,8 +288,10 @@ def from_environment() -> Distributed:
             from None
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"RANK {rank} does not fit WORLD_SIZE {world}.")
-    if not 1 <= local_world <= world:
-        raise ValueError(f"LOCAL_WORLD_SIZE {local_world} does not fit WORLD_SIZE {world}.")
+    if world == 1:  # one process: torchrun's other variables, if left in the environment, mean nothing
+        return SINGLE
+    if not 1 <= local_world <= world or not 0 <= local_rank < local_world:
+        raise ValueError(f"LOCAL_RANK {local_rank} and LOCAL_WORLD_SIZE {local_world} do not fit WORLD_SIZE {world}.")
     return Distributed(rank, world, local_rank, local_world)
 
 
@@ -304,16 +311,18 @@ def process_group_backend(device_spec: str, cuda_available: bool) -> str:
     return "cpu:gloo,cuda:nccl" if on_gpus else "gloo"
 
 
-def start(dist: Distributed, device_spec: str) -> None:
+def start(dist: Distributed, device_spec: str) -> Distributed:
     """Join the process group (see process_group_backend) and turn SIGTERM into an error, so that the run is
-    marked failed with the reason when torchrun ends it."""
+    marked failed with the reason when torchrun ends it. Returns `dist` with this start's `attempt` name, drawn by
+    rank 0 and the same on every rank."""
     if not dist.active or torch.distributed.is_initialized():
-        return
+        return dist
     backend = process_group_backend(device_spec, torch.cuda.is_available())
     if "nccl" in backend:
         torch.cuda.set_device(dist.local_rank)
     torch.distributed.init_process_group(backend)
     signal.signal(signal.SIGTERM, _terminate)
+    return dataclasses.replace(dist, attempt=dist.broadcast_object(uuid.uuid4().hex if dist.is_main else None))
 
 
 def stop(dist: Distributed) -> None:

@@ -42,10 +42,12 @@ class PreparedData:
     report: dict
 
 
-def prepare_data(config: TrainConfig, progress=None, processes_sharing_memory: int = 1) -> PreparedData:
+def prepare_data(config: TrainConfig, progress=None, processes_sharing_memory: int = 1,
+                 budget_bytes: int | None = None) -> PreparedData:
     """Scan (class folders or a label file), decode (cached), take patient ids and metadata from DICOM headers,
     split by patient and report: counts, skipped files, leakage. `processes_sharing_memory`: the processes of a
-    torchrun job on this machine, each holding its own copy of the images, share the memory budget."""
+    torchrun job on this machine, each holding its own copy of the images, share the memory budget.
+    `budget_bytes`: this process's budget as another process worked it out (rank 0, for every rank)."""
     index = load_index(config.data, spec_from(config), config.positive_class or None)
     paths = [r.path for r in index.records]
     decoded = decode_images(paths, config.image_size, config.cache_dir or None,
@@ -69,8 +71,11 @@ def prepare_data(config: TrainConfig, progress=None, processes_sharing_memory: i
     splits: dict[str, SplitTensors] = {}
     # Images stay in memory when they fit the budget; a larger set is read batch by batch from the cache's
     # memory maps (a prefetching thread keeps the next batches ready).
-    budget = int(config.memory_budget_gb * 2**30) if config.memory_budget_gb > 0 else default_memory_budget()
-    budget //= max(1, processes_sharing_memory)
+    if budget_bytes is None:
+        budget = int(config.memory_budget_gb * 2**30) if config.memory_budget_gb > 0 else default_memory_budget()
+        budget //= max(1, processes_sharing_memory)
+    else:
+        budget = budget_bytes
     in_memory = fits_in_memory(len(decoded.ok_indices), config.image_size, budget)
     for name in ("train", "val", "test"):
         mask = (table["split"] == name).to_numpy()

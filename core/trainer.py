@@ -162,7 +162,8 @@ def train(config: TrainConfig | None = None, run_dir: Path | None = None, resume
     try:
         return _train_as_main(config, run_dir, resume, show_progress, launched, dist)
     except BaseException as e:  # wherever rank 0 fails, the other ranks stop waiting for it, with the reason
-        dist.announce_failure(failure_reason(e))
+        with contextlib.suppress(Exception):  # the failure itself is what is raised
+            dist.announce_failure(failure_reason(e))
         raise
 
 
@@ -274,8 +275,11 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, show_progress: bool
     if dist.is_main:
         data = _prepare(config, run_dir, show_progress, dist)
     dist.wait_for_main("data decoded")  # however long decoding takes; the others then read it from the cache
+    # Every rank takes rank 0's memory budget, worked out before any rank held the images: the others, reading the
+    # memory left once rank 0 holds its copy, could stream where rank 0 does not (same steps, slower ranks).
+    budget = dist.broadcast_object(data.report["memory_budget_bytes"] if dist.is_main else None)
     if not dist.is_main:
-        data = prepare_data(config, processes_sharing_memory=dist.local_world)
+        data = prepare_data(config, processes_sharing_memory=dist.local_world, budget_bytes=budget)
 
     classes, train_labels = data.index.classes, data.splits["train"].labels
     weights = _class_weights(train_labels, classes, config.class_weights)

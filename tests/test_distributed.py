@@ -162,16 +162,20 @@ def _on_two_ranks(worker, tmp_path: Path, *args, group_timeout: float = 60, dead
     """worker(dist, *args) -> dict on 2 spawned gloo processes; each rank's dict. A rank left waiting in a
     collective fails the test after the group's timeout (seconds), and one still running after `deadline` seconds
     (polling a store, which has no timeout) is ended by SIGALRM, so the test fails instead of hanging."""
+    _spawn_two(_rank_main, worker, str(tmp_path), args, group_timeout, deadline)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _spawn_two(function, *args) -> None:
+    """function(rank, *args) in 2 spawned processes, until both end."""
     # A spawned child re-runs the parent's __main__ script; in a full test run an AppTest leaves a dashboard page
     # there (views/1_Train.py), which fails outside Streamlit. The workers live in this module, not in __main__.
     real_main = sys.modules["__main__"]
     sys.modules["__main__"] = types.ModuleType("__main__")
     try:
-        torch.multiprocessing.spawn(_rank_main, args=(worker, str(tmp_path), args, group_timeout, deadline),
-                                    nprocs=2, join=True)
+        torch.multiprocessing.spawn(function, args=args, nprocs=2, join=True)
     finally:
         sys.modules["__main__"] = real_main
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
 def _rank_main(rank: int, worker, folder: str, args: tuple, group_timeout: float, deadline: int) -> None:
@@ -255,6 +259,19 @@ def _train_as_a_rank(dist: Distributed, data: str, folder: str, stop: str = "", 
     if dist.is_main and rank0_fails and rank0_fails_at == "decoding":
         trainer._prepare = failing
 
+    in_memory = []
+    if not dist.is_main:  # as if rank 0 had taken all the memory: rank 1 alone would stream; it takes rank 0's budget
+        from core import pipeline
+
+        real_prepare = trainer.prepare_data
+        pipeline.default_memory_budget = lambda: 0
+
+        def recorded(*args, **kwargs):
+            data = real_prepare(*args, **kwargs)
+            in_memory.append(data.report["images_in_memory"])
+            return data
+        trainer.prepare_data = recorded
+
     os.environ.update(RANK=str(dist.rank), WORLD_SIZE=str(dist.world), LOCAL_RANK=str(dist.rank),
                       LOCAL_WORLD_SIZE=str(dist.world))
     config = runs_config(Path(data), Path(folder) / "runs", Path(folder) / "cache",
@@ -271,7 +288,7 @@ def _train_as_a_rank(dist: Distributed, data: str, folder: str, stop: str = "", 
         outcome = "returned"
     except Exception as e:  # noqa: BLE001 - what the rank met is the result
         outcome = f"{type(e).__name__}: {e}"
-    return {"left": time.time(), "outcome": outcome, "run": run_dir}
+    return {"left": time.time(), "outcome": outcome, "run": run_dir, "in_memory": in_memory}
 
 
 def test_no_rank_of_a_finished_run_leaves_before_rank_0_has_written_the_results(data, tmp_path):
@@ -281,7 +298,9 @@ def test_no_rank_of_a_finished_run_leaves_before_rank_0_has_written_the_results(
     assert runs.read_status(run)["state"] == "finished"
     last_write = max(p.stat().st_mtime for p in run.iterdir() if p.is_file())
     assert ranks[1]["left"] >= last_write  # rank 1 waited for rank 0's report, predictions, status and log
-    assert runs.read_json(run / "data_report.json")["processes_sharing_memory"] == 2  # one machine's 2 processes
+    report = runs.read_json(run / "data_report.json")
+    assert report["processes_sharing_memory"] == 2  # one machine's 2 processes
+    assert report["images_in_memory"] and ranks[1]["in_memory"] == [True]  # rank 0's decision, on every rank
 
 
 def test_a_stop_asked_while_queued_ends_every_rank_before_it_touches_the_data(data, tmp_path):
@@ -447,9 +466,44 @@ def test_each_process_knows_how_many_of_the_run_share_its_machine(monkeypatch):
     assert from_environment() == Distributed(3, 4, 1, 2)
     monkeypatch.delenv("LOCAL_WORLD_SIZE")  # a launcher that does not say: all on this machine, the safe side
     assert from_environment().local_world == 4
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "5")
-    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE 5 does not fit WORLD_SIZE 4"):
-        from_environment()
+    for local_rank, local_world in (("1", "5"), ("2", "2")):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+        with pytest.raises(ValueError, match=f"LOCAL_RANK {local_rank} and LOCAL_WORLD_SIZE {local_world} do not fit"):
+            from_environment()
+    for name in ("WORLD_SIZE", "RANK"):  # one process, with torchrun's other variables left behind
+        monkeypatch.delenv(name)
+    assert from_environment() == Distributed()
+
+
+def _start_as_torchrun_would(rank: int, port: int, folder: str) -> None:
+    from core.distributed import start, stop
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    dist = start(Distributed(rank, 2, rank, 2), "cpu")
+    try:
+        torch.save({"attempt": dist.attempt, "backend": torch.distributed.get_backend()}, Path(folder) / f"{rank}.pt")
+    finally:
+        stop(dist)
+
+
+def test_every_rank_of_one_start_names_its_keys_alike_and_a_new_start_differently(tmp_path):
+    # torchrun's restarts keep the store: keys named by an earlier start would answer the next start's waits.
+    import socket
+
+    attempts = []
+    for k in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        folder = tmp_path / str(k)
+        folder.mkdir()
+        _spawn_two(_start_as_torchrun_would, port, str(folder))
+        ranks = [torch.load(folder / f"{r}.pt") for r in range(2)]
+        assert ranks[0] == ranks[1] and ranks[0]["backend"] == "gloo" and ranks[0]["attempt"]
+        attempts.append(ranks[0]["attempt"])
+    assert attempts[0] != attempts[1]
 
 
 def test_the_commands_for_several_machines_name_each_node():
