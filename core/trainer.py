@@ -150,21 +150,27 @@ def train(config: TrainConfig | None = None, run_dir: Path | None = None, resume
     ('failed' with the message) and re-raised; a STOP request ends the run as 'stopped'. `launched`: started
     by the dashboard's launcher (recorded as such in environment.json). `dist`: this process's place in a
     distributed run (see core.distributed); only rank 0 writes the run folder."""
-    if not dist.is_main:  # the other ranks of a distributed run: rank 0 keeps the queue, status and log
-        config = TrainConfig.load(Path(run_dir) / "config.json")
-        try:
-            if dist.wait_for_main("queue"):  # rank 0's answer once it leaves the queue: stopped while it waited
-                raise StopRequested()
-            _train(config, Path(run_dir), resume, False, launched, dist)
-        except StopRequested:
-            dist.wait_for_main("stop recorded")  # until rank 0 has recorded the stop (see below)
-        return Path(run_dir)
+    if not dist.is_main:
+        return _train_as_other_rank(Path(run_dir), resume, launched, dist)
     try:
         return _train_as_main(config, run_dir, resume, show_progress, launched, dist)
     except BaseException as e:  # wherever rank 0 fails, the other ranks stop waiting for it, with the reason
         with contextlib.suppress(Exception):  # the failure itself is what is raised
             dist.announce_failure(failure_reason(e))
         raise
+
+
+def _train_as_other_rank(run_dir: Path, resume: bool, launched: bool, dist: Distributed) -> Path:
+    """train() on the other ranks of a distributed run: rank 0 keeps the queue, status and log; these wait for it
+    where it works alone, and train their share."""
+    config = TrainConfig.load(run_dir / "config.json")
+    try:
+        if dist.wait_for_main("queue"):  # rank 0's answer once it leaves the queue: stopped while it waited
+            raise StopRequested()
+        _train(config, run_dir, resume, False, launched, dist)
+    except StopRequested:
+        dist.wait_for_main("stop recorded")  # until rank 0 has recorded the stop (see _train_as_main)
+    return run_dir
 
 
 def _train_as_main(config: TrainConfig | None, run_dir: Path | None, resume: bool, show_progress: bool,
