@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .device import to_device_without_waiting
+
 
 @dataclass(frozen=True)
 class AugmentParams:
@@ -63,12 +65,3 @@ def augment_batch(x: torch.Tensor, params: AugmentParams, generator: torch.Gener
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     return ((out - mean) * contrast + mean + brightness).clamp_(0, 1)
 
-
-def to_device_without_waiting(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small CPU tensor on `device`, copied without the host waiting for the device's queued work (a GPU copies
-    from pinned memory; the caching host allocator keeps the pinned block until the copy is done)."""
-    if device.type == "cpu":
-        return values
-    if device.type == "cuda":
-        values = values.pin_memory()
-    return values.to(device, non_blocking=True)

@@ -42,6 +42,16 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def to_device_without_waiting(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor on `device`, copied without the host waiting for the device's queued work (a GPU copies
+    from pinned memory; the caching host allocator keeps the pinned block until the copy is done)."""
+    if device.type == "cpu":
+        return values
+    if device.type == "cuda":
+        values = values.pin_memory()
+    return values.to(device, non_blocking=True)
+
+
 def choose_fast_kernels(device: torch.device) -> None:
     """On a GPU, let cuDNN time its convolution algorithms once per input shape and keep the fastest, as
     torchvision's classification reference does: a run's shapes repeat (one image size, one batch size). The

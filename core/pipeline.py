@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .augment import AugmentParams, augment_batch, to_device_without_waiting
+from .augment import AugmentParams, augment_batch
 from .cache import decode_images
 from .config import TrainConfig
 from .dataset import (
@@ -21,7 +21,7 @@ from .dataset import (
     metadata_columns,
     with_header_fields,
 )
-from .device import autocast
+from .device import autocast, to_device_without_waiting
 from .labels import load_index, spec_from
 from .model import Classifier
 from .streaming import BatchPrefetcher, MappedImages, default_memory_budget, fits_in_memory

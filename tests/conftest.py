@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -141,3 +143,19 @@ def rank_at_chance(run_dir: Path, split: str = "test") -> None:
             if column in frame:
                 frame.loc[rows, column] = spread
     frame.to_csv(path, index=False)
+
+
+class CopiesToTheDevice(TorchDispatchMode):
+    """Every operator that takes a CPU tensor and returns one on the 'meta' device (standing in for a GPU, where a
+    read of a device value raises), with its non_blocking argument: (operator name, non_blocking)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[tuple[str, object]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.device.type == "meta" and any(
+                isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args):
+            self.copies.append((str(func), (kwargs or {}).get("non_blocking")))
+        return out

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import CopiesToTheDevice
 
 from core.augment import AugmentParams, affine_grid, augment_batch
 
@@ -37,27 +37,11 @@ def test_the_sampling_grid_is_torchs_affine_grid(height, width):
     torch.testing.assert_close(affine_grid(theta, height, width), want, rtol=0, atol=1e-6)
 
 
-class _CopiesToTheDevice(TorchDispatchMode):
-    """Every operator that takes a CPU tensor and returns one on the device ('meta' stands in for a GPU here),
-    with its non_blocking argument."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.copies: list[tuple[str, object]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
-        out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor) and out.device.type == "meta" and any(
-                isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args):
-            self.copies.append((str(func), (kwargs or {}).get("non_blocking")))
-        return out
-
-
 def test_a_batch_on_a_gpu_gets_its_random_parameters_in_one_copy_that_does_not_wait_for_the_gpu():
     # A plain .to(device) of a CPU tensor waits for every step queued on the GPU: one per parameter would stall
     # every training step. The numbers are still drawn on the CPU (reproducible on any device).
     x = torch.rand(8, 1, 32, 32, device="meta")
-    with _CopiesToTheDevice() as seen:
+    with CopiesToTheDevice() as seen:
         out = augment_batch(x, AugmentParams(), torch.Generator().manual_seed(0))
     assert out.shape == x.shape and out.device.type == "meta"
     assert seen.copies == [("aten._to_copy.default", True)]

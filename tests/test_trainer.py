@@ -9,8 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import write_dataset
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import CopiesToTheDevice, write_dataset
 
 from core import runs
 from core.config import TrainConfig, config_from_preset
@@ -242,22 +241,6 @@ def test_a_killed_run_says_why_it_is_believed_killed(tmp_path):
     assert "its output ends with: error: No space left on device" in runs.read_status(tmp_path)["error"]
 
 
-class _DeviceCopies(TorchDispatchMode):
-    """Whether each operator that took a CPU tensor and returned one on the 'meta' device (standing in for a GPU)
-    was asked not to block."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.non_blocking: list[object] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
-        out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor) and out.device.type == "meta" and any(
-                isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args):
-            self.non_blocking.append((kwargs or {}).get("non_blocking"))
-        return out
-
-
 @pytest.mark.parametrize("arch", ["smallcnn", "resnet18"])
 def test_training_steps_between_recordings_never_wait_for_the_device(arch, tmp_path, monkeypatch):
     # On 'meta' nothing can be read back: any host synchronisation in a step (a loss or count read, a .cpu()) raises
@@ -283,9 +266,9 @@ def test_training_steps_between_recordings_never_wait_for_the_device(arch, tmp_p
     progress = {"global_step": 0, "step_in_epoch": 0, "elapsed_now": lambda: 0.0, "loss_sum": 0.0, "correct": 0,
                 "seen": 0}
     loss_fn = torch.nn.CrossEntropyLoss(weight=torch.ones(2, device=device))
-    with _DeviceCopies() as copies, pytest.raises(NotImplementedError, match="meta") as read:
+    with CopiesToTheDevice() as copies, pytest.raises(NotImplementedError, match="meta") as read:
         train_one_epoch(model, batches, torch.randperm(40), 0, 5, optimizer, None, loss_fn, device, False,
                         recorder, 0, progress)
     reader = [(Path(e.path).name, e.name) for e in read.traceback if Path(e.path).parent.name == "core"][-1]
     assert reader == ("bookkeeping.py", "flush") and progress["global_step"] == 3  # the recorder's read, 3 steps in
-    assert copies.non_blocking and all(flag is True for flag in copies.non_blocking)
+    assert copies.copies and all(non_blocking is True for _, non_blocking in copies.copies)
