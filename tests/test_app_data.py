@@ -162,3 +162,19 @@ def test_the_folder_is_shown_as_typed_and_where_it_leads(app_env, tiny_dataset, 
     assert f"in {link} (resolved: {tiny_dataset.resolve()})" in shown
     at.text_input(key="data_folder_input").input(str(tiny_dataset.resolve())).run()
     assert "resolved" not in as_read(at.success[0].value)  # said once only where it differs
+
+
+def test_the_overview_shows_again_after_a_cold_decode(app_env, tiny_dataset, tmp_path, monkeypatch):
+    # The first view decodes every image with a progress bar; later views (a rerun, another session) take the
+    # cached overview: the bar's updates must not be replayed into a block of the first run.
+    monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "cold-cache"))
+    first = page("dashboard.py").run()
+    first.text_input(key="data_folder_input").input(str(tiny_dataset)).run()
+    assert not first.exception
+    assert "128 images" in first.success[0].value
+    first.run()
+    assert not first.exception
+    assert "128 images" in first.success[0].value
+    second = page("dashboard.py").run()  # a new session: the folder is remembered
+    assert not second.exception
+    assert "128 images" in second.success[0].value

@@ -3,6 +3,7 @@ the patient-grouped split training will use, leakage, unreadable files and sampl
 
 from __future__ import annotations
 
+import contextvars
 import io
 from pathlib import Path
 
@@ -189,10 +190,13 @@ if not folder:
 try:
     with st.spinner("Scanning and decoding every image once (about 10 s per 5,000 images; cached after)…"):
         bar, timing = st.empty(), DecodeProgress(stream=io.StringIO())
+        # The bar is drawn in the context from before the cached call: inside it Streamlit would record the bar's
+        # updates into the cached overview and replay them, on a later run, into this run's bar (gone by then).
+        page_context = contextvars.copy_context()
 
         def show_progress(done: int, total: int) -> None:
             timing(done, total)  # keeps the rate; its line says images/s and the time left
-            bar.progress(done / max(total, 1), text=timing.line(done, total))
+            page_context.run(bar.progress, done / max(total, 1), text=timing.line(done, total))
 
         overview = cached_overview(folder, labels, show_progress)
         bar.empty()
