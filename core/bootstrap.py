@@ -8,7 +8,10 @@ metric of every resample is a matrix product or a cumulative sum: a threshold ch
 and calls the statistic once per resample, which is why this is written out here.
 
 Intervals are percentile intervals (2.5th and 97.5th percentiles of the resampled statistic); resamples
-in which a metric is undefined (no positives drawn, say) are left out of that metric's interval.
+in which a metric is undefined (no positives drawn, say) are left out of that metric's interval. A rate that is
+0 or 1 on every resample (no mistake among the images it counts) would get a zero-width interval that hides how
+few cases back it: it gets the Clopper-Pearson exact interval over the patients it counts instead (8 of 8
+normal patients right: specificity 1.000 [0.631, 1.000]).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from scipy.stats import binomtest
 
 DEFAULT_RESAMPLES = 2000
 CHUNK_CELLS = 4_000_000  # resample rows are processed in chunks of about this many weights (memory bound)
@@ -198,15 +202,37 @@ def intervals_at_threshold(labels: np.ndarray, probs: np.ndarray, threshold: flo
     point = {k: float(v[0]) for k, v in rates_from_counts(*weighted_counts(labels, probs, threshold, ones)).items()}
     resampled = rates_from_counts(*(counts(threshold) if counts is not None
                                     else weighted_counts(labels, probs, threshold, boot.weights)))
-    out: dict = {k: Interval(point[k], *percentile_interval(resampled[k])) for k in RATE_KEYS}
-    out.update(ranking if ranking is not None else ranking_intervals(labels, probs, boot))
     pred = probs >= threshold
     pos = labels == 1
+    out: dict = {}
+    for k in RATE_KEYS:
+        low, high = percentile_interval(resampled[k])
+        if point[k] in (0.0, 1.0) and low == high == point[k]:
+            low, high = exact_interval_over_patients(point[k], boot.group_of_image[counted_images(k, pos, pred)])
+        out[k] = Interval(point[k], low, high)
+    out.update(ranking if ranking is not None else ranking_intervals(labels, probs, boot))
     counts = {"tp": int((pred & pos).sum()), "fp": int((pred & ~pos).sum()), "fn": int((~pred & pos).sum()),
               "tn": int((~pred & ~pos).sum())}
     return {"threshold": float(threshold), "n": int(len(labels)), "n_patients": boot.n_patients,
             "n_resamples": boot.n_resamples, "seed": boot.seed, "counts": counts,
             "metrics": {k: out[k] for k in METRIC_KEYS}}
+
+
+def counted_images(rate: str, positive: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """The images a rate's denominator counts (sensitivity: the positives; PPV: the predicted positives; ...)."""
+    return {"sensitivity": positive, "specificity": ~positive, "ppv": predicted, "npv": ~predicted,
+            "f1": positive | predicted, "accuracy": np.ones_like(positive)}[rate]
+
+
+def exact_interval_over_patients(value: float, groups: np.ndarray,
+                                 confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Clopper-Pearson interval of a rate of 0 or 1 over the patients (`groups`, one per image) it counts:
+    every patient's images all right (or all wrong) is k = n (or 0) of n patients."""
+    n = len(np.unique(groups))
+    if n == 0:
+        return float("nan"), float("nan")
+    ci = binomtest(n if value == 1.0 else 0, n).proportion_ci(confidence_level=confidence, method="exact")
+    return float(ci.low), float(ci.high)
 
 
 def ranking_intervals(labels: np.ndarray, probs: np.ndarray, boot: PatientBootstrap) -> dict[str, Interval]:

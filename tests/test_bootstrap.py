@@ -132,3 +132,24 @@ def test_threshold_counts_of_an_empty_or_one_class_set():
     ones = ThresholdCounts(np.ones(4, int), np.array([0.1, 0.4, 0.6, 0.9]), PatientBootstrap(None, 4, 20))
     tp, fp, fn, tn = ones(0.5)
     assert (tp + fn == 4).all() and not fp.any() and not tn.any()
+
+
+def test_a_rate_without_mistakes_gets_the_exact_interval_over_its_patients():
+    # 8 normal patients of 3 images each, none flagged: every resample says specificity 1.0, yet 8 patients
+    # cannot show a specificity above 0.63 (Clopper-Pearson, 8 of 8).
+    labels = np.array([0] * 24 + [1] * 30)
+    probs = np.r_[np.full(24, 0.1), np.linspace(0.05, 0.9, 30)]
+    patients = [f"n{i // 3}" for i in range(24)] + [f"p{i}" for i in range(30)]
+    boot = PatientBootstrap(patients, len(labels), n_resamples=500)
+    metrics = intervals_at_threshold(labels, probs, 0.5, boot)["metrics"]
+    specificity = metrics["specificity"]
+    assert specificity.value == 1.0
+    assert specificity.low == pytest.approx(0.025 ** (1 / 8))  # by patients (8), not images (24: 0.858)
+    assert specificity.high == 1.0
+    assert metrics["ppv"].value == 1.0 and metrics["ppv"].low < 1.0  # no false alarm either
+    sensitivity = metrics["sensitivity"]  # mistakes here: the bootstrap's own interval
+    assert 0 < sensitivity.low < sensitivity.value < sensitivity.high < 1
+
+    none_right = intervals_at_threshold(labels, probs, 0.0, boot)["metrics"]["specificity"]  # all flagged
+    assert none_right.value == 0.0
+    assert none_right.low == 0.0 and none_right.high == pytest.approx(1 - 0.025 ** (1 / 8))
