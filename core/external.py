@@ -738,28 +738,75 @@ def training_overlap(run_dir: str | os.PathLike, paths: list[str], patients: lis
 
 
 def overlap_warnings(overlap: dict, n_images: int) -> list[str]:
+    """What training_overlap found, in words; a record read back from a damaged summary may lack any part."""
     if not overlap.get("checked"):
         return [f"Could not check whether these images overlap the run's training data: {overlap.get('reason')}."]
     out = []
     meaningless = ("Its AUC and rates mean nothing as external validation: the model has seen these "
                    "patients during training or model selection.")
-    patients = overlap["shared_patients"]
-    if patients["images"]:
+    patients = overlap.get("shared_patients") or {}
+    if patients.get("images"):
         out.append(f"Not independent of the run: {patients['images']} of {n_images} images belong to "
-                   f"{patients['patients']} patients who are in the run's training or validation data "
-                   f"(e.g. {', '.join(patients['examples'])}). {meaningless}")
-    identical = overlap["identical_files"]
-    if identical["images"]:
-        a, b = identical["examples"][0]
+                   f"{patients.get('patients', '?')} patients who are in the run's training or validation data "
+                   f"(e.g. {', '.join(patients.get('examples') or ['?'])}). {meaningless}")
+    identical = overlap.get("identical_files") or {}
+    if identical.get("images"):
+        a, b = ((identical.get("examples") or [[]])[0] + ["?", "?"])[:2]
         out.append(f"{identical['images']} of {n_images} files are byte-identical to the run's training or "
                    f"validation images (e.g. {a} = {b}). Those images were trained on or used to choose the model "
                    "and threshold.")
-    names = overlap["same_file_names"]
-    if names["images"]:
+    names = overlap.get("same_file_names") or {}
+    if names.get("images"):
         out.append(f"{names['images']} of {n_images} files have the same names as the run's training or validation "
-                   f"images (e.g. {', '.join(names['examples'])}): if they are the same images re-saved, this set is "
-                   "not independent of the run.")
+                   f"images (e.g. {', '.join(names.get('examples') or ['?'])}): if they are the same images "
+                   "re-saved, this set is not independent of the run.")
     return out
+
+
+def not_independent(summary: dict) -> str | None:
+    """One line when an evaluation's images overlap the run's training or validation data (patients, or
+    byte-identical files), for views that show the set beside the run's own; None when none was found."""
+    overlap = summary.get("overlap") or {}
+    if not overlap.get("checked"):
+        return None
+    n, found = summary.get("n", "?"), []
+    patients = overlap.get("shared_patients") or {}
+    if patients.get("images"):
+        found.append(f"{patients['images']} of {n} images are of {patients.get('patients', '?')} patients in its "
+                     "training or validation data")
+    identical = overlap.get("identical_files") or {}
+    if identical.get("images"):
+        found.append(f"{identical['images']} of {n} files are identical to its training or validation images")
+    return "not independent of the run: " + "; ".join(found) if found else None
+
+
+def overlap_with_run(run_dir: str | os.PathLike, name: str) -> str | None:
+    """not_independent() of a prediction set ('external:<name>'); None for the run's own sets, an evaluation
+    without overlap, or one whose summary cannot be read (its own page says why)."""
+    if not name.startswith(runs.EXTERNAL_PREFIX):
+        return None
+    try:
+        return not_independent(read_external(run_dir, name.removeprefix(runs.EXTERNAL_PREFIX)))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def set_origin(run_dir: str | os.PathLike, name: str) -> str:
+    """Where a prediction set's images come from beside the run's validation images, said where validation's
+    rates do not hold on that set (a shift warning): test is the folder's own test split or carved from the same
+    pool as validation; an external folder comes from elsewhere, or overlaps the run's own data."""
+    if name == "test":
+        report = runs.read_json(Path(run_dir) / "data_report.json", {})
+        official = report.get("official_counts") if isinstance(report, dict) else None
+        if isinstance(official, dict) and "test" in official:
+            return ("Validation is carved by patient from the folder's training images; test is the folder's own "
+                    "test split, which may come from other patients, dates or machines")
+        return ("Validation and test are both carved by patient from the same images: a gap this large comes "
+                "from a few unusual patients or chance more often than from another population")
+    overlap = overlap_with_run(run_dir, name)
+    if overlap:
+        return f"This folder is {overlap}: its numbers are not external validation"
+    return "This folder comes from elsewhere (other scanners, patients, prevalence)"
 
 
 THRESHOLD_TRANSFER_WARNING = (

@@ -655,6 +655,7 @@ def _training_time(ctx: _Context) -> str:
 
 
 def _operating_point(ctx: _Context) -> str:
+    from .external import set_origin
     from .figures import confusion_figure
     from .operating import shift_warnings
 
@@ -672,7 +673,9 @@ def _operating_point(ctx: _Context) -> str:
             if gaps:
                 parts.append(_box("warning", f"<b>Validation does not represent {_e(label)}.</b> "
                                              + _e("; ".join(gaps)) + ". "
-                                             + _e(_shift_explanation(other)), already_html=True))
+                                             + _e(f"{set_origin(ctx.run_dir, other)}: the threshold fitted on "
+                                                  "validation does not give validation's rates there."),
+                                  already_html=True))
     parts.append(_interval_table(ctx, names))
     positive = ctx.prepared[names[0]].pset.class_names[1]
     parts.append(_p(f"{_bootstrap_note(ctx)} Positive class: {positive}. PPV and NPV depend on each set's "
@@ -684,14 +687,6 @@ def _operating_point(ctx: _Context) -> str:
         for n in names) + "</div>")
     parts.append(_training_time(ctx))
     return "".join(parts)
-
-
-def _shift_explanation(name: str) -> str:
-    if name == "test":
-        return ("Validation is carved from Kermany's training pool (same acquisition period), test was collected "
-                "separately: the threshold fitted on validation does not give validation's rates on test.")
-    return ("This folder comes from elsewhere (other scanners, patients, prevalence): a threshold fitted on the "
-            "run's validation data rarely transfers.")
 
 
 def _curves(ctx: _Context) -> str:
@@ -969,6 +964,8 @@ def _mistake_card(loaded: Any, row: pd.Series, class_names: list[str], positive:
 
 
 def _limitations(ctx: _Context) -> str:
+    from .external import set_origin
+
     items = [
         "<b>Single-centre paediatric data.</b> Kermany's images are chest X-rays of children aged one to five at "
         "Guangzhou Women and Children's Medical Center. Adults, other hospitals, other scanners and other "
@@ -976,9 +973,8 @@ def _limitations(ctx: _Context) -> str:
         "<b>Label noise.</b> The labels are the grading of the original study, not a reference standard such as "
         "follow-up or laboratory confirmation; some images are mislabelled, and bacterial versus viral pneumonia "
         "is hard to tell from a radiograph.",
-        "<b>The train/test shift.</b> Validation is carved from Kermany's training pool, while the official test "
-        "set was collected separately: rates read on validation (and the threshold fitted there) do not carry over "
-        "to test unchanged.",
+        "<b>Validation and test.</b> " + _e(set_origin(ctx.run_dir, "test")) + ": rates read on validation (and "
+        "the threshold fitted there) may not carry over to test unchanged.",
         "<b>Thresholds rarely transfer between sites.</b> Prevalence, equipment and patients differ; a threshold "
         "fitted on this run's validation data should be re-picked on local data before any other use.",
         "<b>Intervals cover sampling variation only.</b> The 95% intervals resample patients of these sets; they say "

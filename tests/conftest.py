@@ -145,6 +145,25 @@ def rank_at_chance(run_dir: Path, split: str = "test") -> None:
     frame.to_csv(path, index=False)
 
 
+def evaluate_training_copies(run_dir: Path, folder: Path, per_class: int = 3) -> str:
+    """Evaluate, as an external folder, copies of the run's own training images under other names: a set that is
+    not independent of the run (identical files). Returns its prediction-set name."""
+    import shutil
+
+    import pandas as pd
+
+    from core import external
+
+    split = pd.read_csv(run_dir / "split.csv")
+    train = split[split["split"] == "train"]
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (folder / cls).mkdir(parents=True)
+        for i, path in enumerate(train[train["class_name"] == cls]["path"][:per_class]):
+            shutil.copy(path, folder / cls / f"copy-{i}.jpeg")
+    result = external.evaluate_external(run_dir, str(folder), device="cpu")
+    return external.set_name(result["name"])
+
+
 class CopiesToTheDevice(TorchDispatchMode):
     """Every operator that takes a CPU tensor and returns one on the 'meta' device (standing in for a GPU, where a
     read of a device value raises), with its non_blocking argument: (operator name, non_blocking)."""

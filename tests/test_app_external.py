@@ -10,7 +10,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import make_xray
+from conftest import evaluate_training_copies, make_xray
 from streamlit.testing.v1 import AppTest
 
 from core import external, runs
@@ -214,3 +214,19 @@ def test_a_label_file_over_a_flat_folder_is_evaluated_without_a_class_map(run_co
     saved = runs.read_predictions(run_copy, "external:images")
     assert set(saved["view"]) == {"AP", "PA"} and saved["patient"].nunique() == 5
     assert any("Labels: label file" in plain(m.value) for m in at.markdown)
+
+
+def in_page_order(node):
+    """Every element below `node`, depth first: the order a reader meets them on the page."""
+    for child in getattr(node, "children", {}).values():
+        yield child
+        yield from in_page_order(child)
+
+
+def test_the_run_s_own_images_are_said_to_be_so_before_any_number(run_copy, tmp_path):
+    evaluate_training_copies(run_copy, tmp_path / "copies")
+    at = open_page()
+    elements = list(in_page_order(at.main))
+    said = [i for i, e in enumerate(elements) if e.type == "warning" and "byte-identical" in plain(e.value)]
+    metrics = [i for i, e in enumerate(elements) if e.type == "dataframe" and "metric" in e.value.columns]
+    assert len(said) == 1 and metrics and said[0] < metrics[0]

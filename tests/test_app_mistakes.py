@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from bad_inputs import as_read
+from conftest import evaluate_training_copies
 from streamlit.testing.v1 import AppTest
 from streamlit.testing.v1.element_tree import Caption, Image
 
@@ -271,3 +272,13 @@ def test_mistakes_of_images_like_or_unlike_the_training_data(run_copy):  # noqa:
     assert all(c.endswith("unlike the training data") for c in gallery_captions(at))
     at.radio(key="mistakes_ood").set_value("like").run()
     assert not at.dataframe[0].value["unlike_training"].any()
+
+
+def test_an_external_set_of_the_runs_own_images_says_so(run_copy, tmp_path):  # noqa: F811
+    name = evaluate_training_copies(run_copy, tmp_path / "copies")
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    assert not any("not independent" in w.value for w in at.warning)  # test, the run's own split
+    at.selectbox(key="mistakes_set").set_value(name).run()
+    assert not at.exception, at.exception
+    assert any(as_read(w.value).startswith(f"{runs.set_label(name)} is not independent of the run: 6 of 6 files")
+               for w in at.warning)

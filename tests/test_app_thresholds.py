@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from bad_inputs import as_read
-from conftest import rank_at_chance, rank_well
+from conftest import evaluate_training_copies, rank_at_chance, rank_well
 from streamlit.testing.v1 import AppTest
 
 from core import runs
@@ -123,7 +123,9 @@ def test_shift_warning_when_test_is_outside_validation_intervals(run_copy):  # n
     val.to_csv(run_copy / "predictions_val.csv", index=False)
     at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
     assert not at.exception
-    assert any("Validation does not represent test" in w.value for w in at.warning)
+    [shift] = [as_read(w.value) for w in at.warning if "Validation does not represent test" in w.value]
+    # The run's folder has no test split: test is carved like validation, and the warning says so (not Kermany's).
+    assert "both carved by patient from the same images" in shift and "Kermany" not in shift
 
 
 def test_calibration_before_and_after(page):
@@ -328,3 +330,14 @@ def test_reading_on_images_like_the_training_data_leaves_validations_curves_whol
     after = {c["label"]: c["name"] for c in operating_view(page)["roc"]["curves"]}
     assert after["validation"] == before["validation"]  # the threshold is fitted on all of validation
     assert after["test"] != before["test"]  # test is read on its images like the training data
+
+
+def test_an_external_set_of_the_runs_own_images_is_never_called_external(run_copy, tmp_path):  # noqa: F811
+    name = evaluate_training_copies(run_copy, tmp_path / "copies")
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
+    assert not at.exception
+    label = runs.set_label(name)
+    [said] = [as_read(w.value) for w in at.warning if as_read(w.value).startswith(label)]
+    assert said == (f"{label} is not independent of the run: 6 of 6 files are identical to its training or validation "
+                    "images. Its numbers below are not external validation.")
+    assert not any("comes from elsewhere" in as_read(w.value) for w in at.warning)

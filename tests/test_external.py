@@ -279,6 +279,37 @@ def test_evaluating_the_images_the_run_was_trained_on_warns_that_auc_means_nothi
     patients, identical = result["warnings"][0], result["warnings"][1]
     assert f"{len(seen)} of 400 images" in patients and "mean nothing as external validation" in patients
     assert "byte-identical" in identical
+    # Views that show the set beside the run's own say so in one line, and never that it comes from elsewhere.
+    overlap = external.overlap_with_run(run_copy, "external:kermany_original_train_subset")
+    assert overlap == (f"not independent of the run: {len(seen)} of 400 images are of {seen['patient'].nunique()} "
+                       f"patients in its training or validation data; {len(seen)} of 400 files are identical to its "
+                       "training or validation images")
+    origin = external.set_origin(run_copy, "external:kermany_original_train_subset")
+    assert origin.startswith("This folder is not independent") and "elsewhere" not in origin
+
+
+def test_where_a_set_comes_from_follows_the_run_and_the_evaluation(run_copy):
+    # The session's run was trained on a folder without split folders: test is carved like validation.
+    assert external.set_origin(run_copy, "test").startswith("Validation and test are both carved by patient")
+    report = json.loads((run_copy / "data_report.json").read_text())
+    report["official_counts"] = {"train": {"NORMAL": 5, "PNEUMONIA": 5}, "test": {"NORMAL": 2, "PNEUMONIA": 2}}
+    (run_copy / "data_report.json").write_text(json.dumps(report))
+    assert "the folder's own test split" in external.set_origin(run_copy, "test")
+    (run_copy / "data_report.json").write_text("{damaged")
+    assert external.set_origin(run_copy, "test").startswith("Validation and test are both carved")
+    # An evaluation without overlap, one that cannot be read, and the run's own sets.
+    assert external.overlap_with_run(run_copy, "external:nowhere") is None
+    assert external.set_origin(run_copy, "external:nowhere").startswith("This folder comes from elsewhere")
+    assert external.overlap_with_run(run_copy, "test") is None
+    clean = {"n": 10, "overlap": {"checked": True, "shared_patients": {"patients": 0, "images": 0, "examples": []},
+                                  "same_file_names": {"images": 3, "examples": ["a.png"]},
+                                  "identical_files": {"images": 0, "examples": []}}}
+    assert external.not_independent(clean) is None  # same names alone are weaker evidence: the page lists them
+    assert external.not_independent({"n": 10, "overlap": {"checked": False, "reason": "no split.csv"}}) is None
+    damaged = {"n": 10, "overlap": {"checked": True, "identical_files": {"images": 2}}}
+    assert external.not_independent(damaged) == ("not independent of the run: 2 of 10 files are identical to its "
+                                                 "training or validation images")
+    assert external.overlap_warnings(damaged["overlap"], 10)[0].startswith("2 of 10 files are byte-identical")
 
 
 def test_files_shared_with_an_older_run_are_found_by_hashing(run_copy, tmp_path):

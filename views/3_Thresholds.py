@@ -15,7 +15,7 @@ import pandas as pd
 import streamlit as st
 
 import ui
-from core import runs
+from core import external, runs
 from core.bootstrap import METRIC_KEYS, METRIC_LABELS, PatientBootstrap, ThresholdCounts, format_interval
 from core.calibration import N_BINS, calibration_summary, temperature_note, uncalibrated_probs
 from core.figures import operating_curves, operating_view_data, reliability_figure, set_colour
@@ -178,7 +178,12 @@ if in_distribution_only:
             prepared[n] = part
     names = list(prepared)
 
-# Said first: a set the model does not rank better than chance has no threshold worth choosing.
+# Said first: a set the model does not rank better than chance has no threshold worth choosing, and an external
+# set of the run's own patients validates nothing.
+for n in names:
+    overlap = external.overlap_with_run(run_dir, n)
+    if overlap:
+        st.warning(ui.plain(f"{runs.set_label(n)} is {overlap}. Its numbers below are not external validation."))
 chance_sets = {}
 for n in names:
     warning = chance_level_warning(prepared[n]["ranking"].get("auc"), runs.set_label(n))
@@ -282,11 +287,9 @@ def threshold_views(subgroup_box) -> list[str]:
     for other in [n for n in names if n != "val"]:
         gaps = shift_warnings(summaries["val"], summaries[other], runs.set_label(other))
         if gaps:
-            where = ("Validation is carved from Kermany's training pool (same acquisition period), test was "
-                     "collected separately" if other == "test" else "This folder comes from elsewhere")
             st.warning(f"**Validation does not represent {ui.plain(runs.set_label(other))}.** "
-                       + ui.plain("; ".join(gaps)) + f". {where}: "
-                       "the threshold fitted on validation does not give validation's rates there.")
+                       + ui.plain("; ".join(gaps) + f". {external.set_origin(run_dir, other)}: ")
+                       + "the threshold fitted on validation does not give validation's rates there.")
 
     st.subheader(ui.plain(f"Metrics at threshold {threshold:.3f} ({rule_text}, fitted on "
                           f"{runs.set_label(fitted_on)})"))

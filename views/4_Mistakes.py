@@ -15,7 +15,7 @@ import streamlit as st
 from PIL import Image
 
 import ui
-from core import runs
+from core import external, runs
 from core.cam import COLOUR_MAPS, DEFAULT_ALPHA, DEFAULT_COLOUR_MAP, CamResult, cam_caption
 from core.dataset import load_thumbnail
 from core.metrics import mistakes
@@ -163,6 +163,11 @@ try:
 except (FileNotFoundError, ValueError) as e:  # this set only: the others stay selectable above
     st.warning(ui.plain(f"{runs.set_label(set_name)} cannot be shown: {e}"))
     st.stop()
+
+overlap = external.overlap_with_run(run_dir, set_name)
+if overlap:
+    st.warning(ui.plain(f"{runs.set_label(set_name)} is {overlap}: the model was trained or its threshold chosen on "
+                        "these patients, so its mistakes here understate those on new patients."))
 
 if has_ood(predictions):
     predictions = predictions.assign(unlike_training=ood_flags(predictions))

@@ -228,6 +228,11 @@ def evaluation_view(run_dir: Path, entry: dict, threshold: float, threshold_text
         if metrics else None
     if chance:
         st.warning(md(chance), icon="⛔")
+    # Images of the run's own patients make every number below meaningless as external validation: said first.
+    independence = external.overlap_warnings(summary["overlap"], summary.get("n", 0)) \
+        if isinstance(summary.get("overlap"), dict) else []
+    for warning in independence:
+        st.warning(md(warning))
     at_eval = (summary.get("threshold") or {}).get("value")
     st.caption(md(f"{summary.get('root', '?')} · split {summary.get('split', '?')} · evaluated "
                   f"{summary.get('created', '?')}"
@@ -270,7 +275,8 @@ def evaluation_view(run_dir: Path, entry: dict, threshold: float, threshold_text
         st.info("This evaluation predates the out-of-distribution check: evaluate the folder again (tick Replace) "
                 "to see which images are unlike the training data.")
     for warning in summary.get("warnings") or []:
-        st.warning(md(warning))
+        if warning not in independence:
+            st.warning(md(warning))
     if summary.get("refit_refused"):
         st.warning(md(f"Not re-picked: {summary['refit_refused']}"))
     st.info(f"This set can now be chosen on the **Thresholds** and **Mistakes** pages as "
