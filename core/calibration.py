@@ -1,5 +1,6 @@
 """Calibration: reliability bins, expected calibration error and Brier score, before and after the
-temperature scaling fitted on validation at the end of training."""
+temperature scaling fitted on validation at the end of training; ECE and Brier with 95% intervals from the same
+patient resamples as every other figure (core.bootstrap)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import math
 import numpy as np
 import pandas as pd
 from sklearn.metrics import brier_score_loss
+
+from .bootstrap import Interval, PatientBootstrap, format_interval, percentile_interval
 
 N_BINS = 10  # equal-width bins over [0, 1]; stated wherever ECE is shown
 
@@ -19,7 +22,7 @@ def reliability_bins(labels: np.ndarray, probs: np.ndarray, n_bins: int = N_BINS
     labels = np.asarray(labels, dtype=float)
     probs = np.asarray(probs, dtype=float)
     edges = np.arange(n_bins + 1) / n_bins  # exact edges: linspace puts 0.3 at 0.30000000000000004
-    which = np.clip(np.digitize(probs, edges[1:-1], right=False), 0, n_bins - 1)
+    which = bin_of(probs, n_bins)
     count = np.bincount(which, minlength=n_bins)
     mean_prob = np.bincount(which, probs, minlength=n_bins) / np.maximum(count, 1)
     observed = np.bincount(which, labels, minlength=n_bins) / np.maximum(count, 1)
@@ -36,6 +39,32 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: in
         return float("nan")
     weight = bins["count"] / bins["count"].sum()
     return float((weight * (bins["observed_positive"] - bins["mean_predicted"]).abs()).sum())
+
+
+def bin_of(probs: np.ndarray, n_bins: int = N_BINS) -> np.ndarray:
+    """Each probability's equal-width bin, as reliability_bins draws them."""
+    edges = np.arange(n_bins + 1) / n_bins
+    return np.clip(np.digitize(probs, edges[1:-1], right=False), 0, n_bins - 1)
+
+
+def resampled_calibration(labels: np.ndarray, probs: np.ndarray, boot: PatientBootstrap,
+                          n_bins: int = N_BINS) -> dict[str, np.ndarray]:
+    """ECE and Brier score of every patient resample. A resample weights image i by w_i, so its ECE, the
+    weighted sum over bins of |observed - predicted|, is sum_b |sum_(i in b) w_i (y_i - p_i)| / sum_i w_i: one
+    matrix product with the (images x bins) residuals gives every resample's bins at once."""
+    labels = np.asarray(labels, dtype=np.float64)
+    probs = np.asarray(probs, dtype=np.float64)
+    residual = np.zeros((len(probs), n_bins))
+    residual[np.arange(len(probs)), bin_of(probs, n_bins)] = labels - probs
+    ece, brier = [], []
+    step = max(1, 4_000_000 // max(len(probs), 1))  # resample rows per chunk: the weights' float copy stays small
+    for start in range(0, boot.n_resamples, step):
+        weights = boot.weights[start:start + step].astype(np.float64)
+        total = weights.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ece.append(np.abs(weights @ residual).sum(1) / total)
+            brier.append(weights @ (probs - labels) ** 2 / total)
+    return {"ece": np.concatenate(ece), "brier": np.concatenate(brier)}
 
 
 def brier_score(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -56,13 +85,30 @@ def uncalibrated_probs(frame: pd.DataFrame, temperature: float) -> np.ndarray:
 
 
 def calibration_summary(labels: np.ndarray, calibrated: np.ndarray, uncalibrated: np.ndarray,
-                        n_bins: int = N_BINS) -> dict:
-    """ECE and Brier score before and after temperature scaling, with the reliability bins of both."""
+                        n_bins: int = N_BINS, boot: PatientBootstrap | None = None) -> dict:
+    """ECE and Brier score before and after temperature scaling, with the reliability bins of both; with `boot`
+    (the set's patient resamples) also their 95% intervals ("ece_interval", "brier_interval": Interval)."""
     out = {"n_bins": n_bins, "binning": f"{n_bins} equal-width bins"}
     for key, probs in (("before", uncalibrated), ("after", calibrated)):
-        out[key] = {"ece": expected_calibration_error(labels, probs, n_bins), "brier": brier_score(labels, probs),
-                    "bins": reliability_bins(labels, probs, n_bins)}
+        ece, brier = expected_calibration_error(labels, probs, n_bins), brier_score(labels, probs)
+        out[key] = {"ece": ece, "brier": brier, "bins": reliability_bins(labels, probs, n_bins)}
+        if boot is not None:
+            resampled = resampled_calibration(labels, probs, boot, n_bins)
+            out[key]["ece_interval"] = Interval(ece, *percentile_interval(resampled["ece"]))
+            out[key]["brier_interval"] = Interval(brier, *percentile_interval(resampled["brier"]))
     return out
+
+
+def calibration_table(summaries: dict[str, dict], digits: int = 3) -> pd.DataFrame:
+    """'value [low, high]' of ECE and Brier before and after scaling (rows), one column per set, for the
+    Thresholds page and the report: summaries[label] = calibration_summary(..., boot=...)."""
+    rows = {"ECE before": ("before", "ece"), "ECE after": ("after", "ece"),
+            "Brier before": ("before", "brier"), "Brier after": ("after", "brier")}
+    return pd.DataFrame({label: {row: format_interval(c[when].get(f"{metric}_interval")
+                                                      or Interval(c[when][metric], float("nan"), float("nan")),
+                                                      digits)
+                                 for row, (when, metric) in rows.items()}
+                         for label, c in summaries.items()})
 
 
 def temperature_note(report: dict) -> str:

@@ -724,7 +724,7 @@ def _curves(ctx: _Context) -> str:
 
 
 def _calibration(ctx: _Context) -> str:
-    from .calibration import N_BINS, calibration_summary, temperature_note, uncalibrated_probs
+    from .calibration import N_BINS, calibration_summary, calibration_table, temperature_note, uncalibrated_probs
     from .figures import reliability_figure
 
     missing = _needs_threshold(ctx)
@@ -743,17 +743,19 @@ def _calibration(ctx: _Context) -> str:
             continue
         pset = ctx.prepared[n].pset
         summaries[runs.set_label(n)] = {**calibration_summary(pset.labels, pset.probs,
-                                                              uncalibrated_probs(pset.frame, float(temperature))),
+                                                              uncalibrated_probs(pset.frame, float(temperature)),
+                                                              boot=bootstrap_for(pset)),
                                         "colour": ctx.colour(n)}
     if not summaries:
         return "".join(parts)
-    rows = [[label, c["before"]["ece"], c["after"]["ece"], c["before"]["brier"], c["after"]["brier"]]
-            for label, c in summaries.items()]
+    table = calibration_table(summaries).T
+    rows = [[label, *table.loc[label]] for label in table.index]
     parts.append('<div class="columns">' + ctx.figure(reliability_figure(summaries)) + "<div>"
-                 + _table(["set", "ECE before", "ECE after", "Brier before", "Brier after"], rows, row_headers=True,
+                 + _table(["set", *table.columns], rows, row_headers=True,
                           caption=f"ECE: expected calibration error over {N_BINS} equal-width probability bins. "
                                   "Brier: mean squared error of the probability. Lower is better for both. "
-                                  "Before / after: without / with the temperature scaling fitted on validation.")
+                                  "Before / after: without / with the temperature scaling fitted on validation. "
+                                  "Value [95% interval], patients resampled as for every other figure.")
                  + "</div></div>")
     return "".join(parts)
 

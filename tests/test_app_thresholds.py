@@ -5,6 +5,7 @@ the operating threshold that every other view then uses."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -135,6 +136,7 @@ def test_calibration_before_and_after(page):
     assert "10 equal-width bins" in reliability["layout"]["title"]["text"]
     table = next(d.value for d in page.dataframe if "ECE before" in d.value.index)
     assert set(table.columns) == {"validation", "test"}
+    assert all(re.fullmatch(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", cell) for cell in table.to_numpy().ravel())
     assert any("Temperature" in c.value for c in page.caption)
 
 

@@ -17,7 +17,7 @@ import streamlit as st
 import ui
 from core import external, runs
 from core.bootstrap import METRIC_KEYS, METRIC_LABELS, PatientBootstrap, ThresholdCounts, format_interval
-from core.calibration import N_BINS, calibration_summary, temperature_note, uncalibrated_probs
+from core.calibration import N_BINS, calibration_summary, calibration_table, temperature_note, uncalibrated_probs
 from core.figures import operating_curves, operating_view_data, reliability_figure, set_colour
 from core.metrics import TARGET_DEFAULTS, chance_level_warning, choose_threshold, describe_rule
 from core.ood import has_ood, split_by_ood
@@ -59,15 +59,13 @@ def prepared_set(run_dir: str, name: str, mtime: float) -> dict:
 def prepared_calibration(run_dir: str, sets: tuple[tuple[str, str, float], ...], temperature: float) -> tuple:
     """Reliability figure and ECE/Brier table of (name, colour, mtime) sets: threshold-free, built once."""
     summaries = {}
-    for name, colour, _mtime_of_set in sets:
-        pset = load_set(Path(run_dir), name)
+    for name, colour, mtime in sets:
+        pset, boot = (prepared_set(run_dir, name, mtime)[k] for k in ("set", "boot"))  # the same resamples
         summaries[runs.set_label(name)] = {**calibration_summary(pset.labels, pset.probs,
-                                                                 uncalibrated_probs(pset.frame, temperature)),
+                                                                 uncalibrated_probs(pset.frame, temperature),
+                                                                 boot=boot),
                                            "colour": colour}
-    table = pd.DataFrame({label: {"ECE before": c["before"]["ece"], "ECE after": c["after"]["ece"],
-                                  "Brier before": c["before"]["brier"], "Brier after": c["after"]["brier"]}
-                          for label, c in summaries.items()})
-    return reliability_figure(summaries), table
+    return reliability_figure(summaries), calibration_table(summaries)
 
 
 @st.cache_resource(show_spinner="Resampling subgroups…", max_entries=32)
@@ -399,11 +397,12 @@ with calibration_box:
     st.caption(ui.plain(temperature_note(report)))
     calibration_sets = tuple((n, colour_of(n, names), ui.file_mtime(runs.predictions_path(run_dir, n)))
                              for n in shown or ["val"])
-    reliability, calibration_table = prepared_calibration(str(run_dir), calibration_sets, float(temperature))
+    reliability, calibration_figures = prepared_calibration(str(run_dir), calibration_sets, float(temperature))
     cal_cols = st.columns([2, 1])
     cal_cols[0].plotly_chart(reliability, key="reliability")
-    cal_cols[1].dataframe(calibration_table.style.format("{:.4f}"))
+    cal_cols[1].dataframe(calibration_figures)
     cal_cols[1].caption(f"ECE: expected calibration error over {N_BINS} equal-width probability bins. Brier: mean "
-                        "squared error of the probability. Lower is better for both. Marker size grows with the "
+                        "squared error of the probability. Lower is better for both. Value [95% interval], patients "
+                        "resampled as above. Marker size grows with the "
                         "images in a bin. Temperature scaling minimises validation log-loss, not ECE: ECE can rise a "
                         "little.")
