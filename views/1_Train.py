@@ -25,6 +25,7 @@ from core.device import device_and_processes, device_choices
 from core.figures import loss_figure, score_figure
 from core.labels import load_index, spec_from
 from core.launch import active_duplicates, launch_resume, launch_training
+from core.metrics import chance_level_warning
 from core.model import WeightsUnavailableError
 from core.operating import run_summary
 from core.trainer import available_devices, device_names
@@ -292,10 +293,14 @@ def finished_summary(run_dir: Path) -> None:
         st.success("Finished. " + ui.plain(summary["errors"].get("test") or "No test set."))
         return
     m = test["metrics"]
-    st.success(f"Finished. On test ({test['n']} images, {test['n_patients']} patients) at the operating threshold "
-               f"{ui.plain(summary['operating'].describe())}: AUC {format_interval(m['auc'])}, sensitivity "
-               f"{format_interval(m['sensitivity'])}, specificity {format_interval(m['specificity'])} (95% intervals, "
-               "patients resampled). See **Compare**, **Thresholds** and **Mistakes**.")
+    chance = chance_level_warning(m["auc"], "test")
+    # A model no better than chance on test is not a success, however the run ended.
+    (st.warning if chance else st.success)(
+        f"Finished. On test ({test['n']} images, {test['n_patients']} patients) at the operating threshold "
+        f"{ui.plain(summary['operating'].describe())}: AUC {format_interval(m['auc'])}, sensitivity "
+        f"{format_interval(m['sensitivity'])}, specificity {format_interval(m['specificity'])} (95% intervals, "
+        "patients resampled). See **Compare**, **Thresholds** and **Mistakes**."
+        + (f" {ui.plain(chance)}" if chance else ""), icon="⛔" if chance else None)
     report = runs.read_report(run_dir)
     youden = report.get("test") if isinstance(report.get("test"), dict) else {}
     if isinstance(report.get("threshold"), (int, float)) and youden:
