@@ -55,7 +55,7 @@ def test_upload_scores_full_size_originals_and_rejects_a_text_file(run_copy):  #
 
     expected = predict_files(load_run_model(run_copy), files)
     probs = [m.value for m in at.metric if m.label == "Probability of PNEUMONIA"]
-    assert probs == [f"{r['prob']:.3f}" for r in expected]
+    assert probs == [f"{r['prob']:.3f}" if r["applicable"] else "—" for r in expected]
     captions = [as_read(c) for img in at.image for c in img.captions]
     assert captions[::2] == ["Original"] * 2
     # The 64 px fixture model explains with its 8×8 stage (4×4 was the last one's).
@@ -124,6 +124,8 @@ def test_a_colour_photo_is_flagged_not_a_chest_xray_and_its_decision_not_applica
     assert any(w.startswith("Not a chest X-ray: the image is in colour") for w in warnings)
     decisions = [m.value for m in at.markdown if m.value.startswith("Decision")]
     assert decisions[0].startswith("Decision: **not applicable**")
+    assert at.metric[0].value == "—"  # the photo's probability is not headlined; the sentence gives it
+    assert re.search(r"the model alone would say (NORMAL|PNEUMONIA): \d\.\d{3}", decisions[0])
     assert "](http" not in "".join(m.value for m in at.markdown)  # the file name is shown as text, not a link
     summary = at.dataframe[0].value
     assert list(summary["applies"]) == [False, True]

@@ -148,7 +148,12 @@ for upload in uploads or []:
         if not result["applicable"]:
             st.warning(ood["reason"])
         left, middle, right = st.columns([1, 1.3, 1.3])
-        left.metric(f"Probability of {ui.plain(loaded.classes[1])}", f"{result['prob']:.3f}")
+        # Withheld from the headline where the model does not apply: the number is in the sentence below, as what
+        # the model alone would say.
+        left.metric(f"Probability of {ui.plain(loaded.classes[1])}",
+                    f"{result['prob']:.3f}" if result["applicable"] else "—",
+                    help=None if result["applicable"] else "Not shown as a result: the model does not apply to "
+                                                           "this image (see the warning above).")
         comparison = f"{result['prob']:.3f} {'≥' if positive else '<'} threshold {result['threshold']:.3f}"
         if result["applicable"]:
             left.markdown(f"Decision: **:{'red' if positive else 'green'}[{ui.plain(result['predicted'])}]**  \n"
