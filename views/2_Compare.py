@@ -3,6 +3,7 @@ studies (frozen, partial, full fine-tuning, a small CNN from scratch; several se
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +16,7 @@ from core.bootstrap import format_interval
 from core.config import ARCHITECTURES, TrainConfig
 from core.figures import epoch_curves_figure, study_seed_figure
 from core.launch import launch_study
+from core.metrics import chance_level_warning
 from core.model import WeightsUnavailableError
 from core.operating import run_summary
 from core.significance import format_mean_interval
@@ -79,12 +81,38 @@ def cached_comparison_row(run: dict, signature: tuple) -> dict:
         return row
     row["threshold"] = summary["threshold"]
     row["operating threshold"] = summary["operating"].describe()
+    data = runs.read_json(run_dir / "data_report.json", {})
+    root = data.get("root") if isinstance(data, dict) else None
+    row["data"] = Path(root).name if isinstance(root, str) and root else None
     for split, s in summary["sets"].items():
+        row[f"{split} images"] = s["n"]
         for key in METRICS:
             row[f"{split} {METRIC_SHORT[key]}"] = format_interval(s["metrics"][key])
+    test = summary["sets"].get("test")
+    row["chance"] = chance_level_warning(test["metrics"]["auc"], "test") if test else None
+    if test:  # which images: runs of one folder with other seeds can carve other test images
+        paths = "\n".join(sorted(runs.read_predictions(run_dir, "test")["path"].astype(str)))
+        row["test set"] = hashlib.sha256(paths.encode()).hexdigest()
     if summary["errors"]:
         row["problem"] = "; ".join(summary["errors"].values())
     return row
+
+
+def said_first(table: pd.DataFrame) -> None:
+    """Before the metrics: runs the model of which ranks test no better than chance, and runs tested on different
+    images (another folder, or another number of test images), whose test figures cannot be set side by side."""
+    for run, chance in zip(table["run"], table.get("chance", [])):
+        if isinstance(chance, str):
+            st.warning(ui.plain(f"{run}: {chance}"), icon="⛔")
+    if "test set" not in table:
+        return
+    tested = table.dropna(subset=["test set"])
+    if tested["test set"].nunique() > 1:
+        groups = [f"{', '.join(g['run'])}: {int(g['test images'].iloc[0])} test images of "
+                  f"{g['data'].iloc[0] or 'an unknown folder'}" for _, g in tested.groupby("test set", sort=False)]
+        st.warning(ui.plain(f"These runs were tested on {len(groups)} different sets of images ({'; '.join(groups)}): "
+                            "their test figures do not compare like with like. Compare runs tested on one split: one "
+                            "folder and seed, or a strategy study (one fixed split)."))
 
 
 def training_time_row(run: dict) -> dict:
@@ -323,6 +351,8 @@ def runs_view() -> bool:
                "2,000 bootstrap resamples of patients. Empty until a run finishes. Click a column header to sort. "
                "Init: ImageNet weights or scratch (random).")
     table = pd.DataFrame([comparison_row(r) for r in selected])
+    said_first(table)
+    table = table.drop(columns=["chance", "test set"], errors="ignore")
     number_format = {"threshold": st.column_config.NumberColumn(format="%.3f"),
                      "training time (min)": st.column_config.NumberColumn(format="%.1f")}
     st.dataframe(table[[c for c in KEY_COLUMNS if c in table]], hide_index=True, column_config=number_format)
