@@ -222,12 +222,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     if not from_environment().is_main:  # rank 0 of a torchrun job checks and records; the others follow it
         return _train_distributed(lambda dist: run_dir, TrainConfig.load(run_dir / "config.json"), args, True)
-    state = runs.read_status(run_dir).get("state")
-    # The dashboard's launcher queues a run, then starts this command on it with --launched.
-    if not args.launched and state in runs.ACTIVE_STATES:
-        raise ValueError(f"{run_dir.name} is {state} in another process: stop it first (python -m core stop).")
-    if not args.launched and state == "finished":
-        raise ValueError(f"{run_dir.name} has finished: there is nothing to resume. Train a new run to train more.")
+    # The dashboard's launcher checks and queues a run, then starts this command on it with --launched.
+    refusal = None if args.launched else runs.resume_refusal(run_dir)
+    if refusal:
+        raise ValueError(refusal)
     if not (run_dir / "last.pt").exists() and runs.epoch_metrics(run_dir).shape[0] > 0:
         note = "last.pt (the checkpoint to resume from) is missing: training restarts from epoch 0."
         print(f"note: {note}", file=sys.stderr)

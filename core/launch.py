@@ -76,9 +76,9 @@ def launch_training(config: TrainConfig) -> Path:
 
 def launch_resume(run_dir: Path) -> None:
     """Continue a stopped, failed or killed run in a background process."""
-    status = runs.read_status(run_dir)
-    if status.get("state") in runs.ACTIVE_STATES:
-        raise ValueError(f"{Path(run_dir).name} is still {status['state']}.")
+    refusal = runs.resume_refusal(run_dir)
+    if refusal:
+        raise ValueError(refusal)
     runs.clear_stop(run_dir)
     runs.write_status(run_dir, state="queued", error=None)
     _spawn(Path(run_dir))

@@ -213,6 +213,29 @@ def read_status(run_dir: Path) -> dict:
     return status
 
 
+# What only a finished run holds: the end of training wrote them, after the last epoch.
+FINISHED_RESULTS = ("report.json", "predictions_val.csv", "predictions_test.csv")
+
+
+def resume_refusal(run_dir: Path, status: dict | None = None) -> str | None:
+    """Why a run must not be resumed, or None: it is queued or training in another process, it has finished, or
+    its state is unknown (status.json damaged or missing) while it holds a finished run's results, which a
+    resume would overwrite (retraining from epoch 0 when last.pt is gone too)."""
+    run_dir = Path(run_dir)
+    status = read_status(run_dir) if status is None else status
+    state = status.get("state")
+    if state in ACTIVE_STATES:
+        return f"{run_dir.name} is {state} in another process: stop it first (python -m core stop)."
+    if state == "finished":
+        return f"{run_dir.name} has finished: there is nothing to resume. Train a new run to train more."
+    results = [name for name in FINISHED_RESULTS if (run_dir / name).exists()]
+    if state == "unknown" and results:
+        return (f"{run_dir.name} cannot be resumed: its state is unknown ({status.get('error')}) and it holds a "
+                f"finished run's results ({', '.join(results)}), which resuming would overwrite. They are kept as "
+                "they are; train a new run to train again.")
+    return None
+
+
 def append_metrics(run_dir: Path, record: dict) -> None:
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -254,6 +254,10 @@ def run_study(study: Study, show_progress: bool = False, say: Callable[[str], No
             if state in runs.ACTIVE_STATES:  # resumed by hand (Train page, CLI) and still alive: leave it be
                 say(f"{study.id}: {arm}, seed {seed} ({run_dir.name}) is {state} in another process; skipped")
                 continue
+            refusal = runs.resume_refusal(run_dir) if state else None
+            if refusal:  # e.g. a damaged status.json over a finished run's results: kept, never retrained
+                say(f"{study.id}: {arm}, seed {seed} skipped: {refusal}")
+                continue
             if run_dir is None or state is None:
                 run_dir = create_run(arm_config(base, arm, seed, study.id))
                 study.runs[f"{arm}/{seed}"] = run_dir.name

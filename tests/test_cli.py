@@ -145,6 +145,36 @@ def test_resume_and_stop_refuse_what_they_cannot_do(trained_run, tmp_path, capsy
     assert not (run_dir / "STOP").exists()
 
 
+
+@pytest.mark.parametrize("status", ["", "{not json", '{"state": "exploded"}'])
+@pytest.mark.parametrize("last_checkpoint", [True, False])
+def test_a_finished_run_with_a_damaged_status_is_never_resumed_over_its_results(trained_run, tmp_path, capsys,
+                                                                                status, last_checkpoint):
+    import hashlib
+    import shutil
+
+    from core import launch
+    from core.cli import main
+
+    run_dir, _ = trained_run
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy)
+    (copy / "status.json").write_text(status)
+    if not last_checkpoint:
+        (copy / "last.pt").unlink(missing_ok=True)  # resuming would retrain from epoch 0
+
+    def files() -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in copy.iterdir() if p.is_file()}
+
+    before = files()
+    assert main(["resume", str(copy)]) == 1
+    said = capsys.readouterr().err
+    assert "cannot be resumed: its state is unknown" in said and "report.json" in said and "kept" in said
+    with pytest.raises(ValueError, match="cannot be resumed: its state is unknown"):
+        launch.launch_resume(copy)  # the Train page's Resume
+    assert files() == before  # nothing rewritten, status.json included
+
+
 def test_resuming_a_run_with_a_damaged_config_marks_it_failed_with_the_reason(trained_run, tmp_path, capsys):
     import json
     import shutil

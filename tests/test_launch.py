@@ -6,6 +6,8 @@ from __future__ import annotations
 import fcntl
 import time
 
+import pytest
+
 from core import launch, runs
 from core.config import config_from_preset
 
@@ -83,3 +85,9 @@ def test_a_launched_run_records_the_data_folder_as_typed(tiny_dataset, tmp_path)
     link.symlink_to(tiny_dataset)
     config = config_from_preset("tiny", data=str(link), runs_dir=str(tmp_path))
     assert launch.resolved(config).data == str(link)  # not the link's target: the views show what was typed
+
+
+def test_a_finished_run_is_not_relaunched(finished_run):
+    with pytest.raises(ValueError, match="has finished: there is nothing to resume"):
+        launch.launch_resume(finished_run)
+    assert runs.read_status(finished_run)["state"] == "finished"
