@@ -92,7 +92,7 @@ def test_study_runs_every_arm_and_seed_on_one_split_and_resumes(tmp_path, capsys
 
     # Interrupted: one run killed mid-way, one never created. Running again keeps the finished ones.
     killed = study.run_dir("scratch", 1)
-    runs.write_status(killed, state="killed", pid=None)
+    runs.write_status(killed, state="running", pid=None)  # its process gone: read as killed
     dropped = study.runs.pop("frozen/1")
     study.save()
     finished_at = {d.name: runs.read_status(d)["finished"] for d in run_dirs if d.name not in (killed.name, dropped)}
