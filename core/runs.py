@@ -547,17 +547,18 @@ def operating_point(run_dir: Path) -> OperatingPoint:
         return OperatingPoint(float(saved["threshold"]) + 0.0, "saved", str(saved.get("target") or "set by hand"),
                               str(saved.get("chosen_on") or "val"))
     finished = read_status(run_dir).get("state") == "finished"
-    if finished and not isinstance(read_json(run_dir / "report.json", None), dict):
+    raw = read_json(run_dir / "report.json", None)
+    if finished and not isinstance(raw, dict):
         # Never fall back to 0.5 without a word: the figures would change under the user.
         raise ValueError(f"{run_dir / 'report.json'} is missing or damaged, so the run's training threshold is "
                          "unknown. Save a threshold on the Thresholds page to use the run.")
-    report = read_report(run_dir)
-    if "threshold" in report:
-        if not _valid_threshold(report["threshold"]):
+    # Read from the file as written: read_report drops a NaN or infinite number, which would read as no threshold.
+    if isinstance(raw, dict) and ("threshold" in raw or finished):
+        if not _valid_threshold(raw.get("threshold")):
             raise ValueError(f"{run_dir / 'report.json'} is damaged: its threshold is not a probability between 0 "
                              "and 1. Save a threshold on the Thresholds page to use the run.")
-        rule = str(report.get("threshold_rule") or "youden on validation").replace(" on validation", "")
-        return OperatingPoint(float(report["threshold"]) + 0.0, "training", rule.replace("youden", "Youden"), "val")
+        rule = str(read_report(run_dir).get("threshold_rule") or "youden on validation").replace(" on validation", "")
+        return OperatingPoint(float(raw["threshold"]) + 0.0, "training", rule.replace("youden", "Youden"), "val")
     return OperatingPoint(0.5, "default", "default", "")
 
 

@@ -44,11 +44,16 @@ def test_one_damaged_run_does_not_break_the_listing(two_runs, capsys, file, cont
     assert good.name in out and bad.name in out
 
 
-def test_a_damaged_training_threshold_is_refused(two_runs):
+@pytest.mark.parametrize("written", ['"0.5"', "NaN", "Infinity", "-Infinity", "1e400", "1.5", "null", "absent"])
+def test_a_damaged_training_threshold_is_refused(two_runs, written):
+    # Never 0.5 in its place: every figure would move under the user without a word.
     _, bad = two_runs
     report = json.loads((bad / "report.json").read_text())
-    report["threshold"] = "0.5"
-    (bad / "report.json").write_text(json.dumps(report))
+    assert "threshold" in report
+    report["threshold"] = "@@"
+    if written == "absent":  # a finished run always has one
+        del report["threshold"]
+    (bad / "report.json").write_text(json.dumps(report).replace('"@@"', written))
     with pytest.raises(ValueError, match="report.json is damaged"):
         runs.operating_point(bad)
     # A saved threshold still makes the run usable.
