@@ -840,13 +840,26 @@ def list_runs(runs_dir: str | os.PathLike = "checkpoints") -> list[dict]:
         except OSError:  # deleted meanwhile
             return 0.0
 
+    def listed(p: Path) -> bool:
+        # is_run_folder: a run whose config.json is gone is listed (and says so), not silently dropped
+        try:
+            return has_valid_name(p.name) and is_run_folder(p)
+        except OSError:  # unreadable (permissions): listed by a run's name, with the reason, never hiding the rest
+            return bool(RUN_NAME.fullmatch(p.name))
+
     out = []
     try:
-        # is_run_folder: a run whose config.json is gone is listed (and says so), not silently dropped
-        found = [p for p in root.iterdir() if has_valid_name(p.name) and is_run_folder(p)]
+        found = [p for p in root.iterdir() if listed(p)]
     except OSError:
         return []
     for d in sorted(found, key=mtime, reverse=True):
+        try:
+            os.listdir(d)
+        except OSError as e:
+            out.append({"run": d.name, "path": str(d), "state": "unknown", "arch": None, "strategy": None,
+                        "pretrained": None, "epoch": 0, "epochs": None, "best_val_auc": None,
+                        "error": f"{display_path(d)} cannot be read ({e.strerror or e})"})
+            continue
         cfg, status = read_config(d), read_status(d)
         text = {k: cfg.get(k) if isinstance(cfg.get(k), str) else None for k in ("arch", "strategy")}
         epochs = cfg.get("epochs")

@@ -44,6 +44,32 @@ def test_one_damaged_run_does_not_break_the_listing(two_runs, capsys, file, cont
     assert good.name in out and bad.name in out
 
 
+def test_an_unreadable_run_folder_is_listed_with_the_reason_and_hides_no_other(two_runs, monkeypatch, capsys):
+    # As a run folder of another user (chmod 000) reads to a user without root's override: every access refused.
+    import os
+    from pathlib import Path
+
+    from core.cli import main
+
+    good, bad = two_runs
+    real_lstat, real_listdir = os.lstat, os.listdir
+
+    def refused(path) -> None:
+        if Path(path) == bad or bad in Path(path).parents:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(runs.os, "lstat", lambda path, *a, **k: refused(path) or real_lstat(path, *a, **k))
+    monkeypatch.setattr(runs.os, "listdir", lambda path=".": refused(path) or real_listdir(path))
+    monkeypatch.setattr(runs, "_not_a_run", lambda path, real=runs._not_a_run: refused(path) or real(path))
+    listed = {r["run"]: r for r in runs.list_runs(good.parent)}
+    assert set(listed) == {good.name, bad.name}
+    assert listed[good.name]["state"] == "finished"
+    assert listed[bad.name]["state"] == "unknown" and "cannot be read (Permission denied)" in listed[bad.name]["error"]
+    assert main(["runs", "--runs-dir", str(good.parent)]) == 0
+    out = capsys.readouterr().out
+    assert good.name in out and bad.name in out and "Permission denied" in out
+
+
 @pytest.mark.parametrize("written", ['"0.5"', "NaN", "Infinity", "-Infinity", "1e400", "1.5", "null", "absent"])
 def test_a_damaged_training_threshold_is_refused(two_runs, written):
     # Never 0.5 in its place: every figure would move under the user without a word.
