@@ -79,6 +79,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .model import check_weights
 
     check_weights(config.arch, config.pretrained, config.weights_file)  # fails before a run folder exists
+    from .device import select_device
+    from .labels import load_index, spec_from
+
+    select_device(config.device)  # e.g. cuda on a machine without a GPU
+    # A bad folder, label file or positive class is refused here, before a run folder exists (none left as failed).
+    load_index(config.data, spec_from(config), config.positive_class or None)
     if args.torchrun_nodes:
         from .distributed import torchrun_commands
 

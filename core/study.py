@@ -115,7 +115,8 @@ def create_study(base: TrainConfig, arms: list[str], n_seeds: int, command: str 
         config.validate()
     for config in {(c.arch, c.pretrained, c.weights_file): c for c in configs}.values():
         check_weights(config.arch, config.pretrained, config.weights_file)
-    load_index(base.data, spec_from(base))  # a bad folder or label file is refused now, not as a dozen failed runs
+    # A bad folder, label file or positive class is refused now, not as a dozen failed runs.
+    load_index(base.data, spec_from(base), base.positive_class or None)
     root = Path(base.runs_dir) / STUDIES_FOLDER
     root.mkdir(parents=True, exist_ok=True)
     study_id = _new_id(root)

@@ -106,12 +106,21 @@ def test_bad_evaluate_options_are_clear_errors(trained_run, args, message):
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_bad_data_folder_is_a_clear_error(tmp_path):
-    result = cli("train", "--preset", "tiny", "--data", str(tmp_path / "nowhere"), "--runs-dir", str(tmp_path))
+@pytest.mark.parametrize("options,message", [
+    (["--data", "nowhere"], "Dataset folder not found"), (["--data", "a-file"], "Not a folder"),
+    (["--data", "empty"], "No class folders"), (["--data", "xrays", "--positive-class", "NOPE"],
+                                                "Positive class 'NOPE' is not one of the class folders"),
+    (["--data", "xrays", "--labels", "missing.csv"], "Label file not found"),
+    (["--data", "xrays", "--device", "cuda:7"], "Device 'cuda:7' asked for")])
+def test_bad_data_folder_is_a_clear_error_and_leaves_no_run(tiny_dataset, tmp_path, options, message):
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    options = [str(tmp_path / o) if o in ("nowhere", "a-file", "empty", "missing.csv") else
+               str(tiny_dataset) if o == "xrays" else o for o in options]
+    result = cli("train", "--preset", "tiny", *options, "--runs-dir", str(tmp_path / "runs"))
     assert result.returncode == 1
-    assert "error: Dataset folder not found" in result.stderr and "Traceback" not in result.stderr
-    listed = cli("runs", "--runs-dir", str(tmp_path)).stdout
-    assert "failed" in listed and "Dataset folder not found" in listed  # the run and why it failed
+    assert f"error: {message}" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()  # checked before a run folder was made: no failed run left behind
 
 
 @pytest.mark.parametrize("option,value,message", [
