@@ -418,6 +418,7 @@ def _print_subgroups(pset, threshold: float, groups_csv: str | None) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .dataset import display_path
     from .predict import batch_shift, load_run_model, predict_files
 
     if args.out:  # a folder, a label file or a zip of any size, in batches, to a CSV
@@ -438,17 +439,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"note: {loaded.ood_error or 'this run has no out-of-distribution score'}; only the image checks "
                   f"ran (python -m core fit-ood {args.run} fits the score).", file=sys.stderr)
         for r in results:
+            shown = display_path(r["file"])  # a newline or terminal escape in a file name stays on its line, inert
             if "error" in r:
-                print(f"{r['file']}: ERROR {r['error']}")
+                print(f"{shown}: ERROR {display_path(r['error'])}")
                 continue
             line = f"P({r['positive_class']}) = {r['prob']:.4f}  (threshold {r['threshold']:.4f})"
             ood = r["ood"]
             if r["applicable"]:
                 score = f"; like the training data (score {ood['score']:.2f}, threshold {ood['threshold']:.2f})" \
                     if ood["score"] is not None else ""
-                print(f"{r['file']}: {r['predicted']}  {line}{score}")
+                print(f"{shown}: {r['predicted']}  {line}{score}")
             else:
-                print(f"{r['file']}: NOT APPLICABLE ({r['predicted']} if it were)  {line}; {ood['reason']}")
+                print(f"{shown}: NOT APPLICABLE ({r['predicted']} if it were)  {line}; {ood['reason']}")
         if shift is not None:
             print(f"{'WARNING: ' if shift.get('shifted') else ''}these {shift['n']} images: {shift['verdict']}")
     return 1 if any("error" in r for r in results) else 0

@@ -59,6 +59,25 @@ def test_predict_gives_class_and_probability_and_reports_bad_files(trained_run, 
     assert "ERROR" in lines[1] and "Not a readable image" in lines[1]
 
 
+
+def test_predict_prints_each_file_on_its_own_line_whatever_its_name(trained_run, tmp_path):
+    import shutil
+
+    run_dir, data = trained_run
+    image = next((data / "test" / "PNEUMONIA").glob("*.jpeg"))
+    odd = [tmp_path / "two\nlines.jpeg", tmp_path / "red\x1b[31m.jpeg", tmp_path / "broken\rname.jpeg"]
+    for path in odd[:2]:
+        shutil.copy(image, path)
+    odd[2].write_text("not an image")
+    result = cli("predict", str(run_dir), *map(str, odd))
+    lines = result.stdout.strip().split("\n")  # then the batch's verdict
+    assert len([line for line in lines if line.startswith(str(tmp_path))]) == 3
+    assert "\x1b" not in result.stdout and "\r" not in result.stdout
+    assert lines[0].startswith(f"{tmp_path}/two\\x0alines.jpeg: ")
+    assert lines[1].startswith(f"{tmp_path}/red\\x1b[31m.jpeg: ")
+    assert lines[2].startswith(f"{tmp_path}/broken\\x0dname.jpeg: ERROR")
+
+
 def test_evaluate_prints_every_metric_with_its_interval(trained_run, tmp_path):
     from core.bootstrap import METRIC_KEYS, METRIC_LABELS, format_interval
     from core.operating import run_summary
