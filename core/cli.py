@@ -493,6 +493,7 @@ def cmd_fit_ood(args: argparse.Namespace) -> int:
     if existing is not None and not args.force:
         raise ValueError(f"{run_dir / OOD_FILE} exists (threshold {existing.threshold:.2f}): pass --force to fit it "
                          "again.")
+    runs.check_writable(run_dir)  # before minutes of features whose score could not be saved
     detector = fit_run_detector(run_dir, args.device)
     info = detector.info
     print(f"wrote {run_dir / OOD_FILE}: Mahalanobis distance of the model's features to its {info['n_train']} training "

@@ -623,17 +623,8 @@ def _save_evaluation(base: Path, name: str, predictions: pd.DataFrame, summary: 
     return target
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)  # readers never see a half-written file
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_json(path: Path, data: Any) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(_json_ready(data), indent=2)))
+    runs.write_file_atomic(path, lambda tmp: tmp.write_text(json.dumps(_json_ready(data), indent=2)))
 
 
 def _json_ready(value: Any) -> Any:

@@ -189,7 +189,9 @@ def fit_detector(train_features: np.ndarray, train_labels: np.ndarray, val_featu
 def save_detector(detector: OodDetector, path: str | os.PathLike, extra: dict[str, str] | None = None) -> None:
     """Write atomically as safetensors (float32 tensors, string metadata)."""
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from .runs import write_file_atomic
 
     path = Path(path)
     # The means and precision in float64: a shrinkage precision can be ill-conditioned on a small training set,
@@ -199,12 +201,9 @@ def save_detector(detector: OodDetector, path: str | os.PathLike, extra: dict[st
         for name in ("means", "precision", "projection_mean", "projection", "reference", "reference_class")
         if getattr(detector, name) is not None}
     metadata = {"threshold": repr(float(detector.threshold)), "info": json.dumps(detector.info), **(extra or {})}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # Serialised here and written by Python: an unwritable folder is an OSError naming the file, not safetensors'.
+    data = save(tensors, metadata=metadata)
+    write_file_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def load_detector(path: str | os.PathLike) -> OodDetector:

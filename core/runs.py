@@ -25,12 +25,14 @@ A run directory holds:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shlex
 import stat
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -372,7 +374,11 @@ SPLIT_LABELS = {"val": "validation", "test": "test"}
 def predictions_path(run_dir: Path, name: str) -> Path:
     """'val' and 'test' are the run's own splits; 'external:<name>' a folder evaluated later."""
     if name.startswith(EXTERNAL_PREFIX):
-        return Path(run_dir) / EXTERNAL_DIR / name[len(EXTERNAL_PREFIX):] / "predictions.csv"
+        evaluation = name[len(EXTERNAL_PREFIX):]
+        if evaluation in ("", ".", "..") or "/" in evaluation or os.sep in evaluation or "\0" in evaluation:
+            raise ValueError(f"{display_path(name)} names no evaluation of this run (one folder name under "
+                             f"{EXTERNAL_DIR}/, no path).")
+        return Path(run_dir) / EXTERNAL_DIR / evaluation / "predictions.csv"
     return Path(run_dir) / f"predictions_{name}.csv"
 
 
@@ -791,6 +797,16 @@ def check_output_file(out: str | os.PathLike, force: bool = False, suffixes: tup
     return out
 
 
+def check_writable(folder: Path) -> None:
+    """OSError naming `folder` when no file can be created in it (read-only, permissions, a full disk): checked
+    before long work whose result would then be lost."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write into the folder ({e.strerror or e})", str(folder)) from None
+
+
 def write_file_atomic(out: Path, write: Any) -> None:
     """Call `write(tmp)` on a temporary file beside `out`, then move it onto `out` in one step: a reader never
     sees half a file, and a failed write leaves `out` as it was (the temporary file is removed)."""
@@ -798,8 +814,13 @@ def write_file_atomic(out: Path, write: Any) -> None:
     try:
         write(tmp)
         os.replace(tmp, out)
+    except OSError as e:
+        if e.filename is not None and Path(os.fsdecode(e.filename)) == tmp:  # name the file asked for, not ours
+            raise OSError(e.errno, e.strerror, str(out)) from None
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder: there is none to remove
+            tmp.unlink(missing_ok=True)
 
 
 def run_size(run_dir: Path) -> tuple[int, int]:

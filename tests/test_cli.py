@@ -513,6 +513,29 @@ def test_fit_ood_fits_an_older_run_and_asks_before_fitting_again(trained_run, tm
     assert main(["fit-ood", str(tmp_path)]) == 1 and "not a run directory" in capsys.readouterr().err
 
 
+
+def test_fit_ood_on_a_run_it_cannot_write_to_says_so_before_any_work(trained_run, tmp_path, capsys, monkeypatch):
+    import errno
+    import shutil
+
+    from core import ood, runs
+    from core.cli import main
+
+    run_dir = tmp_path / trained_run[0].name
+    shutil.copytree(trained_run[0], run_dir)
+    (run_dir / "ood.safetensors").unlink()
+
+    def read_only(*args, **kwargs):  # what a read-only folder answers to a user without root's override
+        raise OSError(errno.EROFS, "Read-only file system", str(run_dir / ".write-check-x"))
+
+    monkeypatch.setattr(runs.tempfile, "NamedTemporaryFile", read_only)
+    monkeypatch.setattr(ood, "fit_run_detector", lambda *a: pytest.fail("fitted although nothing could be saved"))
+    assert main(["fit-ood", str(run_dir), "--device", "cpu"]) == 1
+    said = capsys.readouterr().err
+    assert f"cannot write into the folder (Read-only file system): {run_dir}" in said
+    assert "unexpected" not in said and not (run_dir / "ood.safetensors").exists()
+
+
 def test_predict_says_when_a_decision_does_not_apply(trained_run, tmp_path, capsys):
     import json
 

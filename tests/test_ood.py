@@ -227,3 +227,13 @@ def test_a_folder_of_one_class_from_the_same_population_is_not_called_different(
     assert fired == 0
     # Against validation as a whole (half positives), the prevalence alone would have been "different".
     assert ood.mmd_permutation_test(detector.project(normal_only), detector.reference)["p_value"] < 0.05
+
+
+def test_a_detector_that_cannot_be_written_is_an_os_error_naming_the_file(tmp_path):
+    detector = ood.fit_detector(*gaussian_features(100), gaussian_features(50, seed=1)[0])
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("x")
+    with pytest.raises(OSError) as caught:
+        ood.save_detector(detector, not_a_folder / ood.OOD_FILE)
+    assert caught.value.filename == str(not_a_folder / ood.OOD_FILE)  # not the hidden temporary file
+    assert not_a_folder.read_text() == "x"

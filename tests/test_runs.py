@@ -360,3 +360,13 @@ def test_a_negative_zero_threshold_reads_as_zero(two_runs):
     runs.save_threshold(bad, -0.0, chosen_on="val", target="by hand")
     assert json.loads((bad / "threshold.json").read_text())["threshold"] == 0 and \
         '"threshold": 0.0' in (bad / "threshold.json").read_text()
+
+
+@pytest.mark.parametrize("name", ["external:../..", "external:..", "external:", "external:a/b", "external:/etc"])
+def test_an_external_set_name_is_one_folder_of_the_run_never_a_path(finished_run, name):
+    with pytest.raises(ValueError, match="names no evaluation of this run"):
+        runs.predictions_path(finished_run, name)
+    with pytest.raises(ValueError, match="names no evaluation of this run"):
+        runs.read_predictions(finished_run, name)
+    assert runs.predictions_path(finished_run, "external:site-b") == finished_run / "external" / "site-b" / \
+        "predictions.csv"
