@@ -649,7 +649,8 @@ def _not_a_run(path: Path) -> str | None:
     config = read_json(path / "config.json", None)
     if isinstance(config, dict) and all(key in config for key in _CONFIG_IDENTITY):
         return None
-    if isinstance(config, dict) and not any(key in config for key in _CONFIG_IDENTITY):
+    # An emptied config.json ({}) is a damaged run of ours as much as anything: the other evidence decides.
+    if isinstance(config, dict) and config and not any(key in config for key in _CONFIG_IDENTITY):
         return (f"{shown} is not a run of this tool: its config.json is another program's (none of "
                 f"{', '.join(_CONFIG_IDENTITY)})")
     evidence = {"its name is not a run name (YYYYmmdd-HHMMSS-arch-strategy)": RUN_NAME.fullmatch(path.name),
@@ -847,7 +848,7 @@ def delete_run(run_dir: Path) -> None:
         shutil.rmtree(run_dir)
     except OSError as e:
         raise OSError(e.errno, f"could not delete {run_dir} completely ({e.strerror or e}); what is left is "
-                               "listed there") from None
+                               "still in that folder") from None
 
 
 def list_runs(runs_dir: str | os.PathLike = "checkpoints") -> list[dict]:
@@ -892,6 +893,8 @@ def list_runs(runs_dir: str | os.PathLike = "checkpoints") -> list[dict]:
             else None,
             "best_val_auc": status.get("best_val_auc"),
             "error": f"{d / 'config.json'} is missing" if not is_run_dir(d) else
+            f"{d / 'config.json'} is damaged (not a training config)"
+            if not all(key in cfg for key in _CONFIG_IDENTITY) else
             status.get("error") if status.get("state") in ("failed", "killed", "unknown") or status.get("damaged")
             else None,
         })

@@ -26,6 +26,8 @@ def two_runs(finished_run, tmp_path):
     ("report.json", '{"test": 5, "val": [1, 2], "threshold": 0.4}'),
     ("report.json", "[1, 2]"),
     ("config.json", "[1]"),
+    ("config.json", "{}"),
+    ("config.json", '{"data": "x"}'),
     ("status.json", '{"state": "running", "pid": "abc"}'),
     ("status.json", '{"pid": -1}'),
     ("metrics.jsonl", None),  # binary
@@ -42,6 +44,8 @@ def test_one_damaged_run_does_not_break_the_listing(two_runs, capsys, file, cont
     assert main(["runs", "--runs-dir", str(good.parent)]) == 0
     out = capsys.readouterr().out
     assert good.name in out and bad.name in out
+    if file == "config.json":  # listed as damaged, never silently
+        assert "config.json is damaged" in (listed[bad.name]["error"] or "")
 
 
 def test_an_unreadable_run_folder_is_listed_with_the_reason_and_hides_no_other(two_runs, monkeypatch, capsys):
