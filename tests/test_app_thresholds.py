@@ -299,11 +299,13 @@ def test_sets_split_by_the_models_own_verdict_and_read_on_images_like_the_traini
     assert rates(page).loc["Images", "test"].startswith(f"{len(test)} images")
     page.toggle(key="thr_ood_only").set_value(True).run()
     assert not page.exception, page.exception
-    assert rates(page).loc["Images", "test"].startswith(f"{like} images")
+    filtered = "test (like the training data only)"  # the column says it is part of the set
+    assert list(rates(page).columns) == ["validation", filtered]
+    assert rates(page).loc["Images", filtered].startswith(f"{like} images")
     kept = test[~test["ood_flag"]]
     threshold = runs.operating_point(run_copy).threshold
     expected = metrics_at_threshold(kept["label"].to_numpy(), kept["prob"].to_numpy(), threshold)
-    assert rates(page).loc["Sensitivity (recall)", "test"].startswith(f"{expected['sensitivity']:.3f}")
+    assert rates(page).loc["Sensitivity (recall)", filtered].startswith(f"{expected['sensitivity']:.3f}")
 
 
 def test_a_threshold_step_moves_the_operating_points_and_keeps_the_curves(page, run_copy):  # noqa: F811
@@ -343,3 +345,13 @@ def test_an_external_set_of_the_runs_own_images_is_never_called_external(run_cop
     assert said == (f"{label} is not independent of the run: 6 of 6 files are identical to its training or validation "
                     "images. Its numbers below are not external validation.")
     assert not any("comes from elsewhere" in as_read(w.value) for w in at.warning)
+
+
+def test_a_threshold_set_by_hand_is_not_said_to_be_fitted(page):
+    page.slider(key="thr_slider").set_value(0.123).run()
+    assert not page.exception
+    [heading] = [h.value for h in page.subheader if h.value.startswith("Metrics at threshold")]
+    assert as_read(heading) == "Metrics at threshold 0.123 (set by hand)"
+    page.radio(key="thr_mode").set_value("recall").run()
+    [heading] = [h.value for h in page.subheader if h.value.startswith("Metrics at threshold")]
+    assert as_read(heading).endswith(", fitted on validation)")

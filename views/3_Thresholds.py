@@ -117,11 +117,11 @@ def colour_of(name: str, names: list[str]) -> str:
 METRIC_NAMES_COLUMN = {"_index": st.column_config.TextColumn("metric", width="medium")}
 
 
-def interval_table(summaries: dict[str, dict]) -> pd.DataFrame:
-    rows = {METRIC_LABELS[k]: {runs.set_label(s): format_interval(summ["metrics"][k]) for s, summ in summaries.items()}
+def interval_table(summaries: dict[str, dict], heading=runs.set_label) -> pd.DataFrame:
+    rows = {METRIC_LABELS[k]: {heading(s): format_interval(summ["metrics"][k]) for s, summ in summaries.items()}
             for k in METRIC_KEYS}
     table = pd.DataFrame(rows).T
-    counts = {runs.set_label(s): f"{summ['n']} images, {summ['n_patients']} patients"
+    counts = {heading(s): f"{summ['n']} images, {summ['n_patients']} patients"
               + ("" if summ["patients_known"] else " (ids unknown: images resampled)") for s, summ in summaries.items()}
     return pd.concat([table, pd.DataFrame([counts], index=["Images"])])
 
@@ -245,6 +245,9 @@ def threshold_views(subgroup_box) -> list[str]:
         rule_text, fitted_on = operating.rule, operating.chosen_on or fit_on
     else:
         fitted_on = fit_on
+    # A threshold set by hand was fitted on nothing.
+    how_chosen = rule_text if rule_text == describe_rule("manual", None) else \
+        f"{rule_text}, fitted on {runs.set_label(fitted_on)}"
 
     if fit_on in chance_sets:
         st.warning(ui.plain(f"A threshold fitted on {runs.set_label(fit_on)} is meaningless: the model does not rank "
@@ -277,7 +280,7 @@ def threshold_views(subgroup_box) -> list[str]:
                   "Mistakes, Predict, `python -m core runs / evaluate` and the report all use it. Saving another one "
                   "below changes them all.")
     top[0].metric("Threshold on this page", f"{threshold:.3f}",
-                  help=ui.plain(f"{rule_text}, fitted on {runs.set_label(fit_on)}"))
+                  help=ui.plain(how_chosen))
     top[1].metric("Operating threshold", f"{operating.threshold:.3f}", help=ui.plain(operating.describe()))
     if abs(threshold - operating.threshold) > 1e-12:
         top[2].caption(f"Not saved: the views use {operating.threshold:.3f} until you save.")
@@ -289,9 +292,11 @@ def threshold_views(subgroup_box) -> list[str]:
                        + ui.plain("; ".join(gaps) + f". {external.set_origin(run_dir, other)}: ")
                        + "the threshold fitted on validation does not give validation's rates there.")
 
-    st.subheader(ui.plain(f"Metrics at threshold {threshold:.3f} ({rule_text}, fitted on "
-                          f"{runs.set_label(fitted_on)})"))
-    st.dataframe(interval_table(summaries), column_config=METRIC_NAMES_COLUMN)
+    st.subheader(ui.plain(f"Metrics at threshold {threshold:.3f} ({how_chosen})"))
+    filtered_sets = set(with_verdict) if in_distribution_only else set()
+    st.dataframe(interval_table(summaries, lambda n: runs.set_label(n) + (" (like the training data only)"
+                                                                          if n in filtered_sets else "")),
+                 column_config=METRIC_NAMES_COLUMN)
     st.caption("Value [95% interval]. A dash: undefined (no images of that kind, or too few resamples defined). "
                f"Positive class: {ui.plain(fit.class_names[1])}. PPV and NPV depend on each set's prevalence.")
 
