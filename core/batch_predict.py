@@ -467,7 +467,7 @@ class BatchResult:
     def summary_lines(self) -> list[str]:
         n = len(self.predicted)
         decisions = ", ".join(f"{k} {v}" for k, v in self.counts().items())
-        lines = [f"{n} image{'s' * (n != 1)} predicted at the operating threshold {self.threshold:.4f}"
+        lines = [f"{n} image{'s' * (n != 1)} predicted at the operating threshold {self.threshold:.3f}"
                  + (f": {decisions}" if n else ".")]
         unreadable, skipped = len(self.unreadable), len(self.skipped)
         lines.append(f"{unreadable} unreadable, {skipped} skipped (not images, or refused in a zip)"

@@ -443,7 +443,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if "error" in r:
                 print(f"{shown}: ERROR {display_path(r['error'])}")
                 continue
-            line = f"P({r['positive_class']}) = {r['prob']:.4f}  (threshold {r['threshold']:.4f})"
+            line = f"P({r['positive_class']}) = {r['prob']:.4f}  (threshold {r['threshold']:.3f})"
             ood = r["ood"]
             if r["applicable"]:
                 score = f"; like the training data (score {ood['score']:.2f}, threshold {ood['threshold']:.2f})" \

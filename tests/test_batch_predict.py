@@ -259,7 +259,7 @@ def test_cli_mixed_sources_to_csv_with_summary(finished_run, tmp_path, capsys):
     loaded = load_run_model(finished_run)
     expected = predict_image(loaded, single)["prob"]
     assert abs(float(table.loc[table["file"] == str(single), "probability"].iloc[0]) - expected) <= TOLERANCE
-    assert printed.startswith(f"8 images predicted at the operating threshold {loaded.threshold:.4f}: ")
+    assert printed.startswith(f"8 images predicted at the operating threshold {loaded.threshold:.3f}: ")
     assert "1 unreadable, 2 skipped" in printed and f"predictions written to {out}" in printed
     assert "unreadable: " in printed and "broken.png" in printed
 
