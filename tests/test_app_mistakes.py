@@ -21,7 +21,8 @@ from core.metrics import mistakes
 
 PAGE = str(Path(__file__).resolve().parents[1] / "views" / "4_Mistakes.py")
 TIMEOUT = 120
-CAM_CAPTION = re.compile(r"^(?P<file>[^ ]+) · true (?P<true>\w+) · p=(?P<prob>[0-9.]+) · (?P<kind>false \w+) — "
+CAM_CAPTION = re.compile(r"^(?P<file>[^ ]+) · true (?P<true>\w+) · P\(PNEUMONIA\) (?P<prob>[0-9.]+) · "
+                         r"(?P<kind>false \w+) — "
                          r"Grad-CAM, (?P<rows>\d+)×(?P<cols>\d+) map from backbone\.[\w.]+: ")
 
 
@@ -70,7 +71,7 @@ def test_lists_mistakes_most_confident_first(run_copy):  # noqa: F811
     captions = gallery_captions(at)
     assert len(captions) == min(24, len(expected))
     first = expected.iloc[0]
-    assert captions[0].startswith(f"{first['kind']} · true {first['class_name']} · p={first['prob']:.3f}")
+    assert captions[0].startswith(f"{first['kind']} · true {first['class_name']} · P(PNEUMONIA) {first['prob']:.3f}")
     assert first["patient"] in captions[0]
     # Grad-CAM opens on the most confident mistake, at the 64 px fixture's 8×8 map, in viridis by default.
     match = cam_caption(at)
@@ -215,7 +216,7 @@ def test_missing_file_keeps_its_place_in_the_gallery(run_copy):  # noqa: F811
             shown.append(as_read(node.value))
     # Images 0, 4, 8, ... of the page, top to bottom; the missing one's name, then its caption, in its place.
     rows = expected.iloc[0:min(24, len(expected)):4]
-    captions = [f"{r.kind} · true {r.class_name} · p={r.prob:.3f}" for r in rows.itertuples()]
+    captions = [f"{r.kind} · true {r.class_name} · P(PNEUMONIA) {r.prob:.3f}" for r in rows.itertuples()]
     wanted = captions[:1] + ["file missing or unreadable: missing.jpeg"] + captions[1:]
     assert len(shown) == len(wanted) and all(text.startswith(w) for text, w in zip(shown, wanted)), shown
 

@@ -58,12 +58,12 @@ def grad_cam(run_dir: str, checkpoint_mtime: float, path: str, mtime: float, col
     return jpeg(view.image), jpeg(view.overlay), view.cam
 
 
-def describe(row) -> str:
-    """'IM-0001-0001.jpeg · true NORMAL · p=0.912 · false positive': one image, from its own row (of
+def describe(row, positive: str) -> str:
+    """'IM-0001-0001.jpeg · true NORMAL · P(PNEUMONIA) 0.912 · false positive': one image, from its own row (of
     DataFrame.itertuples)."""
     class_name = getattr(row, "class_name", None)
     true_name = class_name if isinstance(class_name, str) else f"label {row.label}"
-    return f"{Path(row.path).name} · true {true_name} · p={row.prob:.3f} · {row.kind}"
+    return f"{Path(row.path).name} · true {true_name} · P({positive}) {row.prob:.3f} · {row.kind}"
 
 
 def gallery_column(items: list[tuple[str, bytes | None, str]]) -> None:
@@ -82,14 +82,14 @@ def gallery_column(items: list[tuple[str, bytes | None, str]]) -> None:
 
 
 @st.fragment
-def grad_cam_section(run_dir: Path, shown: pd.DataFrame) -> None:
+def grad_cam_section(run_dir: Path, shown: pd.DataFrame, positive: str) -> None:
     """The Grad-CAM picker and view of the mistakes shown. A fragment: choosing another image, colour map or
     opacity reruns only this part, not the table and the gallery, which do not depend on them."""
     # Options are the images' paths, not positions in the list: a position would point at another image after
     # the filter, set or threshold changes, and a label computed for one row would sit over another's map.
     rows = list(shown.itertuples(index=False))
     paths = list(dict.fromkeys(str(r.path) for r in rows))
-    labels = {str(r.path): f"#{i + 1} {describe(r)}" for i, r in enumerate(rows)}
+    labels = {str(r.path): f"#{i + 1} {describe(r, positive)}" for i, r in enumerate(rows)}
     if st.session_state.get("mistakes_cam") not in labels:
         st.session_state["mistakes_cam"] = paths[0]
     cam_controls = st.columns([3, 1, 1])
@@ -113,7 +113,7 @@ def grad_cam_section(run_dir: Path, shown: pd.DataFrame) -> None:
         return
     views = st.columns(2)
     views[0].image(original, caption=ui.plain(f"Original: {Path(path).name}"), width=CAM_PX)
-    views[1].image(overlay, caption=ui.plain(cam_caption(cam, loaded.classes[1], subject=describe(row))),
+    views[1].image(overlay, caption=ui.plain(cam_caption(cam, loaded.classes[1], subject=describe(row, positive))),
                    width=CAM_PX)
 
 
@@ -195,9 +195,24 @@ if shown.empty:
 table = shown.assign(file=shown["path"].map(lambda p: Path(p).name))
 columns = [c for c in ("file", "kind", "class_name", "label", "prob", "confidence", "unlike_training", "ood_score",
                         "ood_reason", "patient", "path") if c in table]
-st.dataframe(table[columns], hide_index=True, height=240,
-             column_config={"prob": st.column_config.NumberColumn("probability", format="%.3f"),
-                            "confidence": st.column_config.NumberColumn(format="%.3f")})
+# On the page: what a reader needs first, in words; the CSV keeps every column under its file name.
+shown_columns = [c for c in ("file", "kind", "class_name", "prob", "confidence", "patient", "unlike_training",
+                             "ood_score", "ood_reason", "path") if c in table]
+try:
+    positive = external.run_classes(run_dir)[1]
+except ValueError:  # a run naming no classes: the column still says what it holds
+    positive = "positive class"
+st.dataframe(table[shown_columns], hide_index=True, height=300,
+             column_config={"kind": "mistake", "class_name": "true class",
+                            "prob": st.column_config.NumberColumn(f"P({positive})", format="%.3f"),
+                            "confidence": st.column_config.NumberColumn(format="%.3f"),
+                            "unlike_training": "unlike the training data",
+                            "ood_score": st.column_config.NumberColumn("OOD score", format="%.2f"),
+                            "ood_reason": "why unlike"})
+if "ood_score" in table:
+    st.caption("OOD score: how far the image's features lie from the training images' (Mahalanobis distance); "
+               "above the run's out-of-distribution threshold, the image is unlike the training data and its "
+               "decision is not to be trusted.")
 st.download_button("Download this list (CSV)", table[columns].to_csv(index=False).encode(),
                    file_name=f"{run_dir.name}-{set_name.replace(':', '-')}-mistakes-at-{threshold:.3f}.csv",
                    mime="text/csv")
@@ -215,7 +230,7 @@ rows = shown.iloc[start:start + per_page]
 cells: list[list[tuple[str, bytes | None, str]]] = [[] for _ in range(COLUMNS)]
 for i, row in enumerate(rows.itertuples(index=False)):
     true_name = getattr(row, "class_name", None) or f"label {row.label}"
-    caption = (f"{row.kind} · true {true_name} · p={row.prob:.3f}"
+    caption = (f"{row.kind} · true {true_name} · P({positive}) {row.prob:.3f}"
                + (f" · {row.patient}" if isinstance(getattr(row, "patient", None), str) else "")
                + (" · unlike the training data" if getattr(row, "unlike_training", False) else ""))
     cells[i % COLUMNS].append((str(row.path), thumbnail(str(row.path), ui.file_mtime(row.path)), caption))
@@ -224,4 +239,4 @@ for column, items in zip(st.columns(COLUMNS), cells):
         gallery_column(items)
 
 st.subheader("Grad-CAM")
-grad_cam_section(run_dir, shown)
+grad_cam_section(run_dir, shown, positive)
