@@ -79,12 +79,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .model import check_weights
 
     check_weights(config.arch, config.pretrained, config.weights_file)  # fails before a run folder exists
-    from .device import select_device
-    from .labels import load_index, spec_from
-
-    select_device(config.device)  # e.g. cuda on a machine without a GPU
-    # A bad folder, label file or positive class is refused here, before a run folder exists (none left as failed).
-    load_index(config.data, spec_from(config), config.positive_class or None)
     if args.torchrun_nodes:
         from .distributed import torchrun_commands
 
@@ -99,7 +93,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("# one command per machine; node 0's address is the master (replace MASTER_ADDRESS):")
         for line in torchrun_commands(int(nodes), int(gpus), "MASTER_ADDRESS", words):
             print(line)
-        return 0
+        return 0  # printed for other machines: their GPUs and data, not this one's
+    from .device import select_device
+    from .labels import load_index, spec_from
+
+    select_device(config.device)  # e.g. cuda on a machine without a GPU
+    # A bad folder, label file or positive class is refused here, before a run folder exists (none left as failed).
+    load_index(config.data, spec_from(config), config.positive_class or None)
     return _train_distributed(lambda dist: None, config, args, resume=False)
 
 

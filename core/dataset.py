@@ -103,8 +103,9 @@ def display_path(path: str | os.PathLike) -> str:
     """A path that can be printed, stored as JSON and shown on a page: bytes of a name that is not UTF-8
     (kept by Python as surrogates), and control characters, are written as \\xNN escapes."""
     text = os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
-    # Control characters (a newline in a name) would break a one-line message or a table row.
-    return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
+    # Control characters (a newline in a name) would break a one-line message or a table row; C1 controls
+    # (\x80-\x9f, e.g. an 8-bit CSI) drive some terminals too.
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def has_valid_name(path: str | os.PathLike) -> bool:

@@ -446,7 +446,8 @@ def run_classes(run_dir: str | os.PathLike) -> list[str]:
                 return [str(c) for c in classes]
         except (SafetensorError, OSError, ValueError):
             pass  # fall back to the data report below
-    classes = (runs.read_json(run_dir / "data_report.json", {}) or {}).get("classes")
+    report = runs.read_json(run_dir / "data_report.json", {})
+    classes = report.get("classes") if isinstance(report, dict) else None  # a damaged report may be a list
     if isinstance(classes, list) and len(classes) == 2:
         return [str(c) for c in classes]
     raise ValueError(f"{run_dir} names no two classes (neither best.safetensors nor data_report.json): "

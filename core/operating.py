@@ -49,7 +49,8 @@ def class_names_of(df: pd.DataFrame, run_dir: Path) -> list[str]:
         by_label = df.drop_duplicates("label").set_index("label")["class_name"]
         if 0 in by_label.index and 1 in by_label.index:
             return [str(by_label[0]), str(by_label[1])]
-    classes = (runs.read_json(Path(run_dir) / "data_report.json", {}) or {}).get("classes")
+    report = runs.read_json(Path(run_dir) / "data_report.json", {})
+    classes = report.get("classes") if isinstance(report, dict) else None  # a damaged report may be a list
     if isinstance(classes, list) and len(classes) == 2:
         return [str(c) for c in classes]
     return ["negative", "positive"]

@@ -755,7 +755,9 @@ def _calibration(ctx: _Context) -> str:
                           caption=f"ECE: expected calibration error over {N_BINS} equal-width probability bins. "
                                   "Brier: mean squared error of the probability. Lower is better for both. "
                                   "Before / after: without / with the temperature scaling fitted on validation. "
-                                  "Value [95% interval], patients resampled as for every other figure.")
+                                  "Brier: value [95% interval], patients resampled as for every other figure. ECE "
+                                  "has no interval: it adds up absolute gaps, so chance alone inflates it on a few "
+                                  "hundred images, and a resampled interval would not cover its true value.")
                  + "</div></div>")
     return "".join(parts)
 

@@ -230,7 +230,7 @@ def resume_refusal(run_dir: Path, status: dict | None = None) -> str | None:
         return f"{run_dir.name} is {state} in another process: stop it first (python -m core stop)."
     if state == "finished":
         return f"{run_dir.name} has finished: there is nothing to resume. Train a new run to train more."
-    results = [name for name in FINISHED_RESULTS if (run_dir / name).exists()]
+    results = [name for name in FINISHED_RESULTS if os.path.exists(run_dir / name)]  # unreadable: False
     if state == "unknown" and results:
         return (f"{run_dir.name} cannot be resumed: its state is unknown ({status.get('error')}) and it holds a "
                 f"finished run's results ({', '.join(results)}), which resuming would overwrite. They are kept as "

@@ -9,6 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from bad_inputs import as_read
@@ -136,7 +137,9 @@ def test_calibration_before_and_after(page):
     assert "10 equal-width bins" in reliability["layout"]["title"]["text"]
     table = next(d.value for d in page.dataframe if "ECE before" in d.value.index)
     assert set(table.columns) == {"validation", "test"}
-    assert all(re.fullmatch(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", cell) for cell in table.to_numpy().ravel())
+    briers = table.loc[["Brier before", "Brier after"]].to_numpy().ravel()
+    assert all(re.fullmatch(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", cell) for cell in briers)
+    assert all(re.fullmatch(r"\d\.\d{3}", cell) for cell in table.loc[["ECE before", "ECE after"]].to_numpy().ravel())
     assert any("Temperature" in c.value for c in page.caption)
 
 
@@ -338,12 +341,23 @@ def test_reading_on_images_like_the_training_data_leaves_validations_curves_whol
 
 def test_an_external_set_of_the_runs_own_images_is_never_called_external(run_copy, tmp_path):  # noqa: F811
     name = evaluate_training_copies(run_copy, tmp_path / "copies")
+    # Validation separated perfectly and the set at chance: its shift warning must appear, and say where it is from.
+    rank_well(run_copy, "val")
+    val = pd.read_csv(run_copy / "predictions_val.csv")
+    val["prob"] = val["label"] * 0.8 + 0.1
+    val.to_csv(run_copy / "predictions_val.csv", index=False)
+    evaluated = runs.predictions_path(run_copy, name)
+    frame = pd.read_csv(evaluated, keep_default_na=False)
+    frame["prob"] = np.linspace(0.2, 0.8, len(frame))[np.argsort(frame["label"].to_numpy(), kind="stable")]
+    frame.to_csv(evaluated, index=False)
     at = AppTest.from_file(PAGE, default_timeout=TIMEOUT).run()
     assert not at.exception
     label = runs.set_label(name)
     [said] = [as_read(w.value) for w in at.warning if as_read(w.value).startswith(label)]
     assert said == (f"{label} is not independent of the run: 6 of 6 files are identical to its training or validation "
                     "images. Its numbers below are not external validation.")
+    [shift] = [as_read(w.value) for w in at.warning if f"Validation does not represent {label}." in as_read(w.value)]
+    assert "This folder is not independent of the run: 6 of 6 files are identical" in shift
     assert not any("comes from elsewhere" in as_read(w.value) for w in at.warning)
 
 

@@ -14,7 +14,7 @@ from core.calibration import (
     calibration_table,
     expected_calibration_error,
     reliability_bins,
-    resampled_calibration,
+    resampled_brier,
     temperature_note,
     uncalibrated_probs,
 )
@@ -77,20 +77,19 @@ def test_bin_edges_are_exact():
     assert bins["bin_low"].round(6).tolist() == [0.3, 0.6, 0.7]
 
 
-def test_each_resample_s_ece_and_brier_are_those_of_its_images_counted_as_drawn():
+def test_each_resample_s_brier_score_is_that_of_its_images_counted_as_drawn():
     rng = np.random.default_rng(1)
     labels = (rng.random(90) < 0.4).astype(int)
     probs = np.clip(rng.normal(0.3 + 0.4 * labels, 0.2), 0, 1)
     patients = [f"p{i // 3}" for i in range(90)]
     boot = PatientBootstrap(patients, 90, n_resamples=50, seed=4)
-    resampled = resampled_calibration(labels, probs, boot)
+    resampled = resampled_brier(labels, probs, boot)
     for r in (0, 17, 49):  # resample r as the images it drew, each repeated as often as its patient was drawn
         drawn = np.repeat(np.arange(90), boot.weights[r])
-        assert resampled["ece"][r] == pytest.approx(expected_calibration_error(labels[drawn], probs[drawn]))
-        assert resampled["brier"][r] == pytest.approx(brier_score(labels[drawn], probs[drawn]))
+        assert resampled[r] == pytest.approx(brier_score(labels[drawn], probs[drawn]))
 
 
-def test_ece_and_brier_carry_patient_intervals_that_narrow_with_more_patients():
+def test_the_brier_score_carries_a_patient_interval_that_narrows_with_more_patients():
     rng = np.random.default_rng(2)
     widths = []
     for n in (60, 2000):
@@ -98,15 +97,16 @@ def test_ece_and_brier_carry_patient_intervals_that_narrow_with_more_patients():
         probs = np.clip(rng.normal(0.3 + 0.4 * labels, 0.2), 0, 1)
         summary = calibration_summary(labels, probs, probs ** 0.8, boot=PatientBootstrap(None, n, 500))
         for when in ("before", "after"):
-            for metric in ("ece", "brier"):
-                iv = summary[when][f"{metric}_interval"]
-                assert iv.value == summary[when][metric] and iv.low <= iv.value <= iv.high
+            iv = summary[when]["brier_interval"]
+            assert iv.value == summary[when]["brier"] and iv.low <= iv.value <= iv.high
+            assert "ece_interval" not in summary[when]  # ECE is biased upward: no percentile interval
         widths.append(summary["after"]["brier_interval"].high - summary["after"]["brier_interval"].low)
         table = calibration_table({"test": summary})
         assert list(table.index) == ["ECE before", "ECE after", "Brier before", "Brier after"]
+        assert table.loc["ECE after", "test"] == f"{summary['after']['ece']:.3f}"
         assert table.loc["Brier after", "test"] == (f"{summary['after']['brier']:.3f} "
                                                     f"[{summary['after']['brier_interval'].low:.3f}, "
                                                     f"{summary['after']['brier_interval'].high:.3f}]")
     assert widths[1] < widths[0] / 3
-    assert calibration_table({"test": calibration_summary(labels, probs, probs)}).loc["ECE after", "test"].endswith(
+    assert calibration_table({"test": calibration_summary(labels, probs, probs)}).loc["Brier after", "test"].endswith(
         "[—]")  # without resamples: no interval, and the table says so

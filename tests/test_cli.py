@@ -130,7 +130,7 @@ def test_bad_evaluate_options_are_clear_errors(trained_run, args, message):
     (["--data", "empty"], "No class folders"), (["--data", "xrays", "--positive-class", "NOPE"],
                                                 "Positive class 'NOPE' is not one of the class folders"),
     (["--data", "xrays", "--labels", "missing.csv"], "Label file not found"),
-    (["--data", "xrays", "--device", "cuda:7"], "Device 'cuda:7' asked for")])
+    (["--data", "xrays", "--device", "cuda:999"], "Device 'cuda:999' asked for")])
 def test_bad_data_folder_is_a_clear_error_and_leaves_no_run(tiny_dataset, tmp_path, options, message):
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "empty").mkdir()
@@ -140,6 +140,16 @@ def test_bad_data_folder_is_a_clear_error_and_leaves_no_run(tiny_dataset, tmp_pa
     assert result.returncode == 1
     assert f"error: {message}" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()  # checked before a run folder was made: no failed run left behind
+
+
+
+def test_torchrun_commands_for_other_machines_print_without_this_machine_s_gpu_or_data(tmp_path):
+    result = cli("train", "--preset", "gpu", "--no-pretrained", "--device", "cuda", "--data", "/data/on/the/cluster",
+                 "--runs-dir", str(tmp_path / "runs"), "--torchrun-nodes", "2x8")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("torchrun")]
+    assert len(lines) == 2 and all("--nproc-per-node=8" in line and "/data/on/the/cluster" in line for line in lines)
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("option,value,message", [

@@ -87,7 +87,7 @@ def test_a_launched_run_records_the_data_folder_as_typed(tiny_dataset, tmp_path)
     assert launch.resolved(config).data == str(link)  # not the link's target: the views show what was typed
 
 
-def test_a_finished_run_is_not_relaunched(finished_run):
+def test_a_finished_run_is_not_relaunched(run_copy):
     with pytest.raises(ValueError, match="has finished: there is nothing to resume"):
-        launch.launch_resume(finished_run)
-    assert runs.read_status(finished_run)["state"] == "finished"
+        launch.launch_resume(run_copy)
+    assert runs.read_status(run_copy)["state"] == "finished"

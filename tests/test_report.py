@@ -148,7 +148,7 @@ def test_figures_mistakes_and_calibration(document: str, report_run: Path) -> No
     assert section(document, "operating-point").count('class="plotly-graph-div"') == 2  # val and test matrices
     calibration = section(document, "calibration")
     assert "10 equal-width" in calibration and "ECE before" in calibration and "Temperature T =" in calibration
-    assert re.search(r"<td>0\.\d{3} \[0\.\d{3}, 0\.\d{3}\]</td>", calibration)  # ECE and Brier with intervals
+    assert re.search(r"<td>0\.\d{3} \[0\.\d{3}, 0\.\d{3}\]</td>", calibration)  # Brier with its interval
     mistakes = section(document, "mistakes")
     test = pd.read_csv(runs.predictions_path(report_run, "test"))
     threshold = runs.operating_threshold(report_run)

@@ -407,7 +407,9 @@ with calibration_box:
     cal_cols[0].plotly_chart(reliability, key="reliability")
     cal_cols[1].dataframe(calibration_figures)
     cal_cols[1].caption(f"ECE: expected calibration error over {N_BINS} equal-width probability bins. Brier: mean "
-                        "squared error of the probability. Lower is better for both. Value [95% interval], patients "
-                        "resampled as above. Marker size grows with the "
+                        "squared error of the probability, with its 95% interval (patients resampled as above). Lower "
+                        "is better for both. ECE has no interval: it adds up absolute gaps, so chance alone inflates "
+                        "it on a few hundred images (a well-calibrated model scores above 0), and a resampled "
+                        "interval would not cover its true value. Marker size grows with the "
                         "images in a bin. Temperature scaling minimises validation log-loss, not ECE: ECE can rise a "
                         "little.")
