@@ -99,8 +99,8 @@ def cached_comparison_row(run: dict, signature: tuple) -> dict:
 
 
 def said_first(table: pd.DataFrame) -> None:
-    """Before the metrics: runs the model of which ranks test no better than chance, and runs tested on different
-    images (another folder, or another number of test images), whose test figures cannot be set side by side."""
+    """Before the metrics: runs whose model ranks test no better than chance, and runs tested on different images
+    (another folder, or another carve of one folder), whose test figures cannot be set side by side."""
     for run, chance in zip(table["run"], table.get("chance", [])):
         if isinstance(chance, str):
             st.warning(ui.plain(f"{run}: {chance}"), icon="⛔")
