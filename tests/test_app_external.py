@@ -230,3 +230,5 @@ def test_the_run_s_own_images_are_said_to_be_so_before_any_number(run_copy, tmp_
     said = [i for i, e in enumerate(elements) if e.type == "warning" and "byte-identical" in plain(e.value)]
     metrics = [i for i, e in enumerate(elements) if e.type == "dataframe" and "metric" in e.value.columns]
     assert len(said) == 1 and metrics and said[0] < metrics[0]
+    # No "another site" to transfer a threshold to: these are the run's own images.
+    assert not any("rarely transfers to another site" in e.value for e in elements if e.type == "warning")

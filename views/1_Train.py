@@ -305,7 +305,7 @@ def finished_summary(run_dir: Path) -> None:
     youden = report.get("test") if isinstance(report.get("test"), dict) else {}
     if isinstance(report.get("threshold"), (int, float)) and youden:
         st.caption(f"Training-time figures at the Youden threshold {report['threshold']:.3f} chosen on validation: "
-                   f"test AUC {youden.get('auc', float('nan')):.4f}, sensitivity "
+                   f"test AUC {youden.get('auc', float('nan')):.3f}, sensitivity "
                    f"{youden.get('sensitivity', float('nan')):.3f}, specificity "
                    f"{youden.get('specificity', float('nan')):.3f}.")
 

@@ -275,7 +275,8 @@ def evaluation_view(run_dir: Path, entry: dict, threshold: float, threshold_text
         st.info("This evaluation predates the out-of-distribution check: evaluate the folder again (tick Replace) "
                 "to see which images are unlike the training data.")
     for warning in summary.get("warnings") or []:
-        if warning not in independence:
+        # Said above; and a folder of the run's own patients is no other site for a threshold to transfer to.
+        if warning not in independence and not (independence and warning == external.THRESHOLD_TRANSFER_WARNING):
             st.warning(md(warning))
     if summary.get("refit_refused"):
         st.warning(md(f"Not re-picked: {summary['refit_refused']}"))
