@@ -22,7 +22,7 @@ def reliability_bins(labels: np.ndarray, probs: np.ndarray, n_bins: int = N_BINS
     labels = np.asarray(labels, dtype=float)
     probs = np.asarray(probs, dtype=float)
     edges = np.arange(n_bins + 1) / n_bins  # exact edges: linspace puts 0.3 at 0.30000000000000004
-    which = bin_of(probs, n_bins)
+    which = np.clip(np.digitize(probs, edges[1:-1], right=False), 0, n_bins - 1)
     count = np.bincount(which, minlength=n_bins)
     mean_prob = np.bincount(which, probs, minlength=n_bins) / np.maximum(count, 1)
     observed = np.bincount(which, labels, minlength=n_bins) / np.maximum(count, 1)
@@ -39,12 +39,6 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: in
         return float("nan")
     weight = bins["count"] / bins["count"].sum()
     return float((weight * (bins["observed_positive"] - bins["mean_predicted"]).abs()).sum())
-
-
-def bin_of(probs: np.ndarray, n_bins: int = N_BINS) -> np.ndarray:
-    """Each probability's equal-width bin, as reliability_bins draws them."""
-    edges = np.arange(n_bins + 1) / n_bins
-    return np.clip(np.digitize(probs, edges[1:-1], right=False), 0, n_bins - 1)
 
 
 def resampled_brier(labels: np.ndarray, probs: np.ndarray, boot: PatientBootstrap) -> np.ndarray:

@@ -744,6 +744,9 @@ def _calibration(ctx: _Context) -> str:
         pset = ctx.prepared[n].pset
         summaries[runs.set_label(n)] = {**calibration_summary(pset.labels, pset.probs,
                                                               uncalibrated_probs(pset.frame, float(temperature)),
+                                                              # the same seeded resamples as the set's other
+                                                              # intervals, drawn again rather than kept for every
+                                                              # set (2,000 x images weights each)
                                                               boot=bootstrap_for(pset)),
                                         "colour": ctx.colour(n)}
     if not summaries:

@@ -219,12 +219,12 @@ def read_status(run_dir: Path) -> dict:
 FINISHED_RESULTS = ("report.json", "predictions_val.csv", "predictions_test.csv")
 
 
-def resume_refusal(run_dir: Path, status: dict | None = None) -> str | None:
+def resume_refusal(run_dir: Path) -> str | None:
     """Why a run must not be resumed, or None: it is queued or training in another process, it has finished, or
     its state is unknown (status.json damaged or missing) while it holds a finished run's results, which a
     resume would overwrite (retraining from epoch 0 when last.pt is gone too)."""
     run_dir = Path(run_dir)
-    status = read_status(run_dir) if status is None else status
+    status = read_status(run_dir)
     state = status.get("state")
     if state in ACTIVE_STATES:
         return f"{run_dir.name} is {state} in another process: stop it first (python -m core stop)."
